@@ -1,0 +1,88 @@
+//! The admin HTTP port: liveness, readiness and per-endpoint counters.
+//!
+//! - `GET /live`: 200 while the process runs.
+//! - `GET /ready`: 200 once every listener is bound.
+//! - `GET /stats`: one line per endpoint: cluster, address, weight, calls in
+//!   flight, calls sent, connect failures, connections opened.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::cluster::Router;
+use crate::drain;
+
+pub async fn serve(listener: Arc<TcpListener>, router: Arc<Router>, mut drain: drain::Watch) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.signaled() => return,
+        };
+        let Ok((tcp, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &router);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, router: &Router) -> Response<Full<Bytes>> {
+    let (status, body) = match req.uri().path() {
+        "/live" => (StatusCode::OK, "live\n".to_string()),
+        "/ready" => (StatusCode::OK, "ready\n".to_string()),
+        "/stats" => (StatusCode::OK, stats(router)),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready or /stats\n".to_string(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The `/stats` text.
+pub fn stats(router: &Router) -> String {
+    let mut out = String::from(
+        "cluster\tendpoint\tweight\tin_flight\tcalls\tconnect_failures\tconnections\n",
+    );
+    for cluster in router.clusters() {
+        for e in cluster.endpoints() {
+            let s = e.stats();
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                cluster.name(),
+                e.address(),
+                e.weight(),
+                s.in_flight,
+                s.calls,
+                s.connect_failures,
+                s.connections_opened
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,271 @@
+//! The demo agent (`agentmesh agent`): a small gRPC server with the four call
+//! kinds, health checks, and knobs for slowness and failure. The demo, the
+//! tests and the benchmarks use it as the endpoint behind the sidecar.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::pb::agent_server::{Agent, AgentServer};
+use crate::pb::{InvokeReply, InvokeRequest};
+
+/// How an agent behaves.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Reported in every reply's `agent` field.
+    pub name: String,
+    /// Added to every call before it answers.
+    pub delay: Duration,
+    /// The share of calls answered with UNAVAILABLE, from 0.0 to 1.0.
+    pub fail_ratio: f64,
+}
+
+impl AgentOptions {
+    pub fn named(name: &str) -> AgentOptions {
+        AgentOptions {
+            name: name.to_string(),
+            delay: Duration::ZERO,
+            fail_ratio: 0.0,
+        }
+    }
+}
+
+/// What an agent has seen, for tests and the demo.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Calls started, of any kind.
+    pub calls: AtomicU64,
+    /// Calls that ran to their end (including with an error status).
+    pub completed: AtomicU64,
+    /// Calls dropped before their end: the caller (or the proxy) reset them.
+    pub cancelled: AtomicU64,
+    /// TCP connections accepted.
+    pub connections: AtomicU64,
+}
+
+impl AgentStats {
+    pub fn get(&self, counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves the agent on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    options: AgentOptions,
+    stats: Arc<AgentStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<AgentService>>().await;
+    let counting = stats.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |conn| {
+        if let Ok(tcp) = conn {
+            let _ = tcp.set_nodelay(true);
+            counting.connections.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let service = AgentService {
+        options: Arc::new(options),
+        stats,
+    };
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .add_service(health_service)
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Binds `addr` and serves the agent in a background task; returns the
+/// bound address.
+pub async fn spawn(
+    addr: SocketAddr,
+    options: AgentOptions,
+    stats: Arc<AgentStats>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let name = options.name.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve(listener, options, stats, std::future::pending()).await {
+            tracing::error!(agent = name, error = %e, "agent stopped");
+        }
+    });
+    Ok((local, task))
+}
+
+#[derive(Clone)]
+struct AgentService {
+    options: Arc<AgentOptions>,
+    stats: Arc<AgentStats>,
+}
+
+/// Counts a call; dropped before `done()`, it counts the call cancelled.
+struct Tracked {
+    stats: Arc<AgentStats>,
+    done: bool,
+}
+
+impl Tracked {
+    fn start(stats: &Arc<AgentStats>) -> Tracked {
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        Tracked {
+            stats: stats.clone(),
+            done: false,
+        }
+    }
+
+    fn done(mut self) {
+        self.done = true;
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<InvokeReply, Status>> + Send>>;
+
+impl AgentService {
+    async fn pause(&self, extra_ms: u32) {
+        let delay = self.options.delay + Duration::from_millis(u64::from(extra_ms));
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The status this request asks for, or an injected failure.
+    fn outcome(&self, r: &InvokeRequest) -> Result<(), Status> {
+        if r.fail_code != 0 {
+            return Err(Status::new(
+                Code::from_i32(r.fail_code),
+                r.fail_message.clone(),
+            ));
+        }
+        if self.options.fail_ratio > 0.0 && fastrand::f64() < self.options.fail_ratio {
+            return Err(Status::unavailable(format!(
+                "agent {}: injected failure (--fail-ratio {})",
+                self.options.name, self.options.fail_ratio
+            )));
+        }
+        Ok(())
+    }
+
+    fn reply(&self, payload: Vec<u8>, seq: u32) -> InvokeReply {
+        InvokeReply {
+            agent: self.options.name.clone(),
+            payload,
+            seq,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn invoke(
+        &self,
+        request: Request<InvokeRequest>,
+    ) -> Result<Response<InvokeReply>, Status> {
+        let tracked = Tracked::start(&self.stats);
+        let r = request.into_inner();
+        self.pause(r.delay_ms).await;
+        let result = self.outcome(&r);
+        tracked.done();
+        result.map(|()| Response::new(self.reply(r.payload, 0)))
+    }
+
+    type StreamStream = ReplyStream;
+
+    /// `count` replies, `interval_ms` apart; then the requested status.
+    async fn stream(
+        &self,
+        request: Request<InvokeRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let tracked = Tracked::start(&self.stats);
+        let r = request.into_inner();
+        let state = (0u32, tracked, r, self.clone());
+        let replies = futures_util::stream::unfold(Some(state), |state| async move {
+            let (i, tracked, r, agent) = state?;
+            if i == 0 {
+                agent.pause(r.delay_ms).await;
+            } else if r.interval_ms > 0 && i < r.count {
+                tokio::time::sleep(Duration::from_millis(u64::from(r.interval_ms))).await;
+            }
+            if i < r.count {
+                let reply = agent.reply(r.payload.clone(), i);
+                return Some((Ok(reply), Some((i + 1, tracked, r, agent))));
+            }
+            tracked.done();
+            agent.outcome(&r).err().map(|status| (Err(status), None))
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    /// Reads every request, then answers with `seq` = how many came.
+    async fn collect(
+        &self,
+        request: Request<Streaming<InvokeRequest>>,
+    ) -> Result<Response<InvokeReply>, Status> {
+        let tracked = Tracked::start(&self.stats);
+        let mut requests = request.into_inner();
+        let mut count = 0u32;
+        let mut last = InvokeRequest::default();
+        while let Some(r) = requests.message().await? {
+            count += 1;
+            last = r;
+        }
+        self.pause(last.delay_ms).await;
+        let result = self.outcome(&last);
+        tracked.done();
+        result.map(|()| Response::new(self.reply(last.payload, count)))
+    }
+
+    type ChatStream = ReplyStream;
+
+    /// One reply per request, in order; a request with `fail_code` ends the
+    /// call with that status.
+    async fn chat(
+        &self,
+        request: Request<Streaming<InvokeRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let tracked = Tracked::start(&self.stats);
+        let state = (0u32, tracked, request.into_inner(), self.clone());
+        let replies = futures_util::stream::unfold(Some(state), |state| async move {
+            let (i, tracked, mut requests, agent) = state?;
+            match requests.message().await {
+                Ok(Some(r)) => {
+                    agent.pause(r.delay_ms).await;
+                    match agent.outcome(&r) {
+                        Ok(()) => {
+                            let reply = agent.reply(r.payload, i);
+                            Some((Ok(reply), Some((i + 1, tracked, requests, agent))))
+                        }
+                        Err(status) => {
+                            tracked.done();
+                            Some((Err(status), None))
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tracked.done();
+                    None
+                }
+                Err(status) => Some((Err(status), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+}

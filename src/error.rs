@@ -1,0 +1,95 @@
+//! What the proxy itself can answer a call with, and the one place where each
+//! of those answers becomes a gRPC status.
+//!
+//! Every message starts with `agentmesh:` and names the cluster, the target
+//! or the endpoint, so that a caller reading a status knows that the sidecar
+//! (not the endpoint) produced it, and why.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// Authority mode: the call's `:authority` names no cluster.
+    #[error("no cluster is named {authority:?} (the call's :authority); known clusters: {known}")]
+    UnknownAuthority { authority: String, known: String },
+
+    /// Every endpoint of the cluster was tried and none could take the call.
+    #[error("cluster {cluster:?}: no endpoint reachable (tried {tried} of {total}; last: {last})")]
+    NoEndpointReachable {
+        cluster: String,
+        tried: usize,
+        total: usize,
+        last: String,
+    },
+
+    /// The call's deadline passed before the response ended.
+    #[error(
+        "cluster {cluster:?}: deadline of {timeout:?} (grpc-timeout) exceeded {phase}; the upstream stream was reset"
+    )]
+    DeadlineExceeded {
+        cluster: String,
+        timeout: Duration,
+        phase: String,
+    },
+
+    /// The endpoint took the call but failed before sending response headers.
+    #[error("cluster {cluster:?}: endpoint {endpoint} failed before answering: {reason}")]
+    UpstreamFailed {
+        cluster: String,
+        endpoint: String,
+        reason: String,
+    },
+
+    /// The endpoint's stream broke after the response had started.
+    #[error("cluster {cluster:?}: endpoint {endpoint} broke the stream mid-response: {reason}")]
+    UpstreamReset {
+        cluster: String,
+        endpoint: String,
+        reason: String,
+    },
+}
+
+impl ProxyError {
+    pub fn code(&self) -> Code {
+        match self {
+            ProxyError::UnknownAuthority { .. }
+            | ProxyError::NoEndpointReachable { .. }
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::UpstreamReset { .. } => Code::Unavailable,
+            ProxyError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+        }
+    }
+
+    pub fn to_status(&self) -> Status {
+        Status::new(self.code(), format!("agentmesh: {self}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_name_the_proxy_and_the_cluster() {
+        let e = ProxyError::NoEndpointReachable {
+            cluster: "planner".into(),
+            tried: 3,
+            total: 3,
+            last: "127.0.0.1:1: connection refused".into(),
+        };
+        let s = e.to_status();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "agentmesh: cluster \"planner\": no endpoint reachable (tried 3 of 3; last: 127.0.0.1:1: connection refused)"
+        );
+        let d = ProxyError::DeadlineExceeded {
+            cluster: "planner".into(),
+            timeout: Duration::from_millis(200),
+            phase: "waiting for response headers from 127.0.0.1:9".into(),
+        };
+        assert_eq!(d.to_status().code(), Code::DeadlineExceeded);
+    }
+}

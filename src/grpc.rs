@@ -1,0 +1,105 @@
+//! Small pieces of the gRPC wire protocol that the proxy reads or writes.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Response, header};
+use tonic::Status;
+
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// Reads the call's `grpc-timeout` header: 1 to 8 ASCII digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`), as the gRPC HTTP/2 protocol defines it.
+/// A missing or malformed header means no deadline.
+pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
+    parse_timeout(headers.get(GRPC_TIMEOUT)?.as_bytes())
+}
+
+fn parse_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Writes `status` into `headers` as `grpc-status` and a percent-encoded
+/// `grpc-message`.
+pub fn put_status(headers: &mut HeaderMap, status: &Status) {
+    if status.add_header(headers).is_err() {
+        // Percent-encoding makes every message a valid header value, so this
+        // only guards against a future change in tonic.
+        headers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+    }
+}
+
+/// A trailers-only gRPC response: HTTP 200 whose headers carry the status.
+pub fn status_response<B: Default>(status: &Status) -> Response<B> {
+    let mut response = Response::new(B::default());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    put_status(headers, status);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit_and_refuses_malformed_values() {
+        assert_eq!(parse_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout(b"2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_timeout(b"99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(parse_timeout(b"7n"), Some(Duration::from_nanos(7)));
+        for bad in [
+            &b""[..],
+            b"m",
+            b"123456789m",
+            b"1x",
+            b"-1S",
+            b"1.5S",
+            b" 1S",
+        ] {
+            assert_eq!(
+                parse_timeout(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn status_response_is_trailers_only_with_an_encoded_message() {
+        let r: Response<()> = status_response(&Status::unavailable("cluster \"a\": 100% down"));
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert!(
+            r.headers()["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("100%25")
+        );
+        let back = Status::from_header_map(r.headers()).unwrap();
+        assert_eq!(back.message(), "cluster \"a\": 100% down");
+    }
+}

@@ -1,0 +1,185 @@
+//! The proxy port: HTTP/1.1 CONNECT tunnels, or HTTP/2 with prior knowledge.
+//!
+//! The first bytes decide. The HTTP/2 connection preface means authority
+//! mode. Otherwise the bytes must be an HTTP/1.1 request head: a `CONNECT`
+//! whose target names a cluster is answered `200` and the tunnel is served
+//! as HTTP/2 with every call going to that cluster; a `CONNECT` to any other
+//! target is tunnelled as plain TCP to it (or refused with `403` when
+//! `listener.refuse_unknown` is set), so that an agent's other traffic
+//! through the same proxy setting keeps working.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::prefixed::Prefixed;
+use super::{Context, Route, serve_h2};
+use crate::drain;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const MAX_HEAD: usize = 8 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Head {
+    Http2,
+    Http1 {
+        method: String,
+        target: String,
+        len: usize,
+    },
+}
+
+pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, drain: drain::Watch) {
+    let mut buf = BytesMut::with_capacity(1024);
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(reason)) => {
+            reply(&mut tcp, "400 Bad Request", &reason).await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("caller sent no request within {HEAD_TIMEOUT:?}; closing");
+            return;
+        }
+    };
+    match head {
+        Head::Http2 => {
+            let route = Route::Authority(ctx.router.clone());
+            serve_h2(Prefixed::new(buf.freeze(), tcp), route, &ctx, drain).await;
+        }
+        Head::Http1 {
+            method,
+            target,
+            len,
+        } => {
+            let rest = buf.split_off(len).freeze();
+            if !method.eq_ignore_ascii_case("CONNECT") {
+                let reason = format!(
+                    "agentmesh: this port takes HTTP CONNECT (proxy mode) or HTTP/2 with prior knowledge (authority mode), not {method}"
+                );
+                reply(&mut tcp, "405 Method Not Allowed", &reason).await;
+                return;
+            }
+            tunnel(tcp, rest, &target, ctx, drain).await;
+        }
+    }
+}
+
+async fn tunnel(
+    mut tcp: TcpStream,
+    rest: Bytes,
+    target: &str,
+    ctx: Arc<Context>,
+    drain: drain::Watch,
+) {
+    if let Some(cluster) = ctx.router.find(target) {
+        tracing::debug!(
+            target,
+            cluster = cluster.name(),
+            "CONNECT tunnel to a cluster"
+        );
+        let route = Route::Cluster(cluster.clone());
+        if tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
+            return;
+        }
+        serve_h2(Prefixed::new(rest, tcp), route, &ctx, drain).await;
+        return;
+    }
+    if ctx.refuse_unknown {
+        let reason = format!(
+            "agentmesh: no cluster is named {target:?}, and listener.refuse_unknown is set; known clusters: {}",
+            ctx.router.names()
+        );
+        reply(&mut tcp, "403 Forbidden", &reason).await;
+        return;
+    }
+    // Not ours to balance: pass it through as plain TCP. A tunnel is not a
+    // call, so it does not hold up draining.
+    drop(drain);
+    let connect = tokio::time::timeout(
+        crate::config::DEFAULT_CONNECT_TIMEOUT,
+        TcpStream::connect(target),
+    )
+    .await;
+    let mut upstream = match connect {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            let reason =
+                format!("agentmesh: cannot connect to {target:?} (no cluster names it): {e}");
+            reply(&mut tcp, "502 Bad Gateway", &reason).await;
+            return;
+        }
+        Err(_) => {
+            let reason =
+                format!("agentmesh: connecting to {target:?} timed out (no cluster names it)");
+            reply(&mut tcp, "504 Gateway Timeout", &reason).await;
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    tracing::debug!(
+        target,
+        "CONNECT tunnel to a target no cluster names: plain TCP"
+    );
+    if tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
+        return;
+    }
+    if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+        tracing::debug!(target, error = %e, "TCP tunnel ended");
+    }
+}
+
+/// Reads until the HTTP/2 preface or a whole HTTP/1 request head is in `buf`.
+async fn read_head(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<Head, String> {
+    loop {
+        if tcp.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("connection closed before a request was complete".into());
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] == H2_PREFACE[..n] {
+            if n == H2_PREFACE.len() {
+                return Ok(Head::Http2);
+            }
+            continue;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                return Ok(Head::Http1 {
+                    method: req.method.unwrap_or_default().to_string(),
+                    target: req.path.unwrap_or_default().to_string(),
+                    len,
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(format!(
+                    "agentmesh: request head is longer than {MAX_HEAD} bytes"
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "agentmesh: not an HTTP/1.1 request or HTTP/2 preface: {e}"
+                ));
+            }
+        }
+    }
+}
+
+async fn reply(tcp: &mut TcpStream, status: &str, reason: &str) {
+    tracing::debug!(status, reason, "refusing a proxy-port request");
+    let body = format!("{reason}\n");
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}

@@ -1,0 +1,145 @@
+//! The sidecar: binds every listener from a [`Config`], runs them under
+//! supervision, and drains them on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::cluster::Router;
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::{admin, listener};
+
+pub struct Sidecar {
+    router: Arc<Router>,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    local_addrs: Vec<(String, SocketAddr)>,
+    drain: Drain,
+    drain_timeout: Duration,
+}
+
+impl Sidecar {
+    /// Binds every listener and starts serving. Fails if a port cannot be
+    /// bound, naming the config key.
+    pub async fn start(config: &Config) -> anyhow::Result<Sidecar> {
+        let router = Arc::new(Router::new(&config.clusters));
+        let ctx = Arc::new(listener::Context::new(
+            router.clone(),
+            config.listener.refuse_unknown,
+        ));
+        let drain = Drain::new();
+
+        let proxy = bind(config.listener.proxy, "listener.proxy").await?;
+        let proxy_addr = proxy.local_addr()?;
+        let admin = bind(config.admin.listen, "admin.listen").await?;
+        let admin_addr = admin.local_addr()?;
+        let mut locals = Vec::new();
+        for (i, cluster) in config.clusters.iter().enumerate() {
+            if let Some(addr) = cluster.local_port {
+                let key = format!("cluster[{i}].local_port");
+                let listener = bind(addr, &key).await?;
+                locals.push((cluster.name.clone(), listener));
+            }
+        }
+
+        supervise("proxy listener", {
+            let (ctx, watch) = (ctx.clone(), drain.watch());
+            move || listener::serve_proxy(proxy.clone(), ctx.clone(), watch.clone())
+        });
+        supervise("admin listener", {
+            let (router, watch) = (router.clone(), drain.watch());
+            move || admin::serve(admin.clone(), router.clone(), watch.clone())
+        });
+        let mut local_addrs = Vec::new();
+        for (name, listener) in locals {
+            local_addrs.push((name.clone(), listener.local_addr()?));
+            let cluster = router
+                .find(&name)
+                .cloned()
+                .context("a cluster with a local port is missing from the router")?;
+            let (ctx, watch) = (ctx.clone(), drain.watch());
+            supervise("local port listener", move || {
+                listener::serve_local(
+                    listener.clone(),
+                    cluster.clone(),
+                    ctx.clone(),
+                    watch.clone(),
+                )
+            });
+        }
+        tracing::info!(%proxy_addr, %admin_addr, clusters = router.clusters().len(), "agentmesh is serving");
+        Ok(Sidecar {
+            router,
+            proxy_addr,
+            admin_addr,
+            local_addrs,
+            drain,
+            drain_timeout: config.listener.drain_timeout,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The bound local port of the cluster named `name`.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.local_addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Stops accepting, sends GOAWAY on every connection and waits for
+    /// in-flight calls, up to the drain timeout. Returns whether every call
+    /// finished in time.
+    pub async fn shutdown(self) -> bool {
+        tracing::info!(timeout = ?self.drain_timeout, "draining");
+        let drained = self.drain.drain(self.drain_timeout).await;
+        if drained {
+            tracing::info!("drained; every in-flight call finished");
+        } else {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout passed with calls still in flight");
+        }
+        drained
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<Arc<TcpListener>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{key}: cannot listen on {addr}"))?;
+    Ok(Arc::new(listener))
+}
+
+/// Runs a long-lived task; if it panics, logs it and starts it again.
+fn supervise<F, Fut>(name: &'static str, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => {
+                    tracing::error!(task = name, "background task panicked; restarting it");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
