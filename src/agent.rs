@@ -149,19 +149,23 @@ impl AgentService {
 
     /// The status this request asks for, or an injected failure.
     fn outcome(&self, r: &InvokeRequest) -> Result<(), Status> {
-        if r.fail_code != 0 {
-            return Err(Status::new(
-                Code::from_i32(r.fail_code),
-                r.fail_message.clone(),
-            ));
-        }
-        if self.options.fail_ratio > 0.0 && fastrand::f64() < self.options.fail_ratio {
-            return Err(Status::unavailable(format!(
+        let (code, message) = if r.fail_code != 0 {
+            (Code::from_i32(r.fail_code), r.fail_message.clone())
+        } else if self.options.fail_ratio > 0.0 && fastrand::f64() < self.options.fail_ratio {
+            let message = format!(
                 "agent {}: injected failure (--fail-ratio {})",
                 self.options.name, self.options.fail_ratio
-            )));
+            );
+            (Code::Unavailable, message)
+        } else {
+            return Ok(());
+        };
+        // A trailer of our own, so that tests can see trailers pass intact.
+        let mut trailers = tonic::metadata::MetadataMap::new();
+        if let Ok(name) = self.options.name.parse() {
+            trailers.insert("x-agent", name);
         }
-        Ok(())
+        Err(Status::with_metadata(code, message, trailers))
     }
 
     fn reply(&self, payload: Vec<u8>, seq: u32) -> InvokeReply {
@@ -180,11 +184,19 @@ impl Agent for AgentService {
         request: Request<InvokeRequest>,
     ) -> Result<Response<InvokeReply>, Status> {
         let tracked = Tracked::start(&self.stats);
+        let echo = request.metadata().get("x-echo").cloned();
         let r = request.into_inner();
         self.pause(r.delay_ms).await;
         let result = self.outcome(&r);
         tracked.done();
-        result.map(|()| Response::new(self.reply(r.payload, 0)))
+        result.map(|()| {
+            let mut response = Response::new(self.reply(r.payload, 0));
+            if let Some(echo) = echo {
+                // A header of the caller's, sent back, to show headers pass.
+                response.metadata_mut().insert("x-echo", echo);
+            }
+            response
+        })
     }
 
     type StreamStream = ReplyStream;

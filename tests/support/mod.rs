@@ -1,0 +1,191 @@
+//! Shared pieces of the end-to-end tests: real demo agents (tonic servers on
+//! loopback), a real sidecar, and channels into it by each way in.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh::agent::{self, AgentOptions, AgentStats};
+use agentmesh::client;
+use agentmesh::config::{ClusterConfig, Config};
+use agentmesh::pb::agent_client::AgentClient;
+use agentmesh::pb::{InvokeReply, InvokeRequest};
+use agentmesh::sidecar::Sidecar;
+use tonic::transport::Channel;
+
+pub const TARGET: &str = "planner.agents:50051";
+
+/// Demo agents running in this process.
+pub struct Agents {
+    pub addrs: Vec<SocketAddr>,
+    pub stats: Vec<Arc<AgentStats>>,
+    pub names: Vec<String>,
+}
+
+impl Agents {
+    /// `n` agents named `agent-0`, `agent-1`, ...
+    pub async fn start(n: usize) -> Agents {
+        Self::start_with(
+            (0..n)
+                .map(|i| AgentOptions::named(&format!("agent-{i}")))
+                .collect(),
+        )
+        .await
+    }
+
+    pub async fn start_with(options: Vec<AgentOptions>) -> Agents {
+        let mut agents = Agents {
+            addrs: Vec::new(),
+            stats: Vec::new(),
+            names: Vec::new(),
+        };
+        for opts in options {
+            let stats = Arc::new(AgentStats::default());
+            agents.names.push(opts.name.clone());
+            let (addr, _task) = agent::spawn(loopback(), opts, stats.clone())
+                .await
+                .expect("agent binds a loopback port");
+            agents.addrs.push(addr);
+            agents.stats.push(stats);
+        }
+        agents
+    }
+
+    /// The index of the agent called `name`.
+    pub fn index(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no agent named {name}"))
+    }
+
+    pub fn cancelled(&self, i: usize) -> u64 {
+        self.stats[i].get(&self.stats[i].cancelled)
+    }
+
+    pub fn connections(&self, i: usize) -> u64 {
+        self.stats[i].get(&self.stats[i].connections)
+    }
+}
+
+pub fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A loopback address where nothing listens.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `planner.agents` (alias `planner`) over `addrs`, round robin, with a
+/// local port.
+pub fn planner(addrs: &[SocketAddr]) -> ClusterConfig {
+    let mut c = ClusterConfig::for_test("planner.agents", addrs);
+    c.aliases = vec!["planner".into()];
+    c.local_port = Some(loopback());
+    c
+}
+
+pub async fn sidecar(clusters: Vec<ClusterConfig>) -> Sidecar {
+    Sidecar::start(&Config::for_test(clusters))
+        .await
+        .expect("sidecar starts")
+}
+
+/// The ways a caller reaches the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Way {
+    /// HTTP CONNECT on the proxy port (what `grpc_proxy` makes clients do).
+    Connect,
+    /// HTTP/2 on the proxy port with `:authority` naming the cluster.
+    Authority,
+    /// HTTP/2 on the cluster's own local port.
+    LocalPort,
+}
+
+pub const WAYS: [Way; 3] = [Way::Connect, Way::Authority, Way::LocalPort];
+
+/// One client channel (one HTTP/2 connection) into the sidecar.
+pub async fn channel(way: Way, sidecar: &Sidecar, cluster: &str, target: &str) -> Channel {
+    let result = match way {
+        Way::Connect => client::via_connect(sidecar.proxy_addr(), target).await,
+        Way::Authority => client::via_authority(sidecar.proxy_addr(), target).await,
+        Way::LocalPort => {
+            let addr = sidecar
+                .local_addr(cluster)
+                .unwrap_or_else(|| panic!("cluster {cluster} has no local port"));
+            client::direct(addr).await
+        }
+    };
+    result.unwrap_or_else(|e| panic!("{way:?}: cannot connect: {e}"))
+}
+
+pub async fn planner_client(way: Way, sidecar: &Sidecar) -> AgentClient<Channel> {
+    AgentClient::new(channel(way, sidecar, "planner.agents", TARGET).await)
+}
+
+pub fn request(payload: &[u8]) -> InvokeRequest {
+    InvokeRequest {
+        payload: payload.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Sends `n` unary calls, `concurrency` at a time on the one client, and
+/// counts the replies by agent. Panics on any failed call.
+pub async fn spread(
+    client: &AgentClient<Channel>,
+    n: usize,
+    concurrency: usize,
+) -> BTreeMap<String, usize> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = client.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let reply: InvokeReply = client
+                    .invoke(request(b"x"))
+                    .await
+                    .expect("call through the sidecar succeeds")
+                    .into_inner();
+                seen.push(reply.agent);
+            }
+            seen
+        }));
+    }
+    let mut counts = BTreeMap::new();
+    for t in tasks {
+        for agent in t.await.unwrap() {
+            *counts.entry(agent).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Waits (polling, for at most `limit`) until `check` holds.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Bounds a whole test.
+pub async fn bounded<F: Future>(limit: Duration, f: F) -> F::Output {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
+}
