@@ -33,6 +33,24 @@ fn parse_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
+/// Tells the endpoint how much of the call's time is left, when connecting
+/// has used up a noticeable part of the `original` timeout (the header is
+/// left as the caller sent it otherwise).
+pub fn set_remaining(headers: &mut HeaderMap, remaining: Duration, original: Option<Duration>) {
+    let used = original.map_or(Duration::ZERO, |o| o.saturating_sub(remaining));
+    if used < Duration::from_millis(1) {
+        return;
+    }
+    // At most 8 digits: milliseconds cover 27 hours, seconds beyond.
+    let value = match remaining.as_millis() {
+        ms if ms < 100_000_000 => format!("{}m", ms.max(1)),
+        _ => format!("{}S", remaining.as_secs().min(99_999_999)),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(GRPC_TIMEOUT, v);
+    }
+}
+
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded
 /// `grpc-message`.
 pub fn put_status(headers: &mut HeaderMap, status: &Status) {
@@ -86,6 +104,27 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn remaining_time_is_written_only_once_time_was_used() {
+        let mut h = HeaderMap::new();
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        set_remaining(
+            &mut h,
+            Duration::from_micros(4_999_900),
+            Some(Duration::from_secs(5)),
+        );
+        assert_eq!(h[GRPC_TIMEOUT], "5S", "100us used: left alone");
+        set_remaining(
+            &mut h,
+            Duration::from_millis(3_000),
+            Some(Duration::from_secs(5)),
+        );
+        assert_eq!(h[GRPC_TIMEOUT], "3000m");
+        assert_eq!(timeout(&h), Some(Duration::from_secs(3)));
+        set_remaining(&mut h, Duration::ZERO, Some(Duration::from_secs(5)));
+        assert_eq!(h[GRPC_TIMEOUT], "1m");
     }
 
     #[test]

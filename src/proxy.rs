@@ -99,6 +99,13 @@ async fn send(
             }
             Some(Ok(sender)) => sender,
         };
+        if let Some(d) = deadline {
+            grpc::set_remaining(
+                req.headers_mut(),
+                d.saturating_duration_since(Instant::now()),
+                timeout,
+            );
+        }
         // Dropping the send future (deadline, caller gone) resets the
         // upstream stream; the in-flight count ends with it.
         let in_flight = endpoint.start_call();
@@ -143,11 +150,17 @@ async fn send(
     }
 }
 
-/// Runs `f` until `deadline`; `None` if the deadline came first.
+/// Runs `f` until `deadline`; `None` if the deadline came first. When both
+/// are ready at once the deadline wins, so that an answer racing the
+/// deadline is not mistaken for one that beat it.
 async fn within<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
     match deadline {
         None => Some(f.await),
-        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+        Some(d) => tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(d) => None,
+            out = f => Some(out),
+        },
     }
 }
 

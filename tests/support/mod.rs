@@ -189,3 +189,54 @@ pub async fn bounded<F: Future>(limit: Duration, f: F) -> F::Output {
         .await
         .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
 }
+
+/// A gRPC unary call made by hand over HTTP/2, for cases where tonic's own
+/// client would interfere (it enforces `grpc-timeout` itself). Returns the
+/// status headers: the trailers, or the headers of a trailers-only answer.
+pub async fn raw_unary(
+    way: Way,
+    sidecar: &Sidecar,
+    message: &InvokeRequest,
+    extra: &[(&'static str, &str)],
+) -> http::HeaderMap {
+    use http_body_util::BodyExt;
+    let io = match way {
+        Way::Connect => client::http_connect(sidecar.proxy_addr(), TARGET)
+            .await
+            .unwrap(),
+        Way::Authority => tokio::net::TcpStream::connect(sidecar.proxy_addr())
+            .await
+            .unwrap(),
+        Way::LocalPort => {
+            tokio::net::TcpStream::connect(sidecar.local_addr("planner.agents").unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let encoded = prost::Message::encode_to_vec(message);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    let mut req = http::Request::post(format!("http://{TARGET}/agentmesh.demo.v1.Agent/Invoke"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+        .unwrap();
+    let response = send.send_request(req).await.unwrap();
+    if response.headers().contains_key("grpc-status") {
+        return response.headers().clone();
+    }
+    let collected = response.into_body().collect().await.unwrap();
+    collected.trailers().cloned().unwrap_or_default()
+}
