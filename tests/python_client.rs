@@ -47,16 +47,30 @@ async fn python_grpcio_through_grpc_proxy_reaches_every_agent() {
             .kill_on_drop(true);
         let out = command.output().await.expect("python runs");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "python failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "python failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let line = stdout.lines().last().unwrap_or_default();
         for name in &agents.names {
             let needle = format!("\"{name}\": 30");
-            assert!(line.contains(&needle), "want 30 calls on each agent ({needle}): {line}");
+            assert!(
+                line.contains(&needle),
+                "want 30 calls on each agent ({needle}): {line}"
+            );
         }
         assert!(line.contains("\"failures\": []"), "{line}");
-        assert!(line.contains("\"status\": \"NOT_FOUND: no such plan\""), "{line}");
+        assert!(
+            line.contains("\"status\": \"NOT_FOUND: no such plan\""),
+            "{line}"
+        );
         // The calls really went through the sidecar.
-        let calls: u64 = sidecar.router().clusters()[0].endpoints().iter().map(|e| e.stats().calls).sum();
+        let calls: u64 = sidecar.router().clusters()[0]
+            .endpoints()
+            .iter()
+            .map(|e| e.stats().calls)
+            .sum();
         assert_eq!(calls, 91);
     })
     .await;

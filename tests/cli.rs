@@ -1,0 +1,155 @@
+//! The `agentmesh` command itself: `check` refuses bad configs with the file,
+//! the key and the reason; `run` drains in-flight calls on SIGTERM and exits 0.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use agentmesh::pb::InvokeRequest;
+use agentmesh::pb::agent_client::AgentClient;
+use support::*;
+
+const GOOD: &str = r#"
+[listener]
+proxy = "127.0.0.1:15001"
+refuse_unknown = false
+
+[admin]
+listen = "127.0.0.1:15000"
+
+[[cluster]]
+name = "planner.agents"
+aliases = ["planner"]
+strategy = "round_robin"
+local_port = "127.0.0.1:15101"
+[[cluster.endpoints]]
+address = "127.0.0.1:50051"
+weight = 5
+"#;
+
+fn check(dir: &Path, text: &str) -> Output {
+    let file = dir.join("mesh.toml");
+    std::fs::write(&file, text).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_the_documented_example_and_refuses_each_mistake_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = check(dir.path(), GOOD);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).ends_with("mesh.toml: ok (1 clusters, 1 endpoints)\n")
+    );
+
+    let second = "\n[[cluster]]\nname = \"planner.agents\"\n[[cluster.endpoints]]\naddress = \"127.0.0.1:50052\"\n";
+    let cases = [
+        (
+            "round_robin",
+            "fastest",
+            "cluster[0].strategy: unknown variant `fastest`, expected `round_robin` or `weighted`",
+        ),
+        (
+            "weight = 5",
+            "weight = 0",
+            "cluster[0].endpoints[0].weight: must be at least 1",
+        ),
+        (
+            "127.0.0.1:50051",
+            "127.0.0.1",
+            "cluster[0].endpoints[0].address: \"127.0.0.1\" has no port",
+        ),
+        (
+            "127.0.0.1:15101",
+            "127.0.0.1:99999",
+            "cluster[0].local_port: \"127.0.0.1:99999\" is not a socket address",
+        ),
+        (
+            "weight = 5",
+            "weight = 5\npriority = 1",
+            "cluster[0].endpoints[0].priority: unknown field `priority`",
+        ),
+        (
+            "refuse_unknown = false",
+            "refuse_unknown = \"no\"",
+            "listener.refuse_unknown: invalid type: string \"no\", expected a boolean",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let out = check(dir.path(), &GOOD.replace(from, to));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{to}: {stderr}");
+        assert!(
+            stderr.contains(&format!("mesh.toml: {want}")),
+            "want {want:?}, got {stderr}"
+        );
+    }
+    let out = check(dir.path(), &format!("{GOOD}{second}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("mesh.toml: cluster[1].name: \"planner.agents\" already names another cluster (at cluster[0].name)"), "{stderr}");
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+        .args(["check", "--config", "/nonexistent/mesh.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .starts_with("/nonexistent/mesh.toml: (file): cannot read")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(1).await;
+        let proxy = closed_port();
+        let admin = closed_port();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.toml");
+        let config = format!(
+            "[listener]\nproxy = \"{proxy}\"\ndrain_timeout = \"10s\"\n[admin]\nlisten = \"{admin}\"\n\
+             [[cluster]]\nname = \"planner.agents\"\nendpoints = [{{ address = \"${{AGENT_ADDR}}\" }}]\n"
+        );
+        std::fs::write(&file, config).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .env("AGENT_ADDR", agents.addrs[0].to_string())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        assert!(eventually(Duration::from_secs(10), || std::net::TcpStream::connect(proxy).is_ok()).await);
+
+        let channel = agentmesh::client::via_connect(proxy, TARGET).await.unwrap();
+        let mut client = AgentClient::new(channel);
+        let slow = tokio::spawn(async move {
+            client.invoke(InvokeRequest { delay_ms: 1_500, payload: b"late".to_vec(), ..Default::default() }).await
+        });
+        assert!(eventually(Duration::from_secs(5), || agents.stats[0].get(&agents.stats[0].calls) == 1).await);
+
+        let started = Instant::now();
+        let pid = child.id().unwrap().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        // New connections are refused soon after the signal...
+        assert!(eventually(Duration::from_secs(2), || std::net::TcpStream::connect(proxy).is_err()).await);
+        // ...while the call in flight completes.
+        let reply = slow.await.unwrap().expect("the in-flight call finishes during the drain");
+        assert_eq!(reply.into_inner().payload, b"late");
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "exit status {status}");
+        assert!(started.elapsed() < Duration::from_secs(5), "drain took {:?}", started.elapsed());
+    })
+    .await;
+}
