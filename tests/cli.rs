@@ -153,3 +153,29 @@ async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() {
     })
     .await;
 }
+
+#[test]
+fn demo_runs_on_its_own_and_shows_where_the_calls_went() {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(20), "demo took {took:?}");
+    for agent in ["agent-a", "agent-b", "agent-c"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(agent))
+            .unwrap_or_else(|| panic!("no row for {agent}: {stdout}"));
+        // Round robin: each of the three agents gets a third of 600 calls.
+        assert!(row.contains(" 200 ") && row.contains("33.3%"), "{row}");
+    }
+    assert!(stdout.contains("failed calls: 0;"), "{stdout}");
+}

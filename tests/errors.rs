@@ -80,6 +80,12 @@ async fn an_agent_process_killed_between_calls_costs_no_call_when_others_are_up(
         assert_eq!(spread(&client, 30, 1).await.get("doomed"), Some(&10));
         child.kill().await.unwrap();
         child.wait().await.unwrap();
+        // Once the sidecar has seen the connection close, no call goes to it.
+        // (A call sent in the instant between the kill and that moment fails
+        // with UNAVAILABLE: whether the endpoint saw it cannot be known, so
+        // it is not retried without a retry policy.)
+        let doomed = &sidecar.router().clusters()[0].endpoints()[2];
+        assert!(eventually(Duration::from_secs(5), || !doomed.connection().is_open()).await);
         let counts = spread(&client, 30, 3).await;
         assert_eq!(counts.get("doomed"), None);
         assert_eq!(counts.values().sum::<usize>(), 30);
