@@ -45,6 +45,7 @@ pub struct AgentRow {
     pub name: String,
     pub address: SocketAddr,
     pub delay: Duration,
+    pub weight: u32,
     pub calls: u64,
     pub p50: Duration,
     pub p99: Duration,
@@ -60,9 +61,11 @@ pub struct DemoReport {
 
 /// Runs the demo and returns what it saw.
 pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
-    let agents = [("agent-a", 5), ("agent-b", 5), ("agent-c", 50)];
+    // (name, delay, weight): the slow agent has the least weight, which
+    // `weighted` honours and `round_robin` ignores.
+    let agents = [("agent-a", 5, 3), ("agent-b", 5, 3), ("agent-c", 50, 1)];
     let mut addresses = Vec::new();
-    for (name, delay_ms) in agents {
+    for (name, delay_ms, _) in agents {
         let opts = AgentOptions {
             delay: Duration::from_millis(delay_ms),
             ..AgentOptions::named(name)
@@ -76,6 +79,9 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     let mut cluster = ClusterConfig::for_test(CLUSTER, &addresses);
     cluster.aliases = vec!["planner".into()];
     cluster.strategy = options.strategy;
+    for (endpoint, (_, _, weight)) in cluster.endpoints.iter_mut().zip(agents) {
+        endpoint.weight = std::num::NonZeroU32::new(weight).expect("demo weights are positive");
+    }
     let sidecar = Sidecar::start(&Config::for_test(vec![cluster])).await?;
     let channel = crate::client::via_connect(sidecar.proxy_addr(), TARGET)
         .await
@@ -126,13 +132,14 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     let rows = agents
         .iter()
         .zip(&addresses)
-        .map(|((name, delay_ms), address)| {
+        .map(|((name, delay_ms, weight), address)| {
             let h = seen.get(*name);
             let q = |q| Duration::from_micros(h.map_or(0, |h| h.value_at_quantile(q)));
             AgentRow {
                 name: name.to_string(),
                 address: *address,
                 delay: Duration::from_millis(*delay_ms),
+                weight: *weight,
                 calls: h.map_or(0, |h| h.len()),
                 p50: q(0.5),
                 p99: q(0.99),
@@ -162,8 +169,8 @@ impl DemoReport {
         );
         let _ = writeln!(
             out,
-            "{:<9} {:<17} {:>8} {:>7} {:>7} {:>9} {:>9}",
-            "agent", "address", "delay", "calls", "share", "p50", "p99"
+            "{:<9} {:<17} {:>8} {:>7} {:>7} {:>7} {:>9} {:>9}",
+            "agent", "address", "delay", "weight", "calls", "share", "p50", "p99"
         );
         for r in &self.rows {
             let share = if total == 0 {
@@ -173,10 +180,11 @@ impl DemoReport {
             };
             let _ = writeln!(
                 out,
-                "{:<9} {:<17} {:>8} {:>7} {:>6.1}% {:>9} {:>9}",
+                "{:<9} {:<17} {:>8} {:>7} {:>7} {:>6.1}% {:>9} {:>9}",
                 r.name,
                 r.address.to_string(),
                 format!("{}ms", r.delay.as_millis()),
+                r.weight,
                 r.calls,
                 share,
                 format!("{:.1}ms", r.p50.as_secs_f64() * 1e3),
