@@ -5,33 +5,44 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use crate::balance::Snapshot;
+use crate::balance::{Affinity, Snapshot};
 use crate::config::{ClusterConfig, Strategy};
 use crate::endpoint::Endpoint;
 
 pub struct Cluster {
     name: Arc<str>,
-    strategy: Strategy,
+    config: ClusterConfig,
+    local_zone: Option<String>,
     /// Every endpoint, ready or not, in config order.
     endpoints: Vec<Arc<Endpoint>>,
-    /// The ready set and its picker, swapped whole.
+    /// The ready set, its groups and pickers, swapped whole.
     snapshot: ArcSwap<Snapshot>,
+    /// Sticky sessions; they outlive snapshots.
+    affinity: Option<Affinity>,
+    /// Endpoints ring this when their readiness changes.
+    changed: Arc<Notify>,
 }
 
 impl Cluster {
-    pub fn new(config: &ClusterConfig) -> Cluster {
+    pub fn new(config: &ClusterConfig, local_zone: Option<&str>) -> Cluster {
+        let changed = Arc::new(Notify::new());
         let endpoints: Vec<Arc<Endpoint>> = config
             .endpoints
             .iter()
-            .map(|e| Arc::new(Endpoint::new(&e.address, e.weight, config.connect_timeout)))
+            .map(|e| Arc::new(Endpoint::new(e, config, changed.clone())))
             .collect();
-        let snapshot = Snapshot::new(config.strategy, endpoints.clone());
+        let snapshot = Snapshot::build(config, local_zone, &endpoints, Instant::now());
         Cluster {
             name: config.name.as_str().into(),
-            strategy: config.strategy,
+            config: config.clone(),
+            local_zone: local_zone.map(String::from),
             endpoints,
             snapshot: ArcSwap::from_pointee(snapshot),
+            affinity: config.affinity.as_ref().map(Affinity::new),
+            changed,
         }
     }
 
@@ -40,16 +51,75 @@ impl Cluster {
     }
 
     pub fn strategy(&self) -> Strategy {
-        self.strategy
+        self.config.strategy
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
     }
 
-    /// The current ready set and picker.
+    /// The current ready set, groups and pickers.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    pub fn affinity(&self) -> Option<&Affinity> {
+        self.affinity.as_ref()
+    }
+
+    /// Rebuilds the snapshot from the endpoints' readiness now.
+    pub fn rebuild(&self) {
+        let snapshot = Snapshot::build(
+            &self.config,
+            self.local_zone.as_deref(),
+            &self.endpoints,
+            Instant::now(),
+        );
+        let ready = snapshot.ready().len();
+        let was = self.snapshot.load();
+        if snapshot.is_panic() && !was.is_panic() {
+            tracing::warn!(cluster = %self.name, "no endpoint is ready: balancing over all of them (panic mode)");
+        } else if ready != was.ready().len() {
+            tracing::info!(cluster = %self.name, ready, total = self.endpoints.len(), "ready endpoints changed");
+        }
+        drop(was);
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// The cluster's control loop: rebuilds the snapshot when an endpoint's
+    /// readiness changes or a sitting-out endpoint's time is up, and sweeps
+    /// expired sessions. Runs until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let sweep_every = self.affinity.as_ref().map(|a| a.sweep_every());
+        let mut next_sweep = sweep_every.map(|d| Instant::now() + d);
+        loop {
+            let wake = self
+                .endpoints
+                .iter()
+                .filter_map(|e| e.ready_at())
+                .filter(|&t| t > Instant::now())
+                .chain(next_sweep)
+                .min();
+            let sleep = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = sleep => {}
+            }
+            self.rebuild();
+            if let (Some(at), Some(every), Some(affinity)) =
+                (next_sweep, sweep_every, &self.affinity)
+            {
+                if Instant::now() >= at {
+                    affinity.sweep();
+                    next_sweep = Some(Instant::now() + every);
+                }
+            }
+        }
     }
 }
 
@@ -60,11 +130,11 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(configs: &[ClusterConfig]) -> Router {
+    pub fn new(configs: &[ClusterConfig], local_zone: Option<&str>) -> Router {
         let mut by_name = HashMap::new();
         let mut clusters = Vec::with_capacity(configs.len());
         for config in configs {
-            let cluster = Arc::new(Cluster::new(config));
+            let cluster = Arc::new(Cluster::new(config, local_zone));
             for name in std::iter::once(&config.name).chain(&config.aliases) {
                 by_name.insert(name.to_ascii_lowercase(), cluster.clone());
             }
@@ -129,7 +199,7 @@ mod tests {
     fn router() -> Router {
         let mut c = ClusterConfig::for_test("planner.agents", &["127.0.0.1:1".parse().unwrap()]);
         c.aliases = vec!["planner".into()];
-        Router::new(&[c])
+        Router::new(&[c], None)
     }
 
     #[test]

@@ -22,7 +22,15 @@ use serde::Deserialize;
 pub struct Config {
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
+    pub locality: LocalityConfig,
     pub clusters: Vec<ClusterConfig>,
+}
+
+/// Where this sidecar runs.
+#[derive(Clone, Debug, Default)]
+pub struct LocalityConfig {
+    /// The sidecar's own zone; calls prefer endpoints of this zone.
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -49,6 +57,17 @@ pub struct ClusterConfig {
     pub local_port: Option<SocketAddr>,
     pub connect_timeout: Duration,
     pub endpoints: Vec<EndpointConfig>,
+    /// How many random candidates the load-aware strategies compare.
+    pub choices: Choices,
+    pub latency: LatencyConfig,
+    pub performance: PerformanceConfig,
+    pub affinity: Option<AffinityConfig>,
+    /// Traffic shares by endpoint version, e.g. `[("v1", 90), ("v2", 10)]`;
+    /// empty for no split.
+    pub split: Vec<(String, u32)>,
+    /// How far a priority level or zone may fall below full health before
+    /// traffic spills over (Envoy's overprovisioning factor).
+    pub overprovisioning: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +75,85 @@ pub struct EndpointConfig {
     /// `host:port`; the host is an IP address or a DNS name.
     pub address: String,
     pub weight: NonZeroU32,
+    pub zone: Option<String>,
+    /// 0 is the highest; lower levels take traffic only when higher ones
+    /// are short of healthy endpoints.
+    pub priority: u32,
+    pub version: Option<String>,
+}
+
+/// `choices = 2` (power of two random choices) or `choices = "all"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choices {
+    Random(std::num::NonZeroUsize),
+    All,
+}
+
+impl Default for Choices {
+    fn default() -> Self {
+        Choices::Random(std::num::NonZeroUsize::new(2).expect("2 is not 0"))
+    }
+}
+
+/// The `latency` strategy's knobs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatencyConfig {
+    /// The peak-EWMA's time constant: how fast old round trips are forgotten.
+    pub decay: Duration,
+    /// The estimate an endpoint starts with, before any call has returned.
+    pub default_rtt: Duration,
+    /// A failed call counts as a round trip at least this long.
+    pub failure_penalty: Duration,
+}
+
+impl Default for LatencyConfig {
+    fn default() -> Self {
+        LatencyConfig {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+            failure_penalty: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The `performance` strategy's knobs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerformanceConfig {
+    /// The window over which success rate and latency are measured.
+    pub window: Duration,
+    pub success_weight: f64,
+    pub latency_weight: f64,
+}
+
+impl Default for PerformanceConfig {
+    fn default() -> Self {
+        PerformanceConfig {
+            window: Duration::from_secs(300),
+            success_weight: 0.7,
+            latency_weight: 0.3,
+        }
+    }
+}
+
+/// `[cluster.session_affinity]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityConfig {
+    /// The metadata header whose value is the session key.
+    pub header: http::HeaderName,
+    /// A session unused this long is forgotten.
+    pub ttl: Duration,
+    /// The most sessions remembered; the least recently used leave first.
+    pub max_sessions: usize,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        AffinityConfig {
+            header: http::HeaderName::from_static("x-session-id"),
+            ttl: Duration::from_secs(3600),
+            max_sessions: 100_000,
+        }
+    }
 }
 
 /// How a cluster picks an endpoint for each call.
@@ -65,6 +163,9 @@ pub enum Strategy {
     #[default]
     RoundRobin,
     Weighted,
+    LeastConnections,
+    Latency,
+    Performance,
 }
 
 impl Strategy {
@@ -72,6 +173,9 @@ impl Strategy {
         match self {
             Strategy::RoundRobin => "round_robin",
             Strategy::Weighted => "weighted",
+            Strategy::LeastConnections => "least_connections",
+            Strategy::Latency => "latency",
+            Strategy::Performance => "performance",
         }
     }
 }
@@ -80,6 +184,7 @@ pub const DEFAULT_PROXY: &str = "127.0.0.1:15001";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_OVERPROVISIONING: f64 = 1.4;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +288,7 @@ impl Config {
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().expect("literal address"),
             },
+            locality: LocalityConfig::default(),
             clusters,
         }
     }
@@ -202,8 +308,17 @@ impl ClusterConfig {
                 .map(|a| EndpointConfig {
                     address: a.to_string(),
                     weight: NonZeroU32::MIN,
+                    zone: None,
+                    priority: 0,
+                    version: None,
                 })
                 .collect(),
+            choices: Choices::default(),
+            latency: LatencyConfig::default(),
+            performance: PerformanceConfig::default(),
+            affinity: None,
+            split: Vec::new(),
+            overprovisioning: DEFAULT_OVERPROVISIONING,
         }
     }
 }
@@ -298,7 +413,15 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    locality: RawLocality,
+    #[serde(default)]
     cluster: Vec<RawCluster>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLocality {
+    zone: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -350,6 +473,15 @@ struct RawCluster {
     connect_timeout: Duration,
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
+    choices: Option<RawChoices>,
+    #[serde(default)]
+    latency: RawLatency,
+    #[serde(default)]
+    performance: RawPerformance,
+    session_affinity: Option<RawAffinity>,
+    #[serde(default)]
+    split: std::collections::BTreeMap<String, u32>,
+    overprovisioning: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +490,46 @@ struct RawEndpoint {
     address: String,
     #[serde(default = "default_weight")]
     weight: u32,
+    zone: Option<String>,
+    #[serde(default)]
+    priority: u32,
+    version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawChoices {
+    Count(i64),
+    Word(String),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLatency {
+    #[serde(default, with = "humantime_serde")]
+    decay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    default_rtt: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    failure_penalty: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPerformance {
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    success_weight: Option<f64>,
+    latency_weight: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAffinity {
+    header: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
+    max_sessions: Option<usize>,
 }
 
 fn default_proxy() -> String {
@@ -490,10 +662,52 @@ impl RawConfig {
                     );
                     continue;
                 };
+                let label = |p: &mut Problems, key: &str, v: Option<String>| {
+                    let v = v.filter(|v| !v.trim().is_empty())?;
+                    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        p.add(
+                            format!("{at}.{key}"),
+                            format!("{v:?} must not contain spaces"),
+                        );
+                    }
+                    Some(v)
+                };
+                let zone = label(&mut p, "zone", e.zone);
+                let version = label(&mut p, "version", e.version);
                 endpoints.push(EndpointConfig {
                     address: e.address,
                     weight,
+                    zone,
+                    priority: e.priority,
+                    version,
                 });
+            }
+            let choices = match c.choices {
+                None => Choices::default(),
+                Some(RawChoices::Word(w)) if w == "all" => Choices::All,
+                Some(RawChoices::Count(n)) if n >= 1 => Choices::Random(
+                    std::num::NonZeroUsize::new(n as usize).unwrap_or(std::num::NonZeroUsize::MIN),
+                ),
+                Some(_) => {
+                    p.add(
+                        format!("{at}.choices"),
+                        "must be a whole number of at least 1 (2 is the usual) or \"all\"",
+                    );
+                    Choices::default()
+                }
+            };
+            let latency = validate_latency(&mut p, &at, c.latency);
+            let performance = validate_performance(&mut p, &at, c.performance);
+            let affinity = c
+                .session_affinity
+                .map(|a| validate_affinity(&mut p, &at, a));
+            let split = validate_split(&mut p, &at, c.split, &endpoints);
+            let overprovisioning = c.overprovisioning.unwrap_or(DEFAULT_OVERPROVISIONING);
+            if !(1.0..=100.0).contains(&overprovisioning) {
+                p.add(
+                    format!("{at}.overprovisioning"),
+                    "must be from 1.0 to 100.0 (1.4 is the usual)",
+                );
             }
             clusters.push(ClusterConfig {
                 name: c.name,
@@ -502,6 +716,12 @@ impl RawConfig {
                 local_port,
                 connect_timeout: c.connect_timeout,
                 endpoints,
+                choices,
+                latency,
+                performance,
+                affinity,
+                split,
+                overprovisioning,
             });
         }
 
@@ -510,6 +730,9 @@ impl RawConfig {
         }
         match (proxy, admin, p.found.is_empty()) {
             (Some(proxy), Some(admin), true) => Ok(Config {
+                locality: LocalityConfig {
+                    zone: self.locality.zone.filter(|z| !z.trim().is_empty()),
+                },
                 listener: ListenerConfig {
                     proxy,
                     refuse_unknown: self.listener.refuse_unknown,
@@ -521,6 +744,123 @@ impl RawConfig {
             _ => Err(ConfigErrors(p.found)),
         }
     }
+}
+
+fn validate_latency(p: &mut Problems, at: &str, raw: RawLatency) -> LatencyConfig {
+    let d = LatencyConfig::default();
+    let out = LatencyConfig {
+        decay: raw.decay.unwrap_or(d.decay),
+        default_rtt: raw.default_rtt.unwrap_or(d.default_rtt),
+        failure_penalty: raw.failure_penalty.unwrap_or(d.failure_penalty),
+    };
+    if out.decay.is_zero() {
+        p.add(format!("{at}.latency.decay"), "must be more than 0");
+    }
+    if out.default_rtt.is_zero() {
+        p.add(format!("{at}.latency.default_rtt"), "must be more than 0");
+    }
+    out
+}
+
+fn validate_performance(p: &mut Problems, at: &str, raw: RawPerformance) -> PerformanceConfig {
+    let d = PerformanceConfig::default();
+    let out = PerformanceConfig {
+        window: raw.window.unwrap_or(d.window),
+        success_weight: raw.success_weight.unwrap_or(d.success_weight),
+        latency_weight: raw.latency_weight.unwrap_or(d.latency_weight),
+    };
+    if out.window < Duration::from_secs(1) {
+        p.add(format!("{at}.performance.window"), "must be at least 1s");
+    }
+    for (key, w) in [
+        ("success_weight", out.success_weight),
+        ("latency_weight", out.latency_weight),
+    ] {
+        if !(0.0..=1000.0).contains(&w) {
+            p.add(format!("{at}.performance.{key}"), "must be from 0 to 1000");
+        }
+    }
+    if out.success_weight + out.latency_weight <= 0.0 {
+        p.add(
+            format!("{at}.performance"),
+            "success_weight and latency_weight cannot both be 0",
+        );
+    }
+    out
+}
+
+fn validate_affinity(p: &mut Problems, at: &str, raw: RawAffinity) -> AffinityConfig {
+    let d = AffinityConfig::default();
+    let header = match raw.header {
+        None => d.header,
+        Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) if !h.starts_with(':') => name,
+            _ => {
+                p.add(
+                    format!("{at}.session_affinity.header"),
+                    format!("{h:?} is not a header name"),
+                );
+                d.header
+            }
+        },
+    };
+    let out = AffinityConfig {
+        header,
+        ttl: raw.ttl.unwrap_or(d.ttl),
+        max_sessions: raw.max_sessions.unwrap_or(d.max_sessions),
+    };
+    if out.ttl.is_zero() {
+        p.add(format!("{at}.session_affinity.ttl"), "must be more than 0");
+    }
+    if out.max_sessions == 0 {
+        p.add(
+            format!("{at}.session_affinity.max_sessions"),
+            "must be at least 1",
+        );
+    }
+    out
+}
+
+fn validate_split(
+    p: &mut Problems,
+    at: &str,
+    raw: std::collections::BTreeMap<String, u32>,
+    endpoints: &[EndpointConfig],
+) -> Vec<(String, u32)> {
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        match &e.version {
+            Some(v) if raw.contains_key(v) => {}
+            Some(v) => p.add(
+                format!("{at}.endpoints[{i}].version"),
+                format!("{v:?} has no share in {at}.split"),
+            ),
+            None => p.add(
+                format!("{at}.endpoints[{i}].version"),
+                format!("missing: {at}.split is set, so every endpoint needs a version"),
+            ),
+        }
+    }
+    for version in raw.keys() {
+        if !endpoints
+            .iter()
+            .any(|e| e.version.as_deref() == Some(version))
+        {
+            p.add(
+                format!("{at}.split.{version}"),
+                "no endpoint has this version",
+            );
+        }
+    }
+    if raw.values().all(|&share| share == 0) {
+        p.add(
+            format!("{at}.split"),
+            "at least one share must be more than 0",
+        );
+    }
+    raw.into_iter().collect()
 }
 
 /// Checks that `address` is `host:port` with a usable host and a port.

@@ -51,6 +51,25 @@ pub fn set_remaining(headers: &mut HeaderMap, remaining: Duration, original: Opt
     }
 }
 
+/// The `grpc-status` in `headers` (response headers of a trailers-only
+/// answer, or trailers).
+pub fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
+    let value = headers.get("grpc-status")?;
+    Some(tonic::Code::from_bytes(value.as_bytes()))
+}
+
+/// Whether a call that ended with `code` counts against the endpoint (for
+/// the latency penalty and the success rate): the endpoint was unavailable,
+/// overloaded, broken or too slow. Answers such as NOT_FOUND or
+/// INVALID_ARGUMENT are the caller's business and count as successes.
+pub fn counts_as_failure(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | ResourceExhausted | Internal | DeadlineExceeded
+    )
+}
+
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded
 /// `grpc-message`.
 pub fn put_status(headers: &mut HeaderMap, status: &Status) {

@@ -73,17 +73,15 @@ async fn send(
             path: req.uri().path(),
             headers: req.headers(),
         };
-        let Some(endpoint) = snapshot.pick(&call, &tried) else {
+        let Some(endpoint) = snapshot.pick(&call, &tried, cluster.affinity()) else {
             return Err(ProxyError::NoEndpointReachable {
                 cluster: cluster.name().to_string(),
-                tried: tried.count(),
+                tried: tried.len(),
                 total,
                 last: last_failure,
             });
         };
-        if let Some(i) = snapshot.index_of(endpoint) {
-            tried.insert(i);
-        }
+        tried.insert(endpoint.id());
         let mut sender = match within(deadline, endpoint.connection().get()).await {
             None => {
                 return Err(expired(format!(
@@ -97,7 +95,10 @@ async fn send(
                 last_failure = e.to_string();
                 continue;
             }
-            Some(Ok(sender)) => sender,
+            Some(Ok(sender)) => {
+                endpoint.connected();
+                sender
+            }
         };
         if let Some(d) = deadline {
             grpc::set_remaining(
@@ -111,6 +112,7 @@ async fn send(
         let in_flight = endpoint.start_call();
         match within(deadline, sender.try_send_request(req)).await {
             None => {
+                in_flight.finished(true);
                 return Err(expired(format!(
                     "waiting for {} to answer",
                     endpoint.address()
@@ -118,6 +120,11 @@ async fn send(
             }
             Some(Ok(response)) => {
                 let (parts, body) = response.into_parts();
+                match grpc::status_code(&parts.headers) {
+                    // Trailers-only: the call is over already.
+                    Some(code) => in_flight.finished(grpc::counts_as_failure(code)),
+                    None => in_flight.responded(),
+                }
                 let body = ResponseBody {
                     inner: Some(body),
                     deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
@@ -139,6 +146,7 @@ async fn send(
                     req = unsent;
                 }
                 None => {
+                    in_flight.finished(true);
                     return Err(ProxyError::UpstreamFailed {
                         cluster: cluster.name().to_string(),
                         endpoint: endpoint.address().to_string(),
@@ -277,6 +285,7 @@ impl ResponseBody {
         self.deadline = None;
         let mut trailers = HeaderMap::new();
         if let Some(guard) = self.guard.take() {
+            guard.in_flight.finished(true);
             let error = error(&guard);
             tracing::debug!(cluster = guard.cluster.name(), %error, "call ended by the proxy");
             grpc::put_status(&mut trailers, &error.to_status());
@@ -284,9 +293,14 @@ impl ResponseBody {
         Frame::trailers(trailers)
     }
 
-    fn finish(&mut self) {
+    /// The response ended: `trailers` are its last frame, if any.
+    fn finish(&mut self, trailers: Option<&HeaderMap>) {
         if let Some(mut guard) = self.guard.take() {
             guard.finished = true;
+            let failed = trailers
+                .and_then(grpc::status_code)
+                .is_none_or(grpc::counts_as_failure);
+            guard.in_flight.finished(failed);
         }
     }
 }
@@ -315,9 +329,9 @@ impl Body for ResponseBody {
         }
         match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
-                if frame.is_trailers() {
+                if let Some(trailers) = frame.trailers_ref() {
                     this.inner = None;
-                    this.finish();
+                    this.finish(Some(trailers));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -331,7 +345,7 @@ impl Body for ResponseBody {
             }
             None => {
                 this.inner = None;
-                this.finish();
+                this.finish(None);
                 Poll::Ready(None)
             }
         }

@@ -26,7 +26,10 @@ impl Sidecar {
     /// Binds every listener and starts serving. Fails if a port cannot be
     /// bound, naming the config key.
     pub async fn start(config: &Config) -> anyhow::Result<Sidecar> {
-        let router = Arc::new(Router::new(&config.clusters));
+        let router = Arc::new(Router::new(
+            &config.clusters,
+            config.locality.zone.as_deref(),
+        ));
         let ctx = Arc::new(listener::Context::new(
             router.clone(),
             config.listener.refuse_unknown,
@@ -54,6 +57,10 @@ impl Sidecar {
             let (router, watch) = (router.clone(), drain.watch());
             move || admin::serve(admin.clone(), router.clone(), watch.clone())
         });
+        for cluster in router.clusters() {
+            let cluster = cluster.clone();
+            supervise("cluster control loop", move || cluster.clone().run());
+        }
         let mut local_addrs = Vec::new();
         for (name, listener) in locals {
             local_addrs.push((name.clone(), listener.local_addr()?));

@@ -57,7 +57,7 @@ fn check_accepts_the_documented_example_and_refuses_each_mistake_by_key() {
         (
             "round_robin",
             "fastest",
-            "cluster[0].strategy: unknown variant `fastest`, expected `round_robin` or `weighted`",
+            "cluster[0].strategy: unknown variant `fastest`, expected one of `round_robin`, `weighted`, `least_connections`, `latency`, `performance`",
         ),
         (
             "weight = 5",
@@ -76,8 +76,8 @@ fn check_accepts_the_documented_example_and_refuses_each_mistake_by_key() {
         ),
         (
             "weight = 5",
-            "weight = 5\npriority = 1",
-            "cluster[0].endpoints[0].priority: unknown field `priority`",
+            "weight = 5\nprority = 1",
+            "cluster[0].endpoints[0].prority: unknown field `prority`",
         ),
         (
             "refuse_unknown = false",

@@ -1,0 +1,265 @@
+//! Session affinity: calls that carry the same session key (a metadata
+//! header, `x-session-id` by default) go to the same endpoint.
+//!
+//! A new key is placed by weighted rendezvous hashing (highest random
+//! weight, Thaler and Ravishankar 1996) over the ready endpoints, keyed by
+//! their addresses, so that every sidecar that sees the same endpoints puts
+//! the key on the same one. The choice is then pinned in a sticky table for
+//! as long as the key keeps being used (the TTL counts from the last call).
+//! A pinned session stays where it is when endpoints are added; when its
+//! endpoint goes away or is not ready, only that session is placed again.
+//! The table is bounded: past `max_sessions`, the least recently used tenth
+//! is dropped.
+//!
+//! The hash is FNV-1a with a SplitMix64 finaliser, written out here so that
+//! it cannot change between builds, and sidecars of different versions agree.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::{HeaderMap, HeaderName};
+use tokio::time::Instant;
+
+use super::Tried;
+use crate::config::AffinityConfig;
+use crate::endpoint::Endpoint;
+
+pub struct Affinity {
+    header: HeaderName,
+    ttl_ms: u64,
+    max_sessions: usize,
+    epoch: Instant,
+    table: DashMap<Box<str>, Pin>,
+}
+
+struct Pin {
+    endpoint: u64,
+    last_used_ms: AtomicU64,
+}
+
+impl Affinity {
+    pub fn new(config: &AffinityConfig) -> Affinity {
+        Affinity {
+            header: config.header.clone(),
+            ttl_ms: config.ttl.as_millis() as u64,
+            max_sessions: config.max_sessions,
+            epoch: Instant::now(),
+            table: DashMap::new(),
+        }
+    }
+
+    /// The call's session key, if it has one.
+    pub fn key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
+        headers
+            .get(&self.header)
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty())
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.table.len()
+    }
+
+    fn now_ms(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64
+    }
+
+    /// The index in `ready` for session `key`: its pinned endpoint while
+    /// that is ready (and not tried), otherwise a new placement, pinned.
+    pub fn pick(&self, key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<usize> {
+        let now = self.now_ms();
+        // Copy out of the map before doing anything else with it.
+        let pinned = self.table.get(key).and_then(|pin| {
+            let fresh = now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms;
+            fresh.then(|| {
+                pin.last_used_ms.store(now, Ordering::Relaxed);
+                pin.endpoint
+            })
+        });
+        if let Some(id) = pinned {
+            if let Some(i) = ready.iter().position(|e| e.id() == id) {
+                if !tried.contains(id) {
+                    return Some(i);
+                }
+            }
+        }
+        let i = rendezvous(key, ready, tried)?;
+        self.table.insert(
+            key.into(),
+            Pin {
+                endpoint: ready[i].id(),
+                last_used_ms: AtomicU64::new(now),
+            },
+        );
+        if self.table.len() > self.max_sessions {
+            self.evict_oldest();
+        }
+        Some(i)
+    }
+
+    /// Forgets sessions unused for longer than the TTL.
+    pub fn sweep(&self) {
+        let now = self.now_ms();
+        self.table.retain(|_, pin| {
+            now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms
+        });
+    }
+
+    /// How often [`sweep`](Self::sweep) should run.
+    pub fn sweep_every(&self) -> Duration {
+        Duration::from_millis((self.ttl_ms / 4).clamp(1_000, 60_000))
+    }
+
+    fn evict_oldest(&self) {
+        let mut ages: Vec<u64> = self
+            .table
+            .iter()
+            .map(|e| e.last_used_ms.load(Ordering::Relaxed))
+            .collect();
+        let drop = (ages.len() / 10)
+            .max(ages.len().saturating_sub(self.max_sessions))
+            .max(1);
+        let (_, cutoff, _) = ages.select_nth_unstable(drop - 1);
+        let cutoff = *cutoff;
+        let mut left = drop;
+        self.table.retain(|_, pin| {
+            if left > 0 && pin.last_used_ms.load(Ordering::Relaxed) <= cutoff {
+                left -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// The ready endpoint (not tried) with the highest weighted score for `key`.
+pub fn rendezvous(key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<usize> {
+    let key_hash = fnv1a(key.as_bytes(), FNV_OFFSET);
+    ready
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !tried.contains(e.id()))
+        .map(|(i, e)| {
+            let h = splitmix64(fnv1a(e.address().as_bytes(), key_hash));
+            // A uniform draw in (0, 1), turned into a weighted score:
+            // -w / ln(u) is largest for the winner with probability
+            // proportional to w.
+            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            (i, -f64::from(e.weight().get()) / u.ln())
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    bytes.iter().fold(seed, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::test_support::endpoints;
+
+    fn affinity(ttl: Duration, max: usize) -> Affinity {
+        Affinity::new(&AffinityConfig {
+            ttl,
+            max_sessions: max,
+            ..AffinityConfig::default()
+        })
+    }
+
+    #[test]
+    fn the_hash_is_fixed_across_builds() {
+        // Sidecars of different builds must agree: pin the function down.
+        assert_eq!(fnv1a(b"", FNV_OFFSET), FNV_OFFSET);
+        assert_eq!(fnv1a(b"a", FNV_OFFSET), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
+    }
+
+    #[test]
+    fn rendezvous_follows_weights() {
+        let ready = endpoints(&[1, 3]);
+        let tried = Tried::default();
+        let heavy = (0..4000)
+            .filter(|k| rendezvous(&format!("session-{k}"), &ready, &tried) == Some(1))
+            .count();
+        assert!(
+            (2800..3200).contains(&heavy),
+            "{heavy} of 4000 on the weight-3 endpoint"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_sticks_until_its_ttl_passes_unused() {
+        let a = affinity(Duration::from_secs(60), 100);
+        let ready = endpoints(&[1, 1, 1]);
+        let tried = Tried::default();
+        let first = a.pick("s", &ready, &tried).unwrap();
+        // Pin it somewhere the hash would not put it, then see it stay.
+        let other = (first + 1) % 3;
+        a.table.get("s").map(|_| ()).unwrap();
+        a.table.insert(
+            "s".into(),
+            Pin {
+                endpoint: ready[other].id(),
+                last_used_ms: AtomicU64::new(a.now_ms()),
+            },
+        );
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(59)).await;
+            assert_eq!(
+                a.pick("s", &ready, &tried),
+                Some(other),
+                "used within the TTL: stays"
+            );
+        }
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(
+            a.pick("s", &ready, &tried),
+            Some(first),
+            "expired: placed by the hash again"
+        );
+        tokio::time::advance(Duration::from_secs(61)).await;
+        a.sweep();
+        assert_eq!(a.sessions(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_table_is_bounded_and_drops_the_least_recently_used() {
+        let a = affinity(Duration::from_secs(3600), 100);
+        let ready = endpoints(&[1, 1]);
+        let tried = Tried::default();
+        for k in 0..100 {
+            a.pick(&format!("old-{k}"), &ready, &tried);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        // Touch the first ten: they are now the most recent.
+        for k in 0..10 {
+            a.pick(&format!("old-{k}"), &ready, &tried);
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        a.pick("new", &ready, &tried);
+        assert!(a.sessions() <= 100, "{}", a.sessions());
+        assert!(a.table.contains_key("new") && a.table.contains_key("old-0"));
+        assert!(
+            !a.table.contains_key("old-10"),
+            "the least recently used left first"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! The load an endpoint carries, measured beside it and compared by pickers.
+//!
+//! - In-flight calls: a counter, raised when a call is sent and lowered when
+//!   it ends (least-connections).
+//! - Peak-EWMA of round-trip time (latency strategy), after Finagle's
+//!   `PeakEwma` and tower's `load::PeakEwma`: a slower sample replaces the
+//!   estimate at once (the peak), a faster one is blended in with weight
+//!   `1 - exp(-elapsed / decay)`, and between samples the estimate decays
+//!   toward zero so that an endpoint left alone is tried again. Unlike
+//!   tower's, a failed call is fed in as a penalty (a round trip of at least
+//!   `failure_penalty`), so an endpoint that fails fast does not look fast.
+//! - A sliding window of calls, failures and latency (performance strategy),
+//!   kept in ten buckets that each cover a tenth of the window.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{LatencyConfig, PerformanceConfig};
+
+const BUCKETS: usize = 10;
+
+pub struct Load {
+    in_flight: AtomicU64,
+    latency: LatencyConfig,
+    ewma: Mutex<PeakEwma>,
+    window: Mutex<Window>,
+}
+
+impl Load {
+    pub fn new(latency: &LatencyConfig, performance: &PerformanceConfig) -> Load {
+        let now = Instant::now();
+        Load {
+            in_flight: AtomicU64::new(0),
+            ewma: Mutex::new(PeakEwma {
+                estimate_ns: latency.default_rtt.as_nanos() as f64,
+                stamp: now,
+            }),
+            latency: latency.clone(),
+            window: Mutex::new(Window::new(performance.window, now)),
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn enter(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The round-trip estimate now, in nanoseconds.
+    pub fn rtt_estimate(&self, now: Instant) -> f64 {
+        lock(&self.ewma).estimate(now, self.latency.decay)
+    }
+
+    /// A call's answer started arriving `rtt` after it was sent.
+    pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        lock(&self.ewma).observe(rtt, now, self.latency.decay);
+    }
+
+    /// A call ended, after `elapsed`; `failed` as the breaker would count it.
+    pub fn observe_outcome(&self, failed: bool, elapsed: Duration, now: Instant) {
+        if failed {
+            let penalty = elapsed.max(self.latency.failure_penalty);
+            lock(&self.ewma).observe(penalty, now, self.latency.decay);
+        }
+        lock(&self.window).record(failed, elapsed, now);
+    }
+
+    /// Success rate and mean latency over the window; `None` before any
+    /// call in the window.
+    pub fn window_summary(&self, now: Instant) -> Option<WindowSummary> {
+        lock(&self.window).summary(now)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+struct PeakEwma {
+    estimate_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    fn decayed(&self, now: Instant, decay: Duration) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        self.estimate_ns * (-elapsed / decay.as_secs_f64()).exp()
+    }
+
+    fn estimate(&self, now: Instant, decay: Duration) -> f64 {
+        self.decayed(now, decay)
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        let current = self.decayed(now, decay);
+        self.estimate_ns = if rtt > current {
+            rtt
+        } else {
+            let w = (-elapsed / decay.as_secs_f64()).exp();
+            current * w + rtt * (1.0 - w)
+        };
+        self.stamp = now;
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    tick: u64,
+    calls: u64,
+    failures: u64,
+    latency_ns: u128,
+}
+
+struct Window {
+    epoch: Instant,
+    bucket: Duration,
+    buckets: [Bucket; BUCKETS],
+}
+
+/// What the window says of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowSummary {
+    pub calls: u64,
+    pub success_rate: f64,
+    pub mean_latency: Duration,
+}
+
+impl Window {
+    fn new(window: Duration, now: Instant) -> Window {
+        Window {
+            epoch: now,
+            bucket: (window / BUCKETS as u32).max(Duration::from_millis(1)),
+            buckets: [Bucket::default(); BUCKETS],
+        }
+    }
+
+    fn tick(&self, now: Instant) -> u64 {
+        // Ticks start at 1 so that an empty bucket (tick 0) never counts.
+        (now.saturating_duration_since(self.epoch).as_nanos() / self.bucket.as_nanos()) as u64 + 1
+    }
+
+    fn record(&mut self, failed: bool, elapsed: Duration, now: Instant) {
+        let tick = self.tick(now);
+        let b = &mut self.buckets[tick as usize % BUCKETS];
+        if b.tick != tick {
+            *b = Bucket {
+                tick,
+                ..Bucket::default()
+            };
+        }
+        b.calls += 1;
+        b.failures += u64::from(failed);
+        b.latency_ns += elapsed.as_nanos();
+    }
+
+    fn summary(&self, now: Instant) -> Option<WindowSummary> {
+        let tick = self.tick(now);
+        let live = self
+            .buckets
+            .iter()
+            .filter(|b| b.tick + (BUCKETS as u64) > tick && b.tick <= tick);
+        let (calls, failures, latency) = live.fold((0, 0, 0u128), |(c, f, l), b| {
+            (c + b.calls, f + b.failures, l + b.latency_ns)
+        });
+        (calls > 0).then(|| WindowSummary {
+            calls,
+            success_rate: 1.0 - failures as f64 / calls as f64,
+            mean_latency: Duration::from_nanos((latency / u128::from(calls)) as u64),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load() -> Load {
+        let latency = LatencyConfig {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+            failure_penalty: Duration::from_secs(1),
+        };
+        let performance = PerformanceConfig {
+            window: Duration::from_secs(10),
+            ..PerformanceConfig::default()
+        };
+        Load::new(&latency, &performance)
+    }
+
+    fn ms(ns: f64) -> f64 {
+        ns / 1e6
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_jumps_to_peaks_and_decays_slowly() {
+        let l = load();
+        let t0 = Instant::now();
+        assert_eq!(
+            ms(l.rtt_estimate(t0)).round(),
+            30.0,
+            "starts at default_rtt"
+        );
+        l.observe_rtt(Duration::from_millis(200), t0);
+        assert_eq!(
+            ms(l.rtt_estimate(t0)).round(),
+            200.0,
+            "a slower sample is taken at once"
+        );
+        // A fast sample 1 s later is blended in, weighted by 1 - e^-0.1.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let t1 = Instant::now();
+        l.observe_rtt(Duration::from_millis(10), t1);
+        let e = ms(l.rtt_estimate(t1));
+        let decayed = 200.0 * (-0.1f64).exp();
+        let want = decayed * (-0.1f64).exp() + 10.0 * (1.0 - (-0.1f64).exp());
+        assert!((e - want).abs() < 0.01, "{e} vs {want}");
+        // Left alone, the estimate decays toward zero (so it is tried again).
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(ms(l.rtt_estimate(Instant::now())) < e * 0.06);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_failure_counts_as_a_slow_call() {
+        let l = load();
+        let now = Instant::now();
+        l.observe_rtt(Duration::from_millis(1), now);
+        l.observe_outcome(true, Duration::from_millis(1), now);
+        assert_eq!(ms(l.rtt_estimate(now)).round(), 1000.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_forgets_calls_older_than_its_span() {
+        let l = load();
+        assert_eq!(l.window_summary(Instant::now()), None);
+        for failed in [false, false, false, true] {
+            l.observe_outcome(failed, Duration::from_millis(20), Instant::now());
+        }
+        let s = l.window_summary(Instant::now()).unwrap();
+        assert_eq!((s.calls, s.success_rate), (4, 0.75));
+        assert_eq!(s.mean_latency, Duration::from_millis(20));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        l.observe_outcome(false, Duration::from_millis(40), Instant::now());
+        assert_eq!(l.window_summary(Instant::now()).unwrap().calls, 5);
+        // 10 s after the first four, only the fifth is left.
+        tokio::time::advance(Duration::from_millis(5_500)).await;
+        let s = l.window_summary(Instant::now()).unwrap();
+        assert_eq!((s.calls, s.success_rate), (1, 1.0));
+        assert_eq!(s.mean_latency, Duration::from_millis(40));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(l.window_summary(Instant::now()), None);
+    }
+}
