@@ -57,7 +57,7 @@ enum Command {
         calls: usize,
         #[arg(long, default_value_t = DemoOptions::default().concurrency)]
         concurrency: usize,
-        /// round_robin or weighted.
+        /// round_robin, weighted, least_connections, latency or performance.
         #[arg(long, default_value = "round_robin", value_parser = parse_strategy)]
         strategy: Strategy,
     },

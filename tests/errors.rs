@@ -50,8 +50,10 @@ async fn calls_that_find_an_endpoint_down_go_to_another() {
         assert_eq!(counts.values().sum::<usize>(), 60);
         assert_eq!(counts.len(), 2, "{counts:?}");
         let endpoints = sidecar.router().clusters()[0].endpoints();
+        // Found dead once (or by a few calls at once), then it sits out
+        // instead of being dialled by every third call.
         assert!(
-            endpoints[1].stats().connect_failures >= 10,
+            (1..=4).contains(&endpoints[1].stats().connect_failures),
             "{:?}",
             endpoints[1].stats()
         );

@@ -15,6 +15,8 @@ pub mod affinity;
 mod least_connections;
 mod performance;
 pub mod placement;
+#[cfg(test)]
+mod properties;
 mod round_robin;
 mod weighted;
 
@@ -131,7 +133,18 @@ impl Snapshot {
         endpoints: &[Arc<Endpoint>],
         now: Instant,
     ) -> Snapshot {
-        let mut ready_flags: Vec<bool> = endpoints.iter().map(|e| e.is_ready(now)).collect();
+        let ready: Vec<bool> = endpoints.iter().map(|e| e.is_ready(now)).collect();
+        Self::with_readiness(config, local_zone, endpoints, ready)
+    }
+
+    /// Builds the snapshot with `ready[i]` saying whether `endpoints[i]` is ready.
+    pub fn with_readiness(
+        config: &ClusterConfig,
+        local_zone: Option<&str>,
+        endpoints: &[Arc<Endpoint>],
+        ready: Vec<bool>,
+    ) -> Snapshot {
+        let mut ready_flags = ready;
         let panic = !endpoints.is_empty() && !ready_flags.iter().any(|&r| r);
         if panic {
             // Better to try endpoints that may have recovered than to fail
