@@ -24,6 +24,10 @@ pub struct AgentOptions {
     pub delay: Duration,
     /// The share of calls answered with UNAVAILABLE, from 0.0 to 1.0.
     pub fail_ratio: f64,
+    /// Calls served at once; more wait their turn. 0: no limit.
+    pub max_concurrency: usize,
+    /// After the first duration, the delay becomes the second.
+    pub delay_after: Option<(Duration, Duration)>,
 }
 
 impl AgentOptions {
@@ -32,6 +36,8 @@ impl AgentOptions {
             name: name.to_string(),
             delay: Duration::ZERO,
             fail_ratio: 0.0,
+            max_concurrency: 0,
+            delay_after: None,
         }
     }
 }
@@ -71,9 +77,22 @@ pub async fn serve(
             counting.connections.fetch_add(1, Ordering::Relaxed);
         }
     });
+    let delay_ms = Arc::new(AtomicU64::new(options.delay.as_millis() as u64));
+    if let Some((after, delay)) = options.delay_after {
+        let delay_ms = delay_ms.clone();
+        let name = options.name.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tracing::info!(agent = name, ?delay, "delay changes");
+            delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+        });
+    }
     let service = AgentService {
+        slots: (options.max_concurrency > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(options.max_concurrency))),
         options: Arc::new(options),
         stats,
+        delay_ms,
     };
     tonic::transport::Server::builder()
         .initial_stream_window_size(1 << 20)
@@ -106,6 +125,10 @@ pub async fn spawn(
 struct AgentService {
     options: Arc<AgentOptions>,
     stats: Arc<AgentStats>,
+    /// The delay now, which `delay_after` may change.
+    delay_ms: Arc<AtomicU64>,
+    /// `max_concurrency`: a call holds a slot while it works.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Counts a call; dropped before `done()`, it counts the call cancelled.
@@ -140,8 +163,14 @@ impl Drop for Tracked {
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<InvokeReply, Status>> + Send>>;
 
 impl AgentService {
+    /// The call's work: its delay, in one of the agent's slots.
     async fn pause(&self, extra_ms: u32) {
-        let delay = self.options.delay + Duration::from_millis(u64::from(extra_ms));
+        let _slot = match &self.slots {
+            Some(slots) => slots.acquire().await.ok(),
+            None => None,
+        };
+        let delay =
+            Duration::from_millis(self.delay_ms.load(Ordering::Relaxed) + u64::from(extra_ms));
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

@@ -23,7 +23,15 @@ pub struct Config {
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
     pub locality: LocalityConfig,
+    pub runtime: RuntimeConfig,
     pub clusters: Vec<ClusterConfig>,
+}
+
+/// The sidecar's threads.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeConfig {
+    /// Worker threads: 0 for one per CPU, 1 for a single event loop.
+    pub workers: usize,
 }
 
 /// Where this sidecar runs.
@@ -289,6 +297,7 @@ impl Config {
                 listen: "127.0.0.1:0".parse().expect("literal address"),
             },
             locality: LocalityConfig::default(),
+            runtime: RuntimeConfig::default(),
             clusters,
         }
     }
@@ -415,7 +424,16 @@ struct RawConfig {
     #[serde(default)]
     locality: RawLocality,
     #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
     cluster: Vec<RawCluster>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    #[serde(default)]
+    workers: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -725,11 +743,17 @@ impl RawConfig {
             });
         }
 
+        if self.runtime.workers > 1024 {
+            p.add("runtime.workers", "must be at most 1024 (0: one per CPU)");
+        }
         if self.listener.drain_timeout.is_zero() {
             p.add("listener.drain_timeout", "must be more than 0");
         }
         match (proxy, admin, p.found.is_empty()) {
             (Some(proxy), Some(admin), true) => Ok(Config {
+                runtime: RuntimeConfig {
+                    workers: self.runtime.workers,
+                },
                 locality: LocalityConfig {
                     zone: self.locality.zone.filter(|z| !z.trim().is_empty()),
                 },

@@ -18,7 +18,9 @@ pub mod drain;
 pub mod endpoint;
 pub mod error;
 pub mod grpc;
+pub mod io;
 pub mod listener;
+pub mod load;
 pub mod proxy;
 pub mod sidecar;
 

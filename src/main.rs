@@ -50,6 +50,48 @@ enum Command {
         /// The share of calls answered with UNAVAILABLE (0.0 to 1.0).
         #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
         fail_ratio: f64,
+        /// Calls served at once; more wait their turn (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_concurrency: usize,
+        /// `SECS:MS`: after SECS seconds, the delay becomes MS.
+        #[arg(long, value_parser = parse_delay_change)]
+        delay_after: Option<(Duration, Duration)>,
+    },
+    /// Send load to a target and report throughput and latency percentiles.
+    Load {
+        /// The address to connect to (a proxy, or an agent); repeat it to
+        /// spread connections over several.
+        #[arg(long, required = true)]
+        target: Vec<SocketAddr>,
+        /// The :authority to send (authority mode).
+        #[arg(long)]
+        authority: Option<String>,
+        /// Calls per second: open loop. Without it: closed loop.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Closed loop: concurrent callers.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Request payload bytes.
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+        /// Server streaming: replies per call (0: unary).
+        #[arg(long, default_value_t = 0)]
+        stream: u32,
+        /// Extra delay each call asks of the agent.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Start three local agents and the sidecar, send calls, show where they went.
     Demo {
@@ -68,6 +110,19 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
         _ => Err(format!("{s:?} is not a ratio from 0.0 to 1.0")),
     }
+}
+
+fn parse_delay_change(s: &str) -> Result<(Duration, Duration), String> {
+    let (secs, ms) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not SECS:MS"))?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+    let ms: u64 = ms
+        .parse()
+        .map_err(|_| format!("{ms:?} is not a number of milliseconds"))?;
+    Ok((Duration::from_secs_f64(secs), Duration::from_millis(ms)))
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
@@ -114,21 +169,69 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime().block_on(run(config))
+            runtime(config.runtime.workers).block_on(run(config))
         }
         Command::Agent {
             listen,
             name,
             delay_ms,
             fail_ratio,
+            max_concurrency,
+            delay_after,
         } => {
             init_logging("info");
             let options = AgentOptions {
                 name,
                 delay: Duration::from_millis(delay_ms),
                 fail_ratio,
+                max_concurrency,
+                delay_after,
             };
-            runtime().block_on(run_agent(listen, options))
+            runtime(0).block_on(run_agent(listen, options))
+        }
+        Command::Load {
+            target,
+            authority,
+            rate,
+            concurrency,
+            connections,
+            duration,
+            warmup,
+            payload,
+            stream,
+            delay_ms,
+            timeout,
+            json,
+        } => {
+            init_logging("warn");
+            let options = agentmesh::load::LoadOptions {
+                targets: target,
+                authority,
+                rate,
+                concurrency,
+                connections,
+                duration,
+                warmup,
+                payload,
+                stream,
+                delay_ms,
+                timeout,
+                ..Default::default()
+            };
+            match runtime(0).block_on(agentmesh::load::run(&options)) {
+                Ok(report) if json => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentmesh load: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Demo {
             calls,
@@ -141,7 +244,7 @@ fn main() -> ExitCode {
                 concurrency,
                 strategy,
             };
-            match runtime().block_on(demo::run(&options)) {
+            match runtime(0).block_on(demo::run(&options)) {
                 Ok(report) => {
                     print!("{}", report.render(&options));
                     ExitCode::SUCCESS
@@ -155,8 +258,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// `workers`: 0 for one per CPU; 1 for a single-threaded runtime (one event
+/// loop, like one nginx worker); more for that many threads.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

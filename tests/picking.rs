@@ -100,8 +100,16 @@ async fn a_session_key_keeps_landing_on_one_agent_across_channels() {
             assert_eq!(agents_seen.len(), 1, "{session} moved: {agents_seen:?}");
             used_by_sessions.extend(agents_seen);
         }
-        assert!(
-            used_by_sessions.len() >= 2,
+        // Many sessions spread over the agents (4 alone may share one).
+        for k in 0..30 {
+            let mut req = tonic::Request::new(request(b"first turn"));
+            req.metadata_mut()
+                .insert("x-session-id", format!("user-{k}").parse().unwrap());
+            used_by_sessions.insert(first.invoke(req).await.unwrap().into_inner().agent);
+        }
+        assert_eq!(
+            used_by_sessions.len(),
+            3,
             "sessions are spread: {used_by_sessions:?}"
         );
         // Calls without the header are balanced as usual.

@@ -120,7 +120,7 @@ impl Inner {
             })?
             .map_err(|e| fail(e.to_string()))?;
         let (sender, conn) = client_builder()
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(crate::io::Batched::new(tcp)))
             .await
             .map_err(|e| fail(format!("HTTP/2 handshake failed: {e}")))?;
         let address = self.address.clone();

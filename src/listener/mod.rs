@@ -146,7 +146,9 @@ where
         let route = route.clone();
         async move { Ok::<_, Infallible>(route.call(req).await) }
     });
-    let conn = ctx.h2.serve_connection(TokioIo::new(io), service);
+    let conn = ctx
+        .h2
+        .serve_connection(TokioIo::new(crate::io::Batched::new(io)), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,

@@ -1,0 +1,366 @@
+"""Shared parts of the benchmarks: real agents, real proxies (agentmesh,
+nginx, HAProxy), the load generator, and /proc accounting.
+
+Every proxy runs one worker (one thread or process) pinned to CPU 0 with
+taskset; the agents and the load generator share CPU 1. Everything listens
+on 127.0.0.1 only, and every run is bounded in time.
+"""
+
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "agentmesh")
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def ensure_packages():
+    """Installs nginx, HAProxy and h2load from Debian's packages if missing."""
+    wanted = {"nginx": "nginx-light", "haproxy": "haproxy", "h2load": "nghttp2-client", "taskset": "util-linux"}
+    missing = [pkg for cmd, pkg in wanted.items() if shutil.which(cmd) is None]
+    if not missing:
+        return
+    log("installing", " ".join(missing))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def machine():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name, cmd in {"nginx": ["nginx", "-v"], "haproxy": ["haproxy", "-v"], "h2load": ["h2load", "--version"]}.items():
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+            versions[name] = (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            versions[name] = "missing"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "versions": versions,
+    }
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid):
+    """utime + stime of pid and its descendants, in seconds."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / TICKS
+
+
+def memory_kib(pid, field):
+    """A /proc/PID/status field (VmRSS, VmHWM) summed over the tree, KiB."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class Proc:
+    def __init__(self, cmd, cpu, log_path, env=None):
+        self.cmd = cmd
+        full = ["taskset", "-c", cpu, *cmd] if cpu is not None else cmd
+        self.log = open(log_path, "w")
+        self.p = subprocess.Popen(full, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, **(env or {})), start_new_session=True)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(timeout=5)
+        self.log.close()
+
+
+class Agents:
+    """Demo agents, pinned with the load generator."""
+
+    def __init__(self, workdir, specs):
+        """specs: list of dicts with name and optional agent flags."""
+        self.procs, self.ports, self.names = [], [], []
+        for spec in specs:
+            port = free_port()
+            cmd = [BIN, "agent", "--listen", f"127.0.0.1:{port}", "--name", spec["name"]]
+            for flag in ("delay_ms", "max_concurrency", "delay_after"):
+                if spec.get(flag) is not None:
+                    cmd += ["--" + flag.replace("_", "-"), str(spec[flag])]
+            self.procs.append(Proc(cmd, LOAD_CPU, os.path.join(workdir, f"agent-{spec['name']}.log"),
+                                   env={"RUST_LOG": "warn"}))
+            self.ports.append(port)
+            self.names.append(spec["name"])
+        for port in self.ports:
+            wait_port(port)
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+
+
+AGENTMESH_STRATEGIES = ["round_robin", "weighted", "least_connections", "latency", "performance"]
+
+
+class Proxy:
+    """One proxy in front of the agents: kind is agentmesh, nginx, haproxy
+    or direct (no proxy: the load goes straight to the agents)."""
+
+    def __init__(self, kind, strategy, label=None):
+        self.kind, self.strategy = kind, strategy
+        self.label = label or (kind if kind == "direct" else f"{kind} {strategy}")
+        self.proc = None
+        self.port = None
+
+    def start(self, workdir, ports):
+        if self.kind == "direct":
+            self.targets = [f"127.0.0.1:{p}" for p in ports]
+            return
+        self.port = free_port()
+        self.targets = [f"127.0.0.1:{self.port}"]
+        name = self.label.replace(" ", "-")
+        if self.kind == "agentmesh":
+            path = os.path.join(workdir, f"{name}.toml")
+            endpoints = ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in ports)
+            with open(path, "w") as f:
+                f.write(f"""[runtime]
+workers = 1
+[listener]
+proxy = "127.0.0.1:{free_port()}"
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[[cluster]]
+name = "agents"
+strategy = "{self.strategy}"
+local_port = "127.0.0.1:{self.port}"
+endpoints = [{endpoints}]
+""")
+            self.proc = Proc([BIN, "run", "--config", path], PROXY_CPU,
+                             os.path.join(workdir, f"{name}.log"), env={"RUST_LOG": "warn"})
+        elif self.kind == "nginx":
+            path = os.path.join(workdir, f"{name}.conf")
+            servers = "\n".join(f"    server 127.0.0.1:{p};" for p in ports)
+            method = "least_conn;" if self.strategy == "least_conn" else ""
+            with open(path, "w") as f:
+                f.write(f"""worker_processes 1;
+daemon off;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.err warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/{name}-body;
+  proxy_temp_path {workdir}/{name}-proxy;
+  fastcgi_temp_path {workdir}/{name}-fastcgi;
+  uwsgi_temp_path {workdir}/{name}-uwsgi;
+  scgi_temp_path {workdir}/{name}-scgi;
+  upstream agents {{
+    {method}
+{servers}
+    keepalive 64;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+  }}
+  server {{
+    listen 127.0.0.1:{self.port} http2;
+    http2_max_concurrent_streams 10000;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_max_body_size 0;
+    location / {{
+      grpc_pass grpc://agents;
+      grpc_read_timeout 300s;
+      grpc_send_timeout 300s;
+    }}
+  }}
+}}
+""")
+            self.proc = Proc(["nginx", "-c", path], PROXY_CPU, os.path.join(workdir, f"{name}.log"))
+        elif self.kind == "haproxy":
+            path = os.path.join(workdir, f"{name}.cfg")
+            servers = "\n".join(f"  server a{i} 127.0.0.1:{p} proto h2" for i, p in enumerate(ports))
+            with open(path, "w") as f:
+                f.write(f"""global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout client 300s
+  timeout server 300s
+  timeout connect 5s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{self.port} proto h2
+  default_backend be
+backend be
+  balance {self.strategy}
+  http-reuse always
+{servers}
+""")
+            self.proc = Proc(["haproxy", "-f", path], PROXY_CPU, os.path.join(workdir, f"{name}.log"))
+        else:
+            raise ValueError(self.kind)
+        wait_port(self.port)
+        time.sleep(0.2)
+
+    def cpu(self):
+        return cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def memory(self, field):
+        return memory_kib(self.proc.pid, field) if self.proc else 0
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+
+def load(targets, duration, concurrency=None, rate=None, connections=4, payload=1024,
+         stream=0, delay_ms=0, timeout="30s", sample=None):
+    """Runs `agentmesh load` on the load CPU; returns its JSON report. With
+    `sample` (a callable), calls it every 50 ms during the run and returns
+    the samples too."""
+    cmd = ["taskset", "-c", LOAD_CPU, BIN, "load", "--json", "--duration", f"{duration}s",
+           "--connections", str(connections), "--payload", str(payload), "--stream", str(stream),
+           "--delay-ms", str(delay_ms), "--timeout", timeout]
+    for t in targets:
+        cmd += ["--target", t]
+    if rate is not None:
+        cmd += ["--rate", str(rate)]
+    else:
+        cmd += ["--concurrency", str(concurrency)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = []
+    limit = time.monotonic() + duration + 60
+    while p.poll() is None:
+        if sample is not None:
+            samples.append(sample())
+        if time.monotonic() > limit:
+            p.kill()
+            raise RuntimeError("load generator did not finish")
+        time.sleep(0.05)
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"load failed: {err.strip()}")
+    report = json.loads(out.strip().splitlines()[-1])
+    if sample is not None:
+        report["samples"] = samples
+    return report
+
+
+def grpc_body(path, payload):
+    """A gRPC-framed InvokeRequest with a `payload`-byte payload, for h2load."""
+    # InvokeRequest field 2 (payload, bytes): tag 0x12, varint length, bytes.
+    n, varint = payload, b""
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        varint += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            break
+    message = b"\x12" + varint + b"\x5a" * payload
+    with open(path, "wb") as f:
+        f.write(b"\x00" + len(message).to_bytes(4, "big") + message)
+
+
+def h2load(target, body, requests, clients=4, streams=16, authority=None):
+    """Cross-check with nghttp2's h2load: requests/s for unary Invoke."""
+    url = f"http://{target}/agentmesh.demo.v1.Agent/Invoke"
+    cmd = ["taskset", "-c", LOAD_CPU, "h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams),
+           "-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    for line in out.stdout.splitlines():
+        if line.startswith("finished in"):
+            # finished in 1.23s, 8130.08 req/s, 10.2MB/s
+            return float(line.split(",")[1].split()[0])
+    raise RuntimeError(f"h2load: {out.stdout[-500:]} {out.stderr[-500:]}")
+
+
+def workdir():
+    return tempfile.mkdtemp(prefix="agentmesh-bench-")
