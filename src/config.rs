@@ -606,13 +606,12 @@ impl RawConfig {
         let proxy = p.socket_addr("listener.proxy", &self.listener.proxy);
         let admin = p.socket_addr("admin.listen", &self.admin.listen);
 
-        // Every listen address, to catch two listeners on one port.
-        let mut ports: HashMap<SocketAddr, String> = HashMap::new();
+        // Every listen address, to catch two listeners on one port (an
+        // unspecified address such as 0.0.0.0 takes the port on every one).
+        let mut listens: Vec<(SocketAddr, String)> = Vec::new();
         for (key, addr) in [("listener.proxy", proxy), ("admin.listen", admin)] {
-            if let Some(a) = addr.filter(|a| a.port() != 0) {
-                if let Some(other) = ports.insert(a, key.to_string()) {
-                    p.add(key, format!("{a} is already used by {other}"));
-                }
+            if let Some(a) = addr {
+                claim(&mut p, &mut listens, a, key);
             }
         }
 
@@ -645,11 +644,7 @@ impl RawConfig {
             let local_port = c.local_port.as_deref().and_then(|v| {
                 let key = format!("{at}.local_port");
                 let addr = p.socket_addr(&key, v)?;
-                if addr.port() != 0 {
-                    if let Some(other) = ports.insert(addr, key.clone()) {
-                        p.add(key, format!("{addr} is already used by {other}"));
-                    }
-                }
+                claim(&mut p, &mut listens, addr, &key);
                 Some(addr)
             });
             if c.endpoints.is_empty() {
@@ -667,6 +662,19 @@ impl RawConfig {
                 let at = format!("{at}.endpoints[{ei}]");
                 if let Err(reason) = check_host_port(&e.address) {
                     p.add(format!("{at}.address"), reason);
+                } else if let Some((_, listener)) = e
+                    .address
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .and_then(|a| listens.iter().find(|(l, _)| same_socket(*l, a)))
+                {
+                    p.add(
+                        format!("{at}.address"),
+                        format!(
+                            "{:?} is this sidecar's own {listener}: calls would loop",
+                            e.address
+                        ),
+                    );
                 } else if !seen.insert(e.address.to_ascii_lowercase()) {
                     p.add(
                         format!("{at}.address"),
@@ -833,8 +841,8 @@ fn validate_affinity(p: &mut Problems, at: &str, raw: RawAffinity) -> AffinityCo
         ttl: raw.ttl.unwrap_or(d.ttl),
         max_sessions: raw.max_sessions.unwrap_or(d.max_sessions),
     };
-    if out.ttl.is_zero() {
-        p.add(format!("{at}.session_affinity.ttl"), "must be more than 0");
+    if out.ttl < Duration::from_millis(1) {
+        p.add(format!("{at}.session_affinity.ttl"), "must be at least 1ms");
     }
     if out.max_sessions == 0 {
         p.add(
@@ -885,6 +893,24 @@ fn validate_split(
         );
     }
     raw.into_iter().collect()
+}
+
+/// Records that `key` listens on `addr`, refusing a port another listener has.
+fn claim(p: &mut Problems, listens: &mut Vec<(SocketAddr, String)>, addr: SocketAddr, key: &str) {
+    if addr.port() == 0 {
+        return;
+    }
+    if let Some((_, other)) = listens.iter().find(|(l, _)| same_socket(*l, addr)) {
+        p.add(key, format!("{addr} is already used by {other}"));
+        return;
+    }
+    listens.push((addr, key.to_string()));
+}
+
+/// Whether binding `a` and reaching `b` meet on one socket: same port, and
+/// same address or either one unspecified (0.0.0.0 or ::).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Checks that `address` is `host:port` with a usable host and a port.
@@ -1031,6 +1057,25 @@ mod tests {
         );
         let e = first_error(&format!("colour = 1\n{GOOD}"));
         assert!(e.starts_with("mesh.toml: colour: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn an_endpoint_that_is_the_sidecar_itself_is_refused() {
+        let e = first_error(&GOOD.replace("127.0.0.1:50051", "127.0.0.1:15001"));
+        assert!(e.starts_with("mesh.toml: cluster[0].endpoints[0].address: \"127.0.0.1:15001\" is this sidecar's own listener.proxy"), "{e}");
+        let e = first_error(&GOOD.replace("127.0.0.1:50051", "127.0.0.1:15101"));
+        assert!(e.contains("own cluster[0].local_port"), "{e}");
+    }
+
+    #[test]
+    fn a_wildcard_listener_clashes_with_any_address_on_its_port() {
+        let e = first_error(&GOOD.replace("127.0.0.1:15000", "0.0.0.0:15001"));
+        assert!(
+            e.starts_with(
+                "mesh.toml: admin.listen: 0.0.0.0:15001 is already used by listener.proxy"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,10 +35,12 @@ pub enum ProxyError {
     },
 
     /// The endpoint took the call but failed before sending response headers.
+    /// `code` follows the gRPC mapping of the HTTP/2 error.
     #[error("cluster {cluster:?}: endpoint {endpoint} failed before answering: {reason}")]
     UpstreamFailed {
         cluster: String,
         endpoint: String,
+        code: Code,
         reason: String,
     },
 
@@ -47,6 +49,7 @@ pub enum ProxyError {
     UpstreamReset {
         cluster: String,
         endpoint: String,
+        code: Code,
         reason: String,
     },
 }
@@ -54,10 +57,12 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn code(&self) -> Code {
         match self {
-            ProxyError::UnknownAuthority { .. }
-            | ProxyError::NoEndpointReachable { .. }
-            | ProxyError::UpstreamFailed { .. }
-            | ProxyError::UpstreamReset { .. } => Code::Unavailable,
+            ProxyError::UnknownAuthority { .. } | ProxyError::NoEndpointReachable { .. } => {
+                Code::Unavailable
+            }
+            ProxyError::UpstreamFailed { code, .. } | ProxyError::UpstreamReset { code, .. } => {
+                *code
+            }
             ProxyError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         }
     }

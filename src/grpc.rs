@@ -70,6 +70,34 @@ pub fn counts_as_failure(code: tonic::Code) -> bool {
     )
 }
 
+/// The status a caller gets when the endpoint's stream or connection broke,
+/// as the gRPC HTTP/2 protocol maps HTTP/2 errors: a lost connection is
+/// UNAVAILABLE (the call may not have run), RST_STREAM with REFUSED_STREAM
+/// UNAVAILABLE, CANCEL CANCELLED, ENHANCE_YOUR_CALM RESOURCE_EXHAUSTED,
+/// INADEQUATE_SECURITY PERMISSION_DENIED, any other code INTERNAL.
+pub fn code_for_upstream_error(error: &hyper::Error) -> tonic::Code {
+    use std::error::Error as _;
+    use tonic::Code;
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.is_io() || h2.is_go_away() {
+                return Code::Unavailable;
+            }
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
+                Some(h2::Reason::CANCEL) => Code::Cancelled,
+                Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+                Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+                Some(_) => Code::Internal,
+                None => Code::Unavailable,
+            };
+        }
+        source = e.source();
+    }
+    Code::Unavailable
+}
+
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded
 /// `grpc-message`.
 pub fn put_status(headers: &mut HeaderMap, status: &Status) {

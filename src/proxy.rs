@@ -82,78 +82,83 @@ async fn send(
             });
         };
         tried.insert(endpoint.id());
-        let mut sender = match within(deadline, endpoint.connection().get()).await {
-            None => {
-                return Err(expired(format!(
-                    "while connecting to {}",
-                    endpoint.address()
-                )));
-            }
-            Some(Err(e)) => {
-                endpoint.connect_failed();
-                tracing::debug!(cluster = cluster.name(), error = %e, "endpoint unreachable; trying another");
-                last_failure = e.to_string();
-                continue;
-            }
-            Some(Ok(sender)) => {
-                endpoint.connected();
-                sender
-            }
-        };
-        if let Some(d) = deadline {
-            grpc::set_remaining(
-                req.headers_mut(),
-                d.saturating_duration_since(Instant::now()),
-                timeout,
-            );
-        }
-        // Dropping the send future (deadline, caller gone) resets the
-        // upstream stream; the in-flight count ends with it.
-        let in_flight = endpoint.start_call();
-        match within(deadline, sender.try_send_request(req)).await {
-            None => {
-                in_flight.finished(true);
-                return Err(expired(format!(
-                    "waiting for {} to answer",
-                    endpoint.address()
-                )));
-            }
-            Some(Ok(response)) => {
-                let (parts, body) = response.into_parts();
-                match grpc::status_code(&parts.headers) {
-                    // Trailers-only: the call is over already.
-                    Some(code) => in_flight.finished(grpc::counts_as_failure(code)),
-                    None => in_flight.responded(),
+        // A call handed back unsent (the connection closed under it) gets
+        // one more try on the same endpoint, over a fresh connection.
+        for attempt in 0..2 {
+            let mut sender = match within(deadline, endpoint.connection().get()).await {
+                None => {
+                    return Err(expired(format!(
+                        "while connecting to {}",
+                        endpoint.address()
+                    )));
                 }
-                let body = ResponseBody {
-                    inner: Some(body),
-                    deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-                    guard: Some(CallGuard {
-                        state,
-                        in_flight,
-                        cluster: cluster.clone(),
-                        timeout,
-                        finished: false,
-                    }),
-                };
-                return Ok(Response::from_parts(parts, body));
-            }
-            Some(Err(mut e)) => match e.take_message() {
-                Some(unsent) => {
-                    // The connection closed before the call was written.
-                    in_flight.not_sent();
-                    last_failure = format!("{}: {}", endpoint.address(), e.error());
-                    req = unsent;
+                Some(Err(e)) => {
+                    tracing::debug!(cluster = cluster.name(), error = %e, "endpoint unreachable; trying another");
+                    last_failure = e.to_string();
+                    break;
                 }
+                Some(Ok(sender)) => sender,
+            };
+            if let Some(d) = deadline {
+                grpc::set_remaining(
+                    req.headers_mut(),
+                    d.saturating_duration_since(Instant::now()),
+                    timeout,
+                );
+            }
+            // Dropping the send future (deadline, caller gone) resets the
+            // upstream stream; the in-flight count ends with it.
+            let in_flight = endpoint.start_call();
+            match within(deadline, sender.try_send_request(req)).await {
                 None => {
                     in_flight.finished(true);
-                    return Err(ProxyError::UpstreamFailed {
-                        cluster: cluster.name().to_string(),
-                        endpoint: endpoint.address().to_string(),
-                        reason: e.into_error().to_string(),
-                    });
+                    state.cancel();
+                    return Err(expired(format!(
+                        "waiting for {} to answer",
+                        endpoint.address()
+                    )));
                 }
-            },
+                Some(Ok(response)) => {
+                    let (parts, body) = response.into_parts();
+                    let trailers_only = grpc::status_code(&parts.headers);
+                    match trailers_only {
+                        Some(code) => in_flight.finished(grpc::counts_as_failure(code)),
+                        None => in_flight.responded(),
+                    }
+                    let body = ResponseBody {
+                        inner: Some(body),
+                        deadline: deadline.map(Deadline::At),
+                        guard: Some(CallGuard {
+                            state,
+                            in_flight,
+                            cluster: cluster.clone(),
+                            timeout,
+                            finished: false,
+                            recorded: trailers_only.is_some(),
+                        }),
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Some(Err(mut e)) => match e.take_message() {
+                    Some(unsent) => {
+                        in_flight.not_sent();
+                        last_failure = format!("{}: {}", endpoint.address(), e.error());
+                        req = unsent;
+                        tracing::debug!(cluster = cluster.name(), attempt, error = %last_failure, "call handed back unsent");
+                    }
+                    None => {
+                        in_flight.finished(true);
+                        state.cancel();
+                        let error = e.into_error();
+                        return Err(ProxyError::UpstreamFailed {
+                            cluster: cluster.name().to_string(),
+                            endpoint: endpoint.address().to_string(),
+                            code: grpc::code_for_upstream_error(&error),
+                            reason: error.to_string(),
+                        });
+                    }
+                },
+            }
         }
     }
 }
@@ -162,13 +167,20 @@ async fn send(
 /// are ready at once the deadline wins, so that an answer racing the
 /// deadline is not mistaken for one that beat it.
 async fn within<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
-    match deadline {
-        None => Some(f.await),
-        Some(d) => tokio::select! {
-            biased;
-            _ = tokio::time::sleep_until(d) => None,
-            out = f => Some(out),
-        },
+    let Some(d) = deadline else {
+        return Some(f.await);
+    };
+    let mut f = std::pin::pin!(f);
+    // Most of what is awaited here is ready at once (a pooled connection):
+    // arm no timer for it.
+    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
+    if let Poll::Ready(out) = first {
+        return (Instant::now() < d).then_some(out);
+    }
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep_until(d) => None,
+        out = f => Some(out),
     }
 }
 
@@ -242,9 +254,19 @@ struct CallGuard {
     cluster: Arc<Cluster>,
     timeout: Option<Duration>,
     finished: bool,
+    /// The outcome was counted already (a trailers-only answer).
+    recorded: bool,
 }
 
 impl CallGuard {
+    /// Counts the call's outcome against the endpoint, once.
+    fn record(&mut self, failed: bool) {
+        if !self.recorded {
+            self.recorded = true;
+            self.in_flight.finished(failed);
+        }
+    }
+
     fn endpoint_address(&self) -> &str {
         self.in_flight.endpoint().address()
     }
@@ -262,8 +284,16 @@ impl Drop for CallGuard {
 /// status the proxy answers itself.
 pub struct ResponseBody {
     inner: Option<Incoming>,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Deadline>,
     guard: Option<CallGuard>,
+}
+
+/// The call's deadline: a plain instant until the body first has to wait,
+/// then a timer. Most unary answers arrive whole with their headers and
+/// never arm one.
+enum Deadline {
+    At(Instant),
+    Armed(Pin<Box<Sleep>>),
 }
 
 impl Default for ResponseBody {
@@ -284,8 +314,8 @@ impl ResponseBody {
         self.inner = None;
         self.deadline = None;
         let mut trailers = HeaderMap::new();
-        if let Some(guard) = self.guard.take() {
-            guard.in_flight.finished(true);
+        if let Some(mut guard) = self.guard.take() {
+            guard.record(true);
             let error = error(&guard);
             tracing::debug!(cluster = guard.cluster.name(), %error, "call ended by the proxy");
             grpc::put_status(&mut trailers, &error.to_status());
@@ -293,15 +323,40 @@ impl ResponseBody {
         Frame::trailers(trailers)
     }
 
-    /// The response ended: `trailers` are its last frame, if any.
-    fn finish(&mut self, trailers: Option<&HeaderMap>) {
+    /// The response ended with `trailers`.
+    fn finish(&mut self, trailers: &HeaderMap) {
         if let Some(mut guard) = self.guard.take() {
             guard.finished = true;
-            let failed = trailers
-                .and_then(grpc::status_code)
-                .is_none_or(grpc::counts_as_failure);
-            guard.in_flight.finished(failed);
+            let failed = grpc::status_code(trailers).is_none_or(grpc::counts_as_failure);
+            guard.record(failed);
         }
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.deadline {
+            None => false,
+            Some(Deadline::At(at)) => Instant::now() >= *at,
+            Some(Deadline::Armed(sleep)) => sleep.as_mut().poll(cx).is_ready(),
+        }
+    }
+
+    /// Arms the deadline's timer, now that the body waits.
+    fn arm(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(Deadline::At(at)) = self.deadline {
+            let mut sleep = Box::pin(tokio::time::sleep_until(at));
+            let fired = sleep.as_mut().poll(cx).is_ready();
+            self.deadline = Some(Deadline::Armed(sleep));
+            return fired;
+        }
+        false
+    }
+
+    fn deadline_exceeded(&mut self) -> Frame<Bytes> {
+        self.abort(|g| ProxyError::DeadlineExceeded {
+            cluster: g.cluster.name().to_string(),
+            timeout: g.timeout.unwrap_or_default(),
+            phase: format!("while {} was responding", g.endpoint_address()),
+        })
     }
 }
 
@@ -314,39 +369,59 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
+        if this.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        if this.expired(cx) {
+            return Poll::Ready(Some(Ok(this.deadline_exceeded())));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        if let Some(sleep) = this.deadline.as_mut() {
-            if sleep.as_mut().poll(cx).is_ready() {
-                let frame = this.abort(|g| ProxyError::DeadlineExceeded {
-                    cluster: g.cluster.name().to_string(),
-                    timeout: g.timeout.unwrap_or_default(),
-                    phase: format!("while {} was responding", g.endpoint_address()),
-                });
-                return Poll::Ready(Some(Ok(frame)));
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Pending => {
+                if this.arm(cx) {
+                    return Poll::Ready(Some(Ok(this.deadline_exceeded())));
+                }
+                Poll::Pending
             }
-        }
-        match ready!(Pin::new(inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
+            Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     this.inner = None;
-                    this.finish(Some(trailers));
+                    this.finish(trailers);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => {
+            Poll::Ready(Some(Err(e))) => {
                 let frame = this.abort(|g| ProxyError::UpstreamReset {
                     cluster: g.cluster.name().to_string(),
                     endpoint: g.endpoint_address().to_string(),
+                    code: grpc::code_for_upstream_error(&e),
                     reason: e.to_string(),
                 });
                 Poll::Ready(Some(Ok(frame)))
             }
-            None => {
+            Poll::Ready(None) => {
                 this.inner = None;
-                this.finish(None);
-                Poll::Ready(None)
+                match this.guard.as_ref() {
+                    // Ended without trailers, so without a status: a gRPC
+                    // caller must still get one.
+                    Some(g) if !g.recorded => {
+                        let frame = this.abort(|g| ProxyError::UpstreamReset {
+                            cluster: g.cluster.name().to_string(),
+                            endpoint: g.endpoint_address().to_string(),
+                            code: tonic::Code::Internal,
+                            reason: "the response ended without a grpc-status".into(),
+                        });
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    _ => {
+                        if let Some(mut g) = this.guard.take() {
+                            g.finished = true;
+                        }
+                        Poll::Ready(None)
+                    }
+                }
             }
         }
     }

@@ -36,6 +36,12 @@ impl Sidecar {
         ));
         let drain = Drain::new();
 
+        if !config.listener.proxy.ip().is_loopback() && !config.listener.refuse_unknown {
+            tracing::warn!(
+                proxy = %config.listener.proxy,
+                "the proxy port is reachable from other hosts and tunnels CONNECTs to any target; set listener.refuse_unknown = true unless that is meant"
+            );
+        }
         let proxy = bind(config.listener.proxy, "listener.proxy").await?;
         let proxy_addr = proxy.local_addr()?;
         let admin = bind(config.admin.listen, "admin.listen").await?;

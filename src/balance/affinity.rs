@@ -120,6 +120,9 @@ impl Affinity {
             .iter()
             .map(|e| e.last_used_ms.load(Ordering::Relaxed))
             .collect();
+        if ages.is_empty() {
+            return;
+        }
         let drop = (ages.len() / 10)
             .max(ages.len().saturating_sub(self.max_sessions))
             .max(1);

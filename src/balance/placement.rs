@@ -56,7 +56,7 @@ pub fn plan(
             })
             .collect()
     };
-    let versions = normalise(
+    let mut versions = normalise(
         versions
             .into_iter()
             .filter(|(share, members): &(f64, Vec<usize>)| {
@@ -64,6 +64,10 @@ pub fn plan(
             })
             .collect(),
     );
+    if versions.is_empty() && ready.iter().any(|&r| r) {
+        // Only versions with no share are ready: better them than nothing.
+        versions = vec![(1.0, (0..endpoints.len()).collect())];
+    }
     for (version_share, members) in versions {
         // 2. Priority levels.
         let mut levels: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -289,5 +293,9 @@ mod tests {
         assert_eq!(s, [0.333, 0.333, 0.333, 0.0]);
         let s = c.shares(&[true; 4], None, &[("v1", 0), ("v2", 100)]);
         assert_eq!(s, [0.0, 0.0, 0.0, 1.0]);
+        // The only version with a share is down: the others take the calls,
+        // balanced, rather than none at all.
+        let s = c.shares(&[true, true, true, false], None, &[("v1", 0), ("v2", 100)]);
+        assert_eq!(s, [0.333, 0.333, 0.333, 0.0]);
     }
 }

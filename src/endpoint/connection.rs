@@ -8,6 +8,7 @@
 //! lock across `.await`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use futures_util::future::{BoxFuture, Shared};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::proxy::RequestBody;
 
@@ -39,18 +42,27 @@ pub struct Connection {
 struct Inner {
     address: Arc<str>,
     connect_timeout: Duration,
+    /// Learned from real connect attempts, each counted once however many
+    /// calls waited on it.
+    reach: Reachability,
+    failures: AtomicU64,
+    /// Rung when reachability changes, so the cluster rebuilds its picker.
+    changed: Arc<Notify>,
     ready: ArcSwapOption<Sender>,
     connecting: Mutex<Option<Connecting>>,
     /// Connections made over the endpoint's life (for stats and tests).
-    opened: std::sync::atomic::AtomicU64,
+    opened: AtomicU64,
 }
 
 impl Connection {
-    pub fn new(address: Arc<str>, connect_timeout: Duration) -> Connection {
+    pub fn new(address: Arc<str>, connect_timeout: Duration, changed: Arc<Notify>) -> Connection {
         Connection {
             inner: Arc::new(Inner {
                 address,
                 connect_timeout,
+                reach: Reachability::default(),
+                failures: AtomicU64::new(0),
+                changed,
                 ready: ArcSwapOption::empty(),
                 connecting: Mutex::new(None),
                 opened: Default::default(),
@@ -58,9 +70,25 @@ impl Connection {
         }
     }
 
+    /// Whether connecting may be tried now: no recent attempt failed, or
+    /// its backoff has passed.
+    pub fn is_reachable(&self, now: Instant) -> bool {
+        self.inner.reach.is_up(now)
+    }
+
+    /// When the backoff after a failed connect ends, if one is running.
+    pub fn reachable_at(&self) -> Option<Instant> {
+        self.inner.reach.down_until()
+    }
+
+    /// Failed connect attempts so far.
+    pub fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
     /// Connections opened so far.
     pub fn opened(&self) -> u64 {
-        self.inner.opened.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.opened.load(Ordering::Relaxed)
     }
 
     /// Whether a live connection is open now.
@@ -106,6 +134,27 @@ impl Connection {
 
 impl Inner {
     async fn dial(self: Arc<Self>) -> Result<Sender, ConnectError> {
+        let result = self.clone().try_dial().await;
+        let now = Instant::now();
+        match &result {
+            Ok(_) => {
+                if self.reach.succeed() {
+                    tracing::info!(endpoint = %self.address, "endpoint reachable again");
+                    self.changed.notify_one();
+                }
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if self.reach.fail(now) {
+                    tracing::info!(endpoint = %self.address, error = %e.reason, "endpoint unreachable; sitting it out");
+                    self.changed.notify_one();
+                }
+            }
+        }
+        result
+    }
+
+    async fn try_dial(self: Arc<Self>) -> Result<Sender, ConnectError> {
         let fail = |reason: String| ConnectError {
             address: self.address.clone(),
             reason: reason.into(),
@@ -132,8 +181,7 @@ impl Inner {
                 }
             }
         });
-        self.opened
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(endpoint = %self.address, "upstream connection open");
         self.ready.store(Some(Arc::new(sender.clone())));
         Ok(sender)
@@ -149,12 +197,107 @@ async fn connect_tcp(address: &str) -> std::io::Result<TcpStream> {
     Ok(tcp)
 }
 
+/// After a failed connect the endpoint sits out this long, doubling with
+/// each further failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Whether connecting to the endpoint works, learned from real connects.
+struct Reachability {
+    epoch: Instant,
+    /// Milliseconds since `epoch` until which the endpoint sits out; 0 when up.
+    down_until_ms: AtomicU64,
+    backoff_ms: AtomicU64,
+}
+
+impl Default for Reachability {
+    fn default() -> Self {
+        Reachability {
+            epoch: Instant::now(),
+            down_until_ms: AtomicU64::new(0),
+            backoff_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Reachability {
+    fn is_up(&self, now: Instant) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || now.saturating_duration_since(self.epoch).as_millis() as u64 >= until
+    }
+
+    fn down_until(&self) -> Option<Instant> {
+        match self.down_until_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch + Duration::from_millis(ms)),
+        }
+    }
+
+    /// Returns true if the endpoint was up until now.
+    fn fail(&self, now: Instant) -> bool {
+        let was_up = self.is_up(now);
+        let backoff = match self.backoff_ms.load(Ordering::Relaxed) {
+            0 => FIRST_BACKOFF.as_millis() as u64,
+            b => (b * 2).min(MAX_BACKOFF.as_millis() as u64),
+        };
+        self.backoff_ms.store(backoff, Ordering::Relaxed);
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.down_until_ms
+            .store(now_ms + backoff.max(1), Ordering::Relaxed);
+        was_up
+    }
+
+    /// Returns true if the endpoint had been sitting out.
+    fn succeed(&self) -> bool {
+        self.backoff_ms.store(0, Ordering::Relaxed);
+        self.down_until_ms.swap(0, Ordering::Relaxed) != 0
+    }
+}
+
 fn client_builder() -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
+        // Pings find a connection that died quietly (a NAT or conntrack
+        // entry dropped) before calls are written into it.
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connect_sits_the_endpoint_out_with_a_growing_backoff() {
+        let r = Reachability::default();
+        assert!(r.is_up(Instant::now()));
+        assert!(r.fail(Instant::now()), "first failure takes it down");
+        assert!(!r.is_up(Instant::now()));
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert!(r.is_up(Instant::now()), "back after 250ms");
+        assert!(r.fail(Instant::now()));
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(!r.is_up(Instant::now()), "second backoff is 500ms");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(r.is_up(Instant::now()));
+        for _ in 0..10 {
+            r.fail(Instant::now());
+        }
+        tokio::time::advance(MAX_BACKOFF - Duration::from_millis(1)).await;
+        assert!(!r.is_up(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            r.is_up(Instant::now()),
+            "backoff is capped at {MAX_BACKOFF:?}"
+        );
+        assert!(r.succeed());
+        assert!(!r.succeed(), "already up");
+        assert!(r.fail(Instant::now()));
+        tokio::time::advance(FIRST_BACKOFF).await;
+        assert!(r.is_up(Instant::now()), "success resets the backoff");
+    }
 }

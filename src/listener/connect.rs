@@ -32,9 +32,14 @@ enum Head {
     },
 }
 
-pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, drain: drain::Watch) {
+pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, mut drain: drain::Watch) {
     let mut buf = BytesMut::with_capacity(1024);
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)).await {
+    let head = tokio::select! {
+        head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)) => head,
+        // A caller that has not asked for anything yet holds up no drain.
+        _ = drain.signaled() => return,
+    };
+    let head = match head {
         Ok(Ok(head)) => head,
         Ok(Err(reason)) => {
             reply(&mut tcp, "400 Bad Request", &reason).await;
