@@ -302,15 +302,17 @@ backend be
 
 
 def load(targets, duration, concurrency=None, rate=None, connections=4, payload=1024,
-         stream=0, delay_ms=0, timeout="30s", sample=None):
+         stream=0, delay_ms=0, timeout="30s", sample=None, timeline=None):
     """Runs `agentmesh load` on the load CPU; returns its JSON report. With
     `sample` (a callable), calls it every 50 ms during the run and returns
     the samples too."""
-    cmd = ["taskset", "-c", LOAD_CPU, BIN, "load", "--json", "--duration", f"{duration}s",
+    cmd = ["taskset", "-c", LOAD_CPU, BIN, "load", "--json", "--duration", f"{max(1, int(duration * 1000))}ms",
            "--connections", str(connections), "--payload", str(payload), "--stream", str(stream),
            "--delay-ms", str(delay_ms), "--timeout", timeout]
     for t in targets:
         cmd += ["--target", t]
+    if timeline is not None:
+        cmd += ["--timeline", timeline]
     if rate is not None:
         cmd += ["--rate", str(rate)]
     else:

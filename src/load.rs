@@ -53,6 +53,9 @@ pub struct LoadOptions {
     /// Open loop: calls allowed in flight at once; beyond it a call is
     /// counted as an error (`overload`) rather than queued.
     pub max_in_flight: usize,
+    /// Also count answers per agent in slices of this length, by when each
+    /// call started (the report's `timeline`).
+    pub timeline: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -70,6 +73,7 @@ impl Default for LoadOptions {
             delay_ms: 0,
             timeout: Duration::from_secs(30),
             max_in_flight: 20_000,
+            timeline: None,
         }
     }
 }
@@ -90,6 +94,12 @@ pub struct LoadReport {
     pub max_ms: f64,
     /// Calls answered by each agent.
     pub by_agent: BTreeMap<String, u64>,
+    /// With `timeline`: calls answered by each agent, per slice of time, by
+    /// when they started; failed calls count under `"(failed)"`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<BTreeMap<String, u64>>,
+    /// Wall-clock time (Unix, milliseconds) when the measured part began.
+    pub started_unix_ms: u64,
 }
 
 struct Outcome {
@@ -117,10 +127,15 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
     let start = Instant::now();
     let measure_from = start + options.warmup;
+    let started_unix_ms = (std::time::SystemTime::now() + options.warmup)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let end = start + options.warmup + options.duration;
     let payload = Arc::new(vec![0x5a_u8; options.payload]);
 
+    let slice = options.timeline;
     let collector = tokio::spawn(async move {
+        let mut timeline: Vec<BTreeMap<String, u64>> = Vec::new();
         let mut histogram = Histogram::<u64>::new(3).expect("3 significant figures");
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         let mut by_agent: BTreeMap<String, u64> = BTreeMap::new();
@@ -131,6 +146,14 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
             }
             calls += 1;
             let _ = histogram.record((o.latency.as_micros() as u64).max(1));
+            if let Some(slice) = slice {
+                let i = ((o.started - measure_from).as_nanos() / slice.as_nanos().max(1)) as usize;
+                if timeline.len() <= i {
+                    timeline.resize_with(i + 1, BTreeMap::new);
+                }
+                let who = o.result.as_deref().unwrap_or("(failed)");
+                *timeline[i].entry(who.to_string()).or_default() += 1;
+            }
             match o.result {
                 Ok(agent) => {
                     ok += 1;
@@ -139,7 +162,7 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
                 Err(code) => *errors.entry(code).or_default() += 1,
             }
         }
-        (histogram, errors, by_agent, calls, ok)
+        (histogram, errors, by_agent, calls, ok, timeline)
     });
 
     let mode;
@@ -223,7 +246,7 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
     }
     drop(tx);
     let seconds = options.duration.as_secs_f64();
-    let (histogram, errors, by_agent, calls, ok) = collector.await?;
+    let (histogram, errors, by_agent, calls, ok, timeline) = collector.await?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(LoadReport {
         mode: format!(
@@ -249,6 +272,8 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
         p999_ms: ms(0.999),
         max_ms: histogram.max() as f64 / 1000.0,
         by_agent,
+        timeline,
+        started_unix_ms,
     })
 }
 

@@ -92,6 +92,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also count answers per agent in slices this long (JSON `timeline`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeline: Option<Duration>,
     },
     /// Start three local agents and the sidecar, send calls, show where they went.
     Demo {
@@ -202,6 +205,7 @@ fn main() -> ExitCode {
             delay_ms,
             timeout,
             json,
+            timeline,
         } => {
             init_logging("warn");
             let options = agentmesh::load::LoadOptions {
@@ -216,6 +220,7 @@ fn main() -> ExitCode {
                 stream,
                 delay_ms,
                 timeout,
+                timeline,
                 ..Default::default()
             };
             match runtime(0).block_on(agentmesh::load::run(&options)) {
