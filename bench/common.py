@@ -191,8 +191,9 @@ class Proxy:
     """One proxy in front of the agents: kind is agentmesh, nginx, haproxy
     or direct (no proxy: the load goes straight to the agents)."""
 
-    def __init__(self, kind, strategy, label=None):
-        self.kind, self.strategy = kind, strategy
+    def __init__(self, kind, strategy, label=None, extra=""):
+        """extra: more TOML for an agentmesh cluster (e.g. 'choices = "all"')."""
+        self.kind, self.strategy, self.extra = kind, strategy, extra
         self.label = label or (kind if kind == "direct" else f"{kind} {strategy}")
         self.proc = None
         self.port = None
@@ -217,6 +218,7 @@ listen = "127.0.0.1:{free_port()}"
 [[cluster]]
 name = "agents"
 strategy = "{self.strategy}"
+{self.extra}
 local_port = "127.0.0.1:{self.port}"
 endpoints = [{endpoints}]
 """)

@@ -56,6 +56,9 @@ pub struct LoadOptions {
     /// Also count answers per agent in slices of this length, by when each
     /// call started (the report's `timeline`).
     pub timeline: Option<Duration>,
+    /// Closed loop: stop after this many calls (or at `duration`, whichever
+    /// comes first).
+    pub calls: Option<u64>,
 }
 
 impl Default for LoadOptions {
@@ -74,6 +77,7 @@ impl Default for LoadOptions {
             timeout: Duration::from_secs(30),
             max_in_flight: 20_000,
             timeline: None,
+            calls: None,
         }
     }
 }
@@ -225,11 +229,16 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
     } else {
         mode = format!("closed loop, {} callers", options.concurrency);
         let mut workers = Vec::new();
+        let budget = Arc::new(AtomicU64::new(options.calls.unwrap_or(u64::MAX)));
         for i in 0..options.concurrency.max(1) {
             let client = clients[i % clients.len()].clone();
-            let (tx, payload, opts) = (tx.clone(), payload.clone(), options.clone());
+            let (tx, payload, opts, budget) = (tx.clone(), payload.clone(), options.clone(), budget.clone());
             workers.push(tokio::spawn(async move {
-                while Instant::now() < end {
+                while Instant::now() < end
+                    && budget
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                {
                     let started = Instant::now();
                     let result = call(client.clone(), &payload, &opts).await;
                     let _ = tx.send(Outcome {
@@ -245,7 +254,11 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
         }
     }
     drop(tx);
-    let seconds = options.duration.as_secs_f64();
+    let seconds = if options.calls.is_some() {
+        (Instant::now() - measure_from).as_secs_f64()
+    } else {
+        options.duration.as_secs_f64()
+    };
     let (histogram, errors, by_agent, calls, ok, timeline) = collector.await?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(LoadReport {

@@ -95,6 +95,9 @@ enum Command {
         /// Also count answers per agent in slices this long (JSON `timeline`).
         #[arg(long, value_parser = humantime::parse_duration)]
         timeline: Option<Duration>,
+        /// Closed loop: stop after this many calls.
+        #[arg(long)]
+        calls: Option<u64>,
     },
     /// Start three local agents and the sidecar, send calls, show where they went.
     Demo {
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
             timeout,
             json,
             timeline,
+            calls,
         } => {
             init_logging("warn");
             let options = agentmesh::load::LoadOptions {
@@ -221,6 +225,7 @@ fn main() -> ExitCode {
                 delay_ms,
                 timeout,
                 timeline,
+                calls,
                 ..Default::default()
             };
             match runtime(0).block_on(agentmesh::load::run(&options)) {
