@@ -232,7 +232,8 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
         let budget = Arc::new(AtomicU64::new(options.calls.unwrap_or(u64::MAX)));
         for i in 0..options.concurrency.max(1) {
             let client = clients[i % clients.len()].clone();
-            let (tx, payload, opts, budget) = (tx.clone(), payload.clone(), options.clone(), budget.clone());
+            let (tx, payload, opts, budget) =
+                (tx.clone(), payload.clone(), options.clone(), budget.clone());
             workers.push(tokio::spawn(async move {
                 while Instant::now() < end
                     && budget

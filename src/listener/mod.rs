@@ -84,7 +84,9 @@ impl Route {
                 }
             }
         };
-        proxy::forward(cluster, req).await
+        // Boxed: the forwarding state is large, and hyper moves the service
+        // future into a task of its own per call; a pointer moves cheaply.
+        Box::pin(proxy::forward(cluster, req)).await
     }
 }
 
