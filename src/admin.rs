@@ -2,8 +2,12 @@
 //!
 //! - `GET /live`: 200 while the process runs.
 //! - `GET /ready`: 200 once every listener is bound.
-//! - `GET /stats`: one line per endpoint: cluster, address, weight, calls in
-//!   flight, calls sent, connect failures, connections opened.
+//! - `GET /stats`: one line per endpoint: cluster, address, weight, state,
+//!   calls in flight, calls sent, failures, connect failures, connections
+//!   opened, ejections, ejections spared, times marked unhealthy, calls
+//!   turned away while full.
+//! - `GET /clusters`: one line per cluster: calls in flight, endpoints
+//!   ejected, limit and rate-limit refusals, retries, panics.
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -49,9 +53,10 @@ fn respond(req: &Request<Incoming>, router: &Router) -> Response<Full<Bytes>> {
         "/live" => (StatusCode::OK, "live\n".to_string()),
         "/ready" => (StatusCode::OK, "ready\n".to_string()),
         "/stats" => (StatusCode::OK, stats(router)),
+        "/clusters" => (StatusCode::OK, clusters(router)),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready or /stats\n".to_string(),
+            "not found; try /live, /ready, /stats or /clusters\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -66,23 +71,61 @@ fn respond(req: &Request<Incoming>, router: &Router) -> Response<Full<Bytes>> {
 /// The `/stats` text.
 pub fn stats(router: &Router) -> String {
     let mut out = String::from(
-        "cluster\tendpoint\tweight\tin_flight\tcalls\tconnect_failures\tconnections\n",
+        "cluster\tendpoint\tweight\tstate\tin_flight\tcalls\tfailures\tconnect_failures\tconnections\tejections\tspared\tunhealthy\tfull\n",
     );
     for cluster in router.clusters() {
         for e in cluster.endpoints() {
             let s = e.stats();
             let _ = writeln!(
                 out,
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 cluster.name(),
                 e.address(),
                 e.weight(),
+                s.state,
                 s.in_flight,
                 s.calls,
+                s.failures,
                 s.connect_failures,
-                s.connections_opened
+                s.connections_opened,
+                s.ejections,
+                s.spared,
+                s.marked_unhealthy,
+                s.full,
             );
         }
+    }
+    out
+}
+
+/// The `/clusters` text.
+pub fn clusters(router: &Router) -> String {
+    use crate::cluster::ClusterStats as S;
+    let mut out = String::from(
+        "cluster\tin_flight\tready\tejected\tmax_ejected\tpanic\tpanics\tover_max_in_flight\tendpoints_full\trate_limited\trate_limit_keys\tretries\tretries_refused\n",
+    );
+    for c in router.clusters() {
+        let s = c.stats();
+        let snapshot = c.snapshot();
+        let (ejected, max_ejected) = c.ejected();
+        let keys: usize = c.rate_limits().iter().map(|l| l.keys()).sum();
+        let _ = writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            c.name(),
+            c.in_flight(),
+            snapshot.ready().len(),
+            ejected,
+            max_ejected,
+            snapshot.is_panic(),
+            S::get(&s.panics),
+            S::get(&s.over_max_in_flight),
+            S::get(&s.endpoints_full),
+            S::get(&s.rate_limited),
+            keys,
+            S::get(&s.retries),
+            S::get(&s.retries_refused),
+        );
     }
     out
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
@@ -10,7 +11,31 @@ use tokio::time::Instant;
 
 use crate::balance::{Affinity, Snapshot};
 use crate::config::{ClusterConfig, Strategy};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{EjectionBudget, Endpoint};
+use crate::limit::{RateLimit, RetryBudget, RetryBudgetConfig};
+
+/// What a cluster's admission and retries have done, for `/stats`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Calls refused because the cluster had `max_in_flight` calls.
+    pub over_max_in_flight: AtomicU64,
+    /// Calls refused because every endpoint was at its limit.
+    pub endpoints_full: AtomicU64,
+    /// Calls refused by a rate limit.
+    pub rate_limited: AtomicU64,
+    /// Calls sent again after an attempt failed.
+    pub retries: AtomicU64,
+    /// Retries the budget refused.
+    pub retries_refused: AtomicU64,
+    /// Times the cluster went into panic mode.
+    pub panics: AtomicU64,
+}
+
+impl ClusterStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
 
 pub struct Cluster {
     name: Arc<str>,
@@ -24,15 +49,35 @@ pub struct Cluster {
     affinity: Option<Affinity>,
     /// Endpoints ring this when their readiness changes.
     changed: Arc<Notify>,
+    budget: Arc<EjectionBudget>,
+    in_flight: AtomicU64,
+    rate_limits: Vec<RateLimit>,
+    retry_budget: Option<RetryBudget>,
+    stats: ClusterStats,
+}
+
+/// One call counted against the cluster's `max_in_flight`, until dropped.
+pub struct Admitted {
+    cluster: Arc<Cluster>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.cluster.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Cluster {
     pub fn new(config: &ClusterConfig, local_zone: Option<&str>) -> Cluster {
         let changed = Arc::new(Notify::new());
+        let budget = Arc::new(EjectionBudget::new(
+            config.endpoints.len(),
+            config.breaker.max_ejection,
+        ));
         let endpoints: Vec<Arc<Endpoint>> = config
             .endpoints
             .iter()
-            .map(|e| Arc::new(Endpoint::new(e, config, changed.clone())))
+            .map(|e| Arc::new(Endpoint::new(e, config, changed.clone(), budget.clone())))
             .collect();
         let snapshot = Snapshot::build(config, local_zone, &endpoints, Instant::now());
         Cluster {
@@ -43,7 +88,63 @@ impl Cluster {
             snapshot: ArcSwap::from_pointee(snapshot),
             affinity: config.affinity.as_ref().map(Affinity::new),
             changed,
+            budget,
+            in_flight: AtomicU64::new(0),
+            rate_limits: config
+                .rate_limits
+                .iter()
+                .cloned()
+                .map(RateLimit::new)
+                .collect(),
+            retry_budget: config.retry.as_ref().map(|r| {
+                RetryBudget::new(RetryBudgetConfig {
+                    percent: r.budget_percent,
+                    min_per_second: r.min_retries_per_second,
+                    ttl: std::time::Duration::from_secs(10),
+                })
+            }),
+            stats: ClusterStats::default(),
         }
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &ClusterStats {
+        &self.stats
+    }
+
+    pub fn rate_limits(&self) -> &[RateLimit] {
+        &self.rate_limits
+    }
+
+    pub fn retry_budget(&self) -> Option<&RetryBudget> {
+        self.retry_budget.as_ref()
+    }
+
+    /// Endpoints ejected now, and the most that may be.
+    pub fn ejected(&self) -> (usize, usize) {
+        (self.budget.ejected(), self.budget.max())
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call against `max_in_flight`, or refuses it.
+    pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        let max = u64::from(self.config.max_in_flight);
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .over_max_in_flight
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Admitted {
+            cluster: self.clone(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -78,7 +179,15 @@ impl Cluster {
         let ready = snapshot.ready().len();
         let was = self.snapshot.load();
         if snapshot.is_panic() && !was.is_panic() {
-            tracing::warn!(cluster = %self.name, "no endpoint is ready: balancing over all of them (panic mode)");
+            self.stats.panics.fetch_add(1, Ordering::Relaxed);
+            let healthy = self
+                .endpoints
+                .iter()
+                .filter(|e| e.is_ready(Instant::now()))
+                .count();
+            tracing::warn!(cluster = %self.name, healthy, total = self.endpoints.len(), threshold = self.config.panic_threshold, "too few endpoints are healthy: balancing over all of them (panic mode)");
+        } else if was.is_panic() && !snapshot.is_panic() {
+            tracing::info!(cluster = %self.name, ready, "enough endpoints are healthy again; panic mode over");
         } else if ready != was.ready().len() {
             tracing::info!(cluster = %self.name, ready, total = self.endpoints.len(), "ready endpoints changed");
         }
@@ -109,6 +218,10 @@ impl Cluster {
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = sleep => {}
+            }
+            let now = Instant::now();
+            for e in &self.endpoints {
+                e.poll_breaker(now);
             }
             self.rebuild();
             if let (Some(at), Some(every), Some(affinity)) =

@@ -76,6 +76,233 @@ pub struct ClusterConfig {
     /// How far a priority level or zone may fall below full health before
     /// traffic spills over (Envoy's overprovisioning factor).
     pub overprovisioning: f64,
+    /// A call's time limit when its own `grpc-timeout` is longer or absent.
+    pub request_timeout: Duration,
+    /// An upstream connection that carries nothing this long is closed.
+    pub idle_timeout: Duration,
+    /// Calls in flight over the whole cluster; more are refused.
+    pub max_in_flight: u32,
+    /// Calls in flight on one endpoint; a full endpoint is passed over.
+    pub max_in_flight_per_endpoint: u32,
+    /// Below this share of healthy endpoints (0.0 to 1.0), every endpoint
+    /// is used (panic mode).
+    pub panic_threshold: f64,
+    pub breaker: BreakerConfig,
+    pub outlier: Option<OutlierConfig>,
+    pub health_check: Option<HealthCheckConfig>,
+    pub retry: Option<RetryConfig>,
+    pub rate_limits: Vec<crate::limit::RateLimitConfig>,
+}
+
+/// `[cluster.circuit_breaker]`: per-endpoint breaking on consecutive failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerConfig {
+    pub enabled: bool,
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: NonZeroU32,
+    /// How long it first stays open; doubled with each re-open.
+    pub open_for: Duration,
+    /// The cap on the doubling.
+    pub max_open_for: Duration,
+    /// Which outcomes count as failures.
+    pub failures: FailureClasses,
+    /// At most this share (0.0 to 1.0) of the cluster's endpoints is ejected
+    /// at once by breakers and error rates; at least one always may be.
+    pub max_ejection: f64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            failure_threshold: NonZeroU32::new(5).expect("5 is not 0"),
+            open_for: Duration::from_secs(30),
+            max_open_for: Duration::from_secs(300),
+            failures: FailureClasses::default(),
+            max_ejection: 0.5,
+        }
+    }
+}
+
+/// `[cluster.outlier_detection]`: ejection by error rate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierConfig {
+    /// Ejected when the success rate over `window` falls below this (0.0 to 1.0).
+    pub min_success_rate: f64,
+    pub window: Duration,
+    /// Calls the window must hold before the rate is judged.
+    pub min_calls: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            min_success_rate: 0.8,
+            window: Duration::from_secs(10),
+            min_calls: 5,
+        }
+    }
+}
+
+/// `[cluster.health_check]`: active `grpc.health.v1.Health/Check` probes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: NonZeroU32,
+    pub healthy_threshold: NonZeroU32,
+    /// The `service` field of the check; empty for the whole server.
+    pub service: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+            unhealthy_threshold: NonZeroU32::new(3).expect("3 is not 0"),
+            healthy_threshold: NonZeroU32::new(2).expect("2 is not 0"),
+            service: String::new(),
+        }
+    }
+}
+
+/// `[cluster.retry]`: retrying calls that reached an endpoint, opt-in by method.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryConfig {
+    /// `/package.Service/Method`, `/package.Service/*` or `*`.
+    pub methods: Vec<String>,
+    /// Statuses that are retried.
+    pub on: Vec<tonic::Code>,
+    /// Attempts in all, the first one included.
+    pub max_attempts: NonZeroU32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Retries may add this share of calls (20.0 for 20%)...
+    pub budget_percent: f64,
+    /// ... plus this many per second.
+    pub min_retries_per_second: u32,
+    /// A request body longer than this is not kept for a retry.
+    pub buffer_limit: usize,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            methods: Vec::new(),
+            on: vec![tonic::Code::Unavailable],
+            max_attempts: NonZeroU32::new(3).expect("3 is not 0"),
+            backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            budget_percent: 20.0,
+            min_retries_per_second: 10,
+            buffer_limit: 64 * 1024,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Whether calls to `path` (`/package.Service/Method`) may be retried.
+    pub fn covers(&self, path: &str) -> bool {
+        self.methods.iter().any(|m| method_matches(m, path))
+    }
+}
+
+fn method_matches(pattern: &str, path: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => path.starts_with(prefix),
+        None => pattern == path,
+    }
+}
+
+/// What a call ended with, as far as breaking is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered with this status (OK included).
+    Status(tonic::Code),
+    /// The stream or connection broke before a status arrived.
+    Reset,
+    /// No connection could be made.
+    Connect,
+}
+
+/// A set of outcomes, as `failures = ["connect", "reset", "UNAVAILABLE"]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailureClasses(u32);
+
+const CONNECT_BIT: u32 = 1 << 17;
+const RESET_BIT: u32 = 1 << 18;
+
+impl Default for FailureClasses {
+    /// Connect errors, resets, UNAVAILABLE, DEADLINE_EXCEEDED and INTERNAL.
+    fn default() -> Self {
+        use tonic::Code::*;
+        FailureClasses(
+            CONNECT_BIT
+                | RESET_BIT
+                | 1 << Unavailable as u32
+                | 1 << DeadlineExceeded as u32
+                | 1 << Internal as u32,
+        )
+    }
+}
+
+impl FailureClasses {
+    pub fn contains(self, outcome: Outcome) -> bool {
+        let bit = match outcome {
+            Outcome::Status(code) => 1 << (code as u32).min(16),
+            Outcome::Reset => RESET_BIT,
+            Outcome::Connect => CONNECT_BIT,
+        };
+        self.0 & bit != 0
+    }
+
+    /// Parses `connect`, `reset` or a gRPC status name (`UNAVAILABLE`).
+    fn parse(names: &[String]) -> Result<FailureClasses, String> {
+        let mut bits = 0;
+        for name in names {
+            bits |= match name.as_str() {
+                "connect" => CONNECT_BIT,
+                "reset" => RESET_BIT,
+                other => 1 << parse_code(other)? as u32,
+            };
+        }
+        Ok(FailureClasses(bits))
+    }
+}
+
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status code by its name, as in the gRPC spec (`UNAVAILABLE`).
+pub fn parse_code(name: &str) -> Result<tonic::Code, String> {
+    CODE_NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| tonic::Code::from_i32(i as i32))
+        .ok_or_else(|| format!("{name:?} is not a gRPC status name (e.g. UNAVAILABLE)"))
+}
+
+/// The spec's name of a gRPC status code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    CODE_NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,6 +420,11 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_OVERPROVISIONING: f64 = 1.4;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
+pub const DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT: u32 = 100;
+pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +560,16 @@ impl ClusterConfig {
             affinity: None,
             split: Vec::new(),
             overprovisioning: DEFAULT_OVERPROVISIONING,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight_per_endpoint: DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT,
+            panic_threshold: DEFAULT_PANIC_THRESHOLD,
+            breaker: BreakerConfig::default(),
+            outlier: Some(OutlierConfig::default()),
+            health_check: None,
+            retry: None,
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -500,6 +742,80 @@ struct RawCluster {
     #[serde(default)]
     split: std::collections::BTreeMap<String, u32>,
     overprovisioning: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+    max_in_flight: Option<i64>,
+    max_in_flight_per_endpoint: Option<i64>,
+    panic_threshold: Option<f64>,
+    circuit_breaker: Option<RawBreaker>,
+    outlier_detection: Option<RawOutlier>,
+    health_check: Option<RawHealthCheck>,
+    retry: Option<RawRetry>,
+    #[serde(default)]
+    rate_limit: Vec<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    enabled: Option<bool>,
+    failure_threshold: Option<i64>,
+    #[serde(default, with = "humantime_serde")]
+    open_for: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_open_for: Option<Duration>,
+    failures: Option<Vec<String>>,
+    max_ejection_percent: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    enabled: Option<bool>,
+    min_success_rate: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    min_calls: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    unhealthy_threshold: Option<i64>,
+    healthy_threshold: Option<i64>,
+    service: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    methods: Vec<String>,
+    on: Option<Vec<String>>,
+    max_attempts: Option<i64>,
+    #[serde(default, with = "humantime_serde")]
+    backoff: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_backoff: Option<Duration>,
+    budget_percent: Option<f64>,
+    min_retries_per_second: Option<i64>,
+    buffer_limit: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    calls: i64,
+    #[serde(with = "humantime_serde")]
+    window: Duration,
+    key: Option<String>,
+    max_keys: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -619,6 +935,7 @@ impl RawConfig {
         let mut clusters = Vec::with_capacity(self.cluster.len());
         for (ci, c) in self.cluster.into_iter().enumerate() {
             let at = format!("cluster[{ci}]");
+            let limits = validate_limits(&mut p, &at, &c);
             if c.name.trim().is_empty() {
                 p.add(format!("{at}.name"), "must not be empty");
             }
@@ -735,7 +1052,29 @@ impl RawConfig {
                     "must be from 1.0 to 100.0 (1.4 is the usual)",
                 );
             }
+            let breaker = validate_breaker(&mut p, &at, c.circuit_breaker);
+            let outlier = validate_outlier(&mut p, &at, c.outlier_detection);
+            let health_check = validate_health_check(&mut p, &at, c.health_check);
+            let retry = c.retry.map(|r| validate_retry(&mut p, &at, r));
+            let rate_limits = c
+                .rate_limit
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    validate_rate_limit(&mut p, &format!("{at}.rate_limit[{i}]"), r)
+                })
+                .collect();
             clusters.push(ClusterConfig {
+                request_timeout: limits.request_timeout,
+                idle_timeout: limits.idle_timeout,
+                max_in_flight: limits.max_in_flight,
+                max_in_flight_per_endpoint: limits.max_in_flight_per_endpoint,
+                panic_threshold: limits.panic_threshold,
+                breaker,
+                outlier,
+                health_check,
+                retry,
+                rate_limits,
                 name: c.name,
                 aliases: c.aliases,
                 strategy: c.strategy,
@@ -776,6 +1115,311 @@ impl RawConfig {
             _ => Err(ConfigErrors(p.found)),
         }
     }
+}
+
+/// The cluster's plain limits, validated together.
+struct Limits {
+    request_timeout: Duration,
+    idle_timeout: Duration,
+    max_in_flight: u32,
+    max_in_flight_per_endpoint: u32,
+    panic_threshold: f64,
+}
+
+/// A whole number from 1 to `max`, or a problem at `key`.
+fn count(p: &mut Problems, key: String, value: Option<i64>, default: u32, max: u32) -> u32 {
+    match value {
+        None => default,
+        Some(n) if (1..=i64::from(max)).contains(&n) => n as u32,
+        Some(_) => {
+            p.add(key, format!("must be a whole number from 1 to {max}"));
+            default
+        }
+    }
+}
+
+fn positive(p: &mut Problems, key: String, value: Option<Duration>, default: Duration) -> Duration {
+    let d = value.unwrap_or(default);
+    if d.is_zero() {
+        p.add(key, "must be more than 0");
+    }
+    d
+}
+
+/// A percentage from 0 to 100, as a share from 0.0 to 1.0.
+fn percent(p: &mut Problems, key: String, value: Option<f64>, default: f64) -> f64 {
+    match value {
+        None => default,
+        Some(v) if (0.0..=100.0).contains(&v) => v / 100.0,
+        Some(_) => {
+            p.add(key, "must be a percentage from 0 to 100");
+            default
+        }
+    }
+}
+
+fn validate_limits(p: &mut Problems, at: &str, c: &RawCluster) -> Limits {
+    Limits {
+        request_timeout: positive(
+            p,
+            format!("{at}.request_timeout"),
+            c.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT,
+        ),
+        idle_timeout: positive(
+            p,
+            format!("{at}.idle_timeout"),
+            c.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+        max_in_flight: count(
+            p,
+            format!("{at}.max_in_flight"),
+            c.max_in_flight,
+            DEFAULT_MAX_IN_FLIGHT,
+            10_000_000,
+        ),
+        max_in_flight_per_endpoint: count(
+            p,
+            format!("{at}.max_in_flight_per_endpoint"),
+            c.max_in_flight_per_endpoint,
+            DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT,
+            10_000_000,
+        ),
+        panic_threshold: percent(
+            p,
+            format!("{at}.panic_threshold"),
+            c.panic_threshold,
+            DEFAULT_PANIC_THRESHOLD,
+        ),
+    }
+}
+
+fn validate_breaker(p: &mut Problems, at: &str, raw: Option<RawBreaker>) -> BreakerConfig {
+    let d = BreakerConfig::default();
+    let Some(raw) = raw else { return d };
+    let at = format!("{at}.circuit_breaker");
+    let failures = match raw.failures {
+        None => d.failures,
+        Some(names) => FailureClasses::parse(&names).unwrap_or_else(|reason| {
+            p.add(
+                format!("{at}.failures"),
+                format!("{reason}; or \"connect\", \"reset\""),
+            );
+            d.failures
+        }),
+    };
+    let threshold = count(
+        p,
+        format!("{at}.failure_threshold"),
+        raw.failure_threshold,
+        d.failure_threshold.get(),
+        1_000_000,
+    );
+    let out = BreakerConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        failure_threshold: NonZeroU32::new(threshold).unwrap_or(d.failure_threshold),
+        open_for: positive(p, format!("{at}.open_for"), raw.open_for, d.open_for),
+        max_open_for: raw.max_open_for.unwrap_or(d.max_open_for),
+        failures,
+        max_ejection: percent(
+            p,
+            format!("{at}.max_ejection_percent"),
+            raw.max_ejection_percent,
+            d.max_ejection,
+        ),
+    };
+    if out.max_open_for < out.open_for {
+        p.add(
+            format!("{at}.max_open_for"),
+            format!("must be at least open_for ({:?})", out.open_for),
+        );
+    }
+    out
+}
+
+fn validate_outlier(p: &mut Problems, at: &str, raw: Option<RawOutlier>) -> Option<OutlierConfig> {
+    let d = OutlierConfig::default();
+    let Some(raw) = raw else { return Some(d) };
+    let at = format!("{at}.outlier_detection");
+    let min_success_rate = match raw.min_success_rate {
+        None => d.min_success_rate,
+        Some(r) if (0.0..=1.0).contains(&r) => r,
+        Some(_) => {
+            p.add(
+                format!("{at}.min_success_rate"),
+                "must be a share from 0.0 to 1.0 (0.8 for 80%)",
+            );
+            d.min_success_rate
+        }
+    };
+    let out = OutlierConfig {
+        min_success_rate,
+        window: raw.window.unwrap_or(d.window),
+        min_calls: count(
+            p,
+            format!("{at}.min_calls"),
+            raw.min_calls,
+            d.min_calls,
+            1_000_000,
+        ),
+    };
+    if out.window < Duration::from_millis(10) {
+        p.add(format!("{at}.window"), "must be at least 10ms");
+    }
+    raw.enabled.unwrap_or(true).then_some(out)
+}
+
+fn validate_health_check(
+    p: &mut Problems,
+    at: &str,
+    raw: Option<RawHealthCheck>,
+) -> Option<HealthCheckConfig> {
+    let raw = raw?;
+    let d = HealthCheckConfig::default();
+    let at = format!("{at}.health_check");
+    let unhealthy = count(
+        p,
+        format!("{at}.unhealthy_threshold"),
+        raw.unhealthy_threshold,
+        d.unhealthy_threshold.get(),
+        1000,
+    );
+    let healthy = count(
+        p,
+        format!("{at}.healthy_threshold"),
+        raw.healthy_threshold,
+        d.healthy_threshold.get(),
+        1000,
+    );
+    let out = HealthCheckConfig {
+        interval: positive(p, format!("{at}.interval"), raw.interval, d.interval),
+        timeout: positive(p, format!("{at}.timeout"), raw.timeout, d.timeout),
+        unhealthy_threshold: NonZeroU32::new(unhealthy).unwrap_or(d.unhealthy_threshold),
+        healthy_threshold: NonZeroU32::new(healthy).unwrap_or(d.healthy_threshold),
+        service: raw.service.unwrap_or_default(),
+    };
+    raw.enabled.unwrap_or(true).then_some(out)
+}
+
+fn validate_retry(p: &mut Problems, at: &str, raw: RawRetry) -> RetryConfig {
+    let d = RetryConfig::default();
+    let at = format!("{at}.retry");
+    if raw.methods.is_empty() {
+        p.add(
+            format!("{at}.methods"),
+            "name at least one method: \"/package.Service/Method\", \"/package.Service/*\" or \"*\"",
+        );
+    }
+    for (i, m) in raw.methods.iter().enumerate() {
+        let ok = m == "*" || (m.starts_with('/') && m.find('*').is_none_or(|i| i == m.len() - 1));
+        if !ok {
+            p.add(
+                format!("{at}.methods[{i}]"),
+                format!(
+                    "{m:?} is not \"/package.Service/Method\", \"/package.Service/*\" or \"*\""
+                ),
+            );
+        }
+    }
+    let on = match raw.on {
+        None => d.on.clone(),
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                parse_code(n)
+                    .map_err(|reason| p.add(format!("{at}.on[{i}]"), reason))
+                    .ok()
+            })
+            .collect(),
+    };
+    let attempts = count(
+        p,
+        format!("{at}.max_attempts"),
+        raw.max_attempts,
+        d.max_attempts.get(),
+        10,
+    );
+    let out = RetryConfig {
+        methods: raw.methods,
+        on,
+        max_attempts: NonZeroU32::new(attempts).unwrap_or(d.max_attempts),
+        backoff: raw.backoff.unwrap_or(d.backoff),
+        max_backoff: raw.max_backoff.unwrap_or(d.max_backoff),
+        budget_percent: raw.budget_percent.unwrap_or(d.budget_percent),
+        min_retries_per_second: match raw.min_retries_per_second {
+            None => d.min_retries_per_second,
+            Some(n) if (0..=1_000_000).contains(&n) => n as u32,
+            Some(_) => {
+                p.add(
+                    format!("{at}.min_retries_per_second"),
+                    "must be a whole number from 0 to 1000000",
+                );
+                d.min_retries_per_second
+            }
+        },
+        buffer_limit: count(
+            p,
+            format!("{at}.buffer_limit"),
+            raw.buffer_limit,
+            d.buffer_limit as u32,
+            16 << 20,
+        ) as usize,
+    };
+    if !(0.0..=1000.0).contains(&out.budget_percent) {
+        p.add(
+            format!("{at}.budget_percent"),
+            "must be from 0 to 1000 (20 is the usual)",
+        );
+    }
+    if out.max_backoff < out.backoff {
+        p.add(
+            format!("{at}.max_backoff"),
+            format!("must be at least backoff ({:?})", out.backoff),
+        );
+    }
+    out
+}
+
+fn validate_rate_limit(
+    p: &mut Problems,
+    at: &str,
+    raw: RawRateLimit,
+) -> Option<crate::limit::RateLimitConfig> {
+    let calls = u32::try_from(raw.calls).ok().and_then(NonZeroU32::new);
+    if calls.is_none() {
+        p.add(
+            format!("{at}.calls"),
+            "must be a whole number of at least 1",
+        );
+    }
+    if raw.window < Duration::from_millis(1) {
+        p.add(format!("{at}.window"), "must be at least 1ms");
+    }
+    let key = match raw.key {
+        None => None,
+        Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) if !h.starts_with(':') => Some(name),
+            _ => {
+                p.add(format!("{at}.key"), format!("{h:?} is not a header name"));
+                None
+            }
+        },
+    };
+    let max_keys = count(
+        p,
+        format!("{at}.max_keys"),
+        raw.max_keys,
+        10_000,
+        10_000_000,
+    );
+    Some(crate::limit::RateLimitConfig {
+        calls: calls?,
+        window: raw.window,
+        key,
+        max_keys: max_keys as usize,
+    })
 }
 
 fn validate_latency(p: &mut Problems, at: &str, raw: RawLatency) -> LatencyConfig {

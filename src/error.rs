@@ -26,12 +26,38 @@ pub enum ProxyError {
 
     /// The call's deadline passed before the response ended.
     #[error(
-        "cluster {cluster:?}: deadline of {timeout:?} (grpc-timeout) exceeded {phase}; the upstream stream was reset"
+        "cluster {cluster:?}: deadline of {timeout:?} ({set_by}) exceeded {phase}; the upstream stream was reset"
     )]
     DeadlineExceeded {
         cluster: String,
         timeout: Duration,
+        /// `grpc-timeout` or `cluster.request_timeout`.
+        set_by: &'static str,
         phase: String,
+    },
+
+    /// A rate limit of the cluster refused the call.
+    #[error("cluster {cluster:?}: rate limit exceeded: {} calls per {:?}{} (cluster.rate_limit[{index}]); the call was not sent", refusal.limit, refusal.window, match &refusal.key { Some((h, v)) => format!(" for {h} {v:?}"), None => String::new() })]
+    RateLimited {
+        cluster: String,
+        index: usize,
+        refusal: crate::limit::Refusal,
+    },
+
+    /// The cluster already carries `max_in_flight` calls.
+    #[error(
+        "cluster {cluster:?}: {max} calls in flight already (cluster.max_in_flight); the call was not sent"
+    )]
+    ClusterFull { cluster: String, max: u32 },
+
+    /// Every endpoint that could take the call carries its limit.
+    #[error(
+        "cluster {cluster:?}: every endpoint tried ({full}) has {max} calls in flight already (cluster.max_in_flight_per_endpoint); the call was not sent"
+    )]
+    EndpointsFull {
+        cluster: String,
+        max: u32,
+        full: usize,
     },
 
     /// The endpoint took the call but failed before sending response headers.
@@ -64,6 +90,9 @@ impl ProxyError {
                 *code
             }
             ProxyError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            ProxyError::RateLimited { .. }
+            | ProxyError::ClusterFull { .. }
+            | ProxyError::EndpointsFull { .. } => Code::ResourceExhausted,
         }
     }
 
@@ -93,6 +122,7 @@ mod tests {
         let d = ProxyError::DeadlineExceeded {
             cluster: "planner".into(),
             timeout: Duration::from_millis(200),
+            set_by: "grpc-timeout",
             phase: "waiting for response headers from 127.0.0.1:9".into(),
         };
         assert_eq!(d.to_status().code(), Code::DeadlineExceeded);

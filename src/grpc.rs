@@ -98,6 +98,22 @@ pub fn code_for_upstream_error(error: &hyper::Error) -> tonic::Code {
     Code::Unavailable
 }
 
+/// Whether the endpoint certainly did not process a call that failed with
+/// `error`: it refused the stream (REFUSED_STREAM), or its GOAWAY named a
+/// last stream below this one. Such a call is safe to send elsewhere.
+pub fn is_unprocessed(error: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded
 /// `grpc-message`.
 pub fn put_status(headers: &mut HeaderMap, status: &Status) {

@@ -1,40 +1,78 @@
-//! Forwarding one call: pick an endpoint, send the request to it, and stream
-//! the response back with its trailers.
+//! Forwarding one call: admit it, pick an endpoint, send the request to it,
+//! and stream the response back with its trailers.
 //!
-//! The call's `grpc-timeout` bounds everything: connecting, waiting for the
-//! response headers and streaming the body. When it passes, the caller gets
-//! DEADLINE_EXCEEDED and the upstream stream is reset. When the caller goes
-//! away (RST_STREAM, closed connection), the upstream stream is reset too.
-//! A call that never reached an endpoint (the connection could not be made,
-//! or closed before the call was written) is sent to another endpoint: that
-//! is always safe, because the endpoint saw nothing of it.
+//! Admission comes first: the cluster's rate limits, then its limit of
+//! calls in flight. Then the call's deadline bounds everything (the
+//! tighter of its `grpc-timeout` and the cluster's `request_timeout`):
+//! connecting, waiting for the response headers and streaming the body.
+//! When it passes, the caller gets DEADLINE_EXCEEDED and the upstream stream
+//! is reset. When the caller goes away (RST_STREAM, closed connection), the
+//! upstream stream is reset too.
+//!
+//! Retries: the request body is kept as it is sent, up to a bound, so that
+//! the call can be sent again while the response has not started.
+//! - A call that never reached an endpoint (no connection could be made,
+//!   the connection closed before the call was written, the endpoint
+//!   refused the stream or sent GOAWAY before processing it) always goes to
+//!   another endpoint: the endpoint saw nothing of it. Each endpoint is
+//!   tried at most once.
+//! - A call that reached an endpoint is sent again only if its method is
+//!   named in `[cluster.retry]`, it failed with a listed status before any
+//!   response message, the retry budget allows it, and the backoff ends
+//!   before the deadline (the design of gRPC's retry proposal, A6).
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::balance::{Call, Tried};
-use crate::cluster::Cluster;
-use crate::endpoint::InFlight;
+use crate::cluster::{Admitted, Cluster};
+use crate::config::{Outcome, RetryConfig};
+use crate::endpoint::{InFlight, Refused};
 use crate::error::ProxyError;
 use crate::grpc;
+
+/// How much of a request body is kept for re-sending a call that never
+/// reached an endpoint, when no retry policy names a larger bound.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The call's time limit and where it came from.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    timeout: Duration,
+    /// `grpc-timeout` or `cluster.request_timeout`.
+    source: &'static str,
+    /// The caller's own `grpc-timeout`.
+    own: Option<Duration>,
+}
 
 /// Proxies `req` to an endpoint of `cluster`. Never fails: what goes wrong
 /// becomes a gRPC status for the caller.
 pub async fn forward(cluster: Arc<Cluster>, req: Request<Incoming>) -> Response<ResponseBody> {
-    let timeout = grpc::timeout(req.headers());
-    let deadline = timeout.map(|t| Instant::now() + t);
-    match send(&cluster, req, timeout, deadline).await {
+    let own = grpc::timeout(req.headers());
+    let limit = cluster.config().request_timeout;
+    let (timeout, source) = match own {
+        Some(t) if t <= limit => (t, "grpc-timeout"),
+        _ => (limit, "cluster.request_timeout"),
+    };
+    let deadline = Deadline {
+        at: Instant::now() + timeout,
+        timeout,
+        source,
+        own,
+    };
+    match send(&cluster, req, deadline).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(cluster = cluster.name(), %error, "call failed in the proxy");
@@ -43,50 +81,134 @@ pub async fn forward(cluster: Arc<Cluster>, req: Request<Incoming>) -> Response<
     }
 }
 
+/// What is kept of a request to send it again.
+struct Template {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Template {
+    fn request(&self, body: RequestBody) -> Request<RequestBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Why the last attempt did not give the caller its answer.
+enum Failed {
+    /// Nothing reached an endpoint yet.
+    Nothing(String),
+    /// An endpoint answered with a status the policy retries; kept to be
+    /// passed on if no retry happens.
+    Answered(Response<ResponseBody>),
+    /// An endpoint took the call and failed before answering.
+    Broke(ProxyError),
+}
+
 async fn send(
     cluster: &Arc<Cluster>,
     req: Request<Incoming>,
-    timeout: Option<Duration>,
-    deadline: Option<Instant>,
+    deadline: Deadline,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    let state = Arc::new(CallState::default());
+    let config = cluster.config();
+    let name = || cluster.name().to_string();
+    if !cluster.rate_limits().is_empty() {
+        let now = Instant::now();
+        for (index, limit) in cluster.rate_limits().iter().enumerate() {
+            if let Err(refusal) = limit.admit(req.headers(), now) {
+                cluster.stats().rate_limited.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(cluster = cluster.name(), index, ?refusal, "rate limit hit");
+                return Err(ProxyError::RateLimited {
+                    cluster: name(),
+                    index,
+                    refusal,
+                });
+            }
+        }
+    }
+    let Some(admitted) = cluster.admit() else {
+        tracing::debug!(
+            cluster = cluster.name(),
+            max = config.max_in_flight,
+            "cluster limit hit"
+        );
+        return Err(ProxyError::ClusterFull {
+            cluster: name(),
+            max: config.max_in_flight,
+        });
+    };
+    let policy = config.retry.as_ref().filter(|r| r.covers(req.uri().path()));
+    if policy.is_some() {
+        if let Some(budget) = cluster.retry_budget() {
+            budget.deposit(Instant::now());
+        }
+    }
+
     let (parts, body) = req.into_parts();
-    let mut req = Request::from_parts(
+    let template = Template {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    };
+    let limit = policy.map_or(REPLAY_LIMIT, |p| p.buffer_limit);
+    let shared = Arc::new(CallShared::new(body, limit));
+    let mut next = Some(Request::from_parts(
         parts,
-        RequestBody {
-            inner: body,
-            state: state.clone(),
-        },
-    );
+        RequestBody::call(shared.clone(), 0),
+    ));
+
     let snapshot = cluster.snapshot();
     let total = snapshot.ready().len();
     let mut tried = Tried::default();
-    let mut last_failure = String::from("the cluster has no ready endpoint");
+    let mut full = 0usize;
+    let mut answered = 0u32;
+    let mut failed = Failed::Nothing("the cluster has no ready endpoint".into());
     let expired = |phase: String| ProxyError::DeadlineExceeded {
-        cluster: cluster.name().to_string(),
-        timeout: timeout.unwrap_or_default(),
+        cluster: name(),
+        timeout: deadline.timeout,
+        set_by: deadline.source,
         phase,
     };
 
     loop {
+        let Some(mut req) = next.take().or_else(|| {
+            let attempt = shared.new_attempt()?;
+            Some(template.request(RequestBody::call(shared.clone(), attempt)))
+        }) else {
+            // The body went past the buffer: it cannot be sent again.
+            return give_up(failed, cluster, &tried, total, full);
+        };
         let call = Call {
             path: req.uri().path(),
             headers: req.headers(),
         };
         let Some(endpoint) = snapshot.pick(&call, &tried, cluster.affinity()) else {
-            return Err(ProxyError::NoEndpointReachable {
-                cluster: cluster.name().to_string(),
-                tried: tried.len(),
-                total,
-                last: last_failure,
-            });
+            return give_up(failed, cluster, &tried, total, full);
         };
+        let endpoint = endpoint.clone();
         tried.insert(endpoint.id());
+        let mut in_flight = match endpoint.try_start_call(config.max_in_flight_per_endpoint) {
+            Ok(f) => f,
+            Err(refused) => {
+                full += usize::from(refused == Refused::Full);
+                next = Some(req);
+                continue;
+            }
+        };
         // A call handed back unsent (the connection closed under it) gets
         // one more try on the same endpoint, over a fresh connection.
-        for attempt in 0..2 {
-            let mut sender = match within(deadline, endpoint.connection().get()).await {
+        let mut handed_back = false;
+        let outcome = loop {
+            let mut sender = match within(deadline.at, endpoint.connection().get()).await {
                 None => {
+                    in_flight.not_sent();
                     return Err(expired(format!(
                         "while connecting to {}",
                         endpoint.address()
@@ -94,105 +216,265 @@ async fn send(
                 }
                 Some(Err(e)) => {
                     tracing::debug!(cluster = cluster.name(), error = %e, "endpoint unreachable; trying another");
-                    last_failure = e.to_string();
-                    break;
+                    endpoint.connect_failed(&e);
+                    in_flight.not_sent();
+                    failed = Failed::Nothing(e.to_string());
+                    next = Some(req);
+                    break None;
                 }
                 Some(Ok(sender)) => sender,
             };
-            if let Some(d) = deadline {
+            if deadline.own.is_some() {
                 grpc::set_remaining(
                     req.headers_mut(),
-                    d.saturating_duration_since(Instant::now()),
-                    timeout,
+                    deadline.at.saturating_duration_since(Instant::now()),
+                    deadline.own,
                 );
             }
             // Dropping the send future (deadline, caller gone) resets the
             // upstream stream; the in-flight count ends with it.
-            let in_flight = endpoint.start_call();
-            match within(deadline, sender.try_send_request(req)).await {
+            match within(deadline.at, sender.try_send_request(req)).await {
                 None => {
-                    in_flight.finished(true);
-                    state.cancel();
+                    in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
+                    shared.cancel();
                     return Err(expired(format!(
                         "waiting for {} to answer",
                         endpoint.address()
                     )));
                 }
-                Some(Ok(response)) => {
-                    let (parts, body) = response.into_parts();
-                    let trailers_only = grpc::status_code(&parts.headers);
-                    match trailers_only {
-                        Some(code) => in_flight.finished(grpc::counts_as_failure(code)),
-                        None => in_flight.responded(),
-                    }
-                    let body = ResponseBody {
-                        inner: Some(body),
-                        deadline: deadline.map(Deadline::At),
-                        guard: Some(CallGuard {
-                            state,
-                            in_flight,
-                            cluster: cluster.clone(),
-                            timeout,
-                            finished: false,
-                            recorded: trailers_only.is_some(),
-                        }),
-                    };
-                    return Ok(Response::from_parts(parts, body));
-                }
+                Some(Ok(response)) => break Some(Ok(response)),
                 Some(Err(mut e)) => match e.take_message() {
+                    Some(unsent) if !handed_back => {
+                        handed_back = true;
+                        tracing::debug!(cluster = cluster.name(), endpoint = endpoint.address(), error = %e.error(), "call handed back unsent; one more try");
+                        req = unsent;
+                    }
                     Some(unsent) => {
                         in_flight.not_sent();
-                        last_failure = format!("{}: {}", endpoint.address(), e.error());
-                        req = unsent;
-                        tracing::debug!(cluster = cluster.name(), attempt, error = %last_failure, "call handed back unsent");
+                        failed = Failed::Nothing(format!("{}: {}", endpoint.address(), e.error()));
+                        next = Some(unsent);
+                        break None;
                     }
-                    None => {
-                        in_flight.finished(true);
-                        state.cancel();
-                        let error = e.into_error();
-                        return Err(ProxyError::UpstreamFailed {
-                            cluster: cluster.name().to_string(),
-                            endpoint: endpoint.address().to_string(),
-                            code: grpc::code_for_upstream_error(&error),
-                            reason: error.to_string(),
-                        });
-                    }
+                    None => break Some(Err(e.into_error())),
                 },
             }
+        };
+        let Some(outcome) = outcome else { continue };
+        match outcome {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let trailers_only = grpc::status_code(&parts.headers);
+                match trailers_only {
+                    Some(code) => in_flight.finished(Outcome::Status(code)),
+                    None => in_flight.responded(),
+                }
+                let response = Response::from_parts(
+                    parts,
+                    ResponseBody {
+                        inner: Some(body),
+                        deadline: Some(DeadlineTimer::At(deadline.at)),
+                        guard: None,
+                    },
+                );
+                answered += 1;
+                let retry = trailers_only
+                    .is_some_and(|code| wants_retry(policy, code, answered) && shared.can_replay());
+                if !retry {
+                    return Ok(attach(
+                        response,
+                        CallGuard {
+                            state: shared,
+                            in_flight,
+                            admitted,
+                            cluster: cluster.clone(),
+                            deadline,
+                            finished: false,
+                            recorded: trailers_only.is_some(),
+                        },
+                    ));
+                }
+                failed = Failed::Answered(response);
+            }
+            Err(error) => {
+                if grpc::is_unprocessed(&error) {
+                    // Refused or cut off by GOAWAY before the endpoint
+                    // processed it: as good as never sent.
+                    in_flight.not_sent();
+                    tracing::debug!(cluster = cluster.name(), endpoint = endpoint.address(), %error, "call not processed; trying another endpoint");
+                    failed = Failed::Nothing(format!("{}: {error}", endpoint.address()));
+                    if shared.can_replay() {
+                        continue;
+                    }
+                    shared.cancel();
+                    return give_up(failed, cluster, &tried, total, full);
+                }
+                in_flight.finished(Outcome::Reset);
+                answered += 1;
+                let code = grpc::code_for_upstream_error(&error);
+                failed = Failed::Broke(ProxyError::UpstreamFailed {
+                    cluster: name(),
+                    endpoint: endpoint.address().to_string(),
+                    code,
+                    reason: error.to_string(),
+                });
+                if !(wants_retry(policy, code, answered) && shared.can_replay()) {
+                    shared.cancel();
+                    return give_up(failed, cluster, &tried, total, full);
+                }
+            }
         }
+        // A retry of a call that reached an endpoint: under the budget,
+        // after a backoff, and only if the backoff ends before the deadline.
+        let policy = policy.expect("wants_retry holds only with a policy");
+        if let Some(budget) = cluster.retry_budget() {
+            if !budget.try_withdraw(Instant::now()) {
+                cluster
+                    .stats()
+                    .retries_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(cluster = cluster.name(), "retry budget spent; not retrying");
+                shared.cancel();
+                return give_up(failed, cluster, &tried, total, full);
+            }
+        }
+        let pause = backoff(policy, answered);
+        if Instant::now() + pause >= deadline.at {
+            shared.cancel();
+            return give_up(failed, cluster, &tried, total, full);
+        }
+        cluster.stats().retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            cluster = cluster.name(),
+            attempt = answered + 1,
+            ?pause,
+            "retrying on another endpoint"
+        );
+        tokio::time::sleep(pause).await;
     }
+}
+
+/// Whether the policy retries a call whose `answered`-th attempt ended with
+/// `code` before any response message.
+fn wants_retry(policy: Option<&RetryConfig>, code: tonic::Code, answered: u32) -> bool {
+    policy.is_some_and(|p| p.on.contains(&code) && answered < p.max_attempts.get())
+}
+
+/// Exponential backoff with full jitter: a random pause of up to
+/// `backoff * 2^(n-1)`, capped at `max_backoff`.
+fn backoff(policy: &RetryConfig, retry: u32) -> Duration {
+    let ceiling = policy
+        .backoff
+        .saturating_mul(1 << retry.saturating_sub(1).min(16))
+        .min(policy.max_backoff);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// The answer when no attempt is left: the endpoint's own answer if one
+/// came, else what the proxy saw.
+fn give_up(
+    failed: Failed,
+    cluster: &Cluster,
+    tried: &Tried,
+    total: usize,
+    full: usize,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    match failed {
+        Failed::Answered(response) => Ok(response),
+        Failed::Broke(error) => Err(error),
+        Failed::Nothing(_) if full > 0 && full == tried.len() => {
+            cluster
+                .stats()
+                .endpoints_full
+                .fetch_add(1, Ordering::Relaxed);
+            Err(ProxyError::EndpointsFull {
+                cluster: cluster.name().to_string(),
+                max: cluster.config().max_in_flight_per_endpoint,
+                full,
+            })
+        }
+        Failed::Nothing(last) => Err(ProxyError::NoEndpointReachable {
+            cluster: cluster.name().to_string(),
+            tried: tried.len(),
+            total,
+            last,
+        }),
+    }
+}
+
+fn attach(response: Response<ResponseBody>, guard: CallGuard) -> Response<ResponseBody> {
+    let (parts, mut body) = response.into_parts();
+    body.guard = Some(guard);
+    Response::from_parts(parts, body)
 }
 
 /// Runs `f` until `deadline`; `None` if the deadline came first. When both
 /// are ready at once the deadline wins, so that an answer racing the
 /// deadline is not mistaken for one that beat it.
-async fn within<F: Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
-    let Some(d) = deadline else {
-        return Some(f.await);
-    };
+async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
     let mut f = std::pin::pin!(f);
     // Most of what is awaited here is ready at once (a pooled connection):
     // arm no timer for it.
     let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
     if let Poll::Ready(out) = first {
-        return (Instant::now() < d).then_some(out);
+        return (Instant::now() < deadline).then_some(out);
     }
     tokio::select! {
         biased;
-        _ = tokio::time::sleep_until(d) => None,
+        _ = tokio::time::sleep_until(deadline) => None,
         out = f => Some(out),
     }
 }
 
-/// What the two halves of a proxied call share: whether the call was given
-/// up, so that the request half stops and resets the upstream stream.
-#[derive(Default)]
-struct CallState {
+/// What the attempts of one call share: the caller's request body and what
+/// has been read of it, and whether the call was given up, so that the
+/// request half stops and resets the upstream stream.
+struct CallShared {
     cancelled: AtomicBool,
     waker: AtomicWaker,
+    body: Mutex<Replay>,
 }
 
-impl CallState {
+/// The caller's body, read once and kept (up to `limit`) for the next
+/// attempt, as Linkerd's `ReplayBody` does.
+struct Replay {
+    source: Incoming,
+    /// Data frames read so far, while they fit in `limit`.
+    kept: Vec<Bytes>,
+    kept_len: usize,
+    limit: usize,
+    /// The body outgrew `limit`: no attempt can start over.
+    overflowed: bool,
+    trailers: Option<HeaderMap>,
+    /// The source is done (ended, or broke).
+    ended: bool,
+    broke: bool,
+    /// The attempt whose body may read; older attempts' bodies fail.
+    attempt: u32,
+}
+
+impl CallShared {
+    fn new(source: Incoming, limit: usize) -> CallShared {
+        CallShared {
+            cancelled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            body: Mutex::new(Replay {
+                source,
+                kept: Vec::new(),
+                kept_len: 0,
+                limit,
+                overflowed: false,
+                trailers: None,
+                ended: false,
+                broke: false,
+                attempt: 0,
+            }),
+        }
+    }
+
+    fn replay(&self) -> std::sync::MutexGuard<'_, Replay> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
         self.waker.wake();
@@ -201,15 +483,62 @@ impl CallState {
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
     }
+
+    /// Whether another attempt could send the whole body from its start.
+    fn can_replay(&self) -> bool {
+        let r = self.replay();
+        !r.overflowed && !r.broke && !self.is_cancelled()
+    }
+
+    /// Starts the next attempt, if the body can be sent again.
+    fn new_attempt(&self) -> Option<u32> {
+        let mut r = self.replay();
+        if r.overflowed || r.broke || self.is_cancelled() {
+            return None;
+        }
+        r.attempt += 1;
+        Some(r.attempt)
+    }
 }
 
-/// The caller's request body, on its way to the endpoint.
+/// A request body on its way to the endpoint: the caller's (replayed for a
+/// later attempt), or one the sidecar made (a health check).
 ///
 /// Fails with `CANCEL` once the call is given up, which makes the HTTP/2
 /// client reset the upstream stream even while the caller is still sending.
 pub struct RequestBody {
-    inner: Incoming,
-    state: Arc<CallState>,
+    inner: Source,
+}
+
+enum Source {
+    Call {
+        shared: Arc<CallShared>,
+        attempt: u32,
+        /// The next kept frame to replay.
+        pos: usize,
+        trailers_sent: bool,
+    },
+    Full(Option<Bytes>),
+}
+
+impl RequestBody {
+    fn call(shared: Arc<CallShared>, attempt: u32) -> RequestBody {
+        RequestBody {
+            inner: Source::Call {
+                shared,
+                attempt,
+                pos: 0,
+                trailers_sent: false,
+            },
+        }
+    }
+
+    /// A body of one buffer.
+    pub fn full(data: Bytes) -> RequestBody {
+        RequestBody {
+            inner: Source::Full(Some(data)),
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -220,39 +549,126 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.get_mut();
-        if this.state.is_cancelled() {
-            return Poll::Ready(Some(Err(h2::Reason::CANCEL.into())));
+        let (shared, attempt, pos, trailers_sent) = match &mut self.get_mut().inner {
+            Source::Full(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Source::Call {
+                shared,
+                attempt,
+                pos,
+                trailers_sent,
+            } => (shared, *attempt, pos, trailers_sent),
+        };
+        let cancelled = || Poll::Ready(Some(Err(h2::Reason::CANCEL.into())));
+        if shared.is_cancelled() {
+            return cancelled();
         }
-        this.state.waker.register(cx.waker());
-        if this.state.is_cancelled() {
-            return Poll::Ready(Some(Err(h2::Reason::CANCEL.into())));
+        shared.waker.register(cx.waker());
+        if shared.is_cancelled() {
+            return cancelled();
         }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let mut r = shared.replay();
+        if r.attempt != attempt {
+            // A later attempt owns the body now.
+            return cancelled();
+        }
+        if !r.overflowed && *pos < r.kept.len() {
+            *pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(r.kept[*pos - 1].clone()))));
+        }
+        if r.ended {
+            if r.broke {
+                return cancelled();
+            }
+            if !*trailers_sent {
+                *trailers_sent = true;
+                if let Some(t) = r.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut r.source).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let frame = match frame.into_data() {
+                    Ok(mut data) => {
+                        let data = data.copy_to_bytes(data.remaining());
+                        if !r.overflowed {
+                            r.kept_len += data.len();
+                            if r.kept_len > r.limit {
+                                r.overflowed = true;
+                                r.kept = Vec::new();
+                            } else {
+                                r.kept.push(data.clone());
+                                *pos += 1;
+                            }
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => {
+                        if let Some(t) = frame.trailers_ref() {
+                            r.trailers = Some(t.clone());
+                            *trailers_sent = true;
+                        }
+                        frame
+                    }
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "caller's request stream broke; resetting upstream");
-                Poll::Ready(Some(Err(h2::Reason::CANCEL.into())))
+                r.ended = true;
+                r.broke = true;
+                cancelled()
             }
-            other => Poll::Ready(other.map(|r| r.map_err(|_| h2::Reason::CANCEL.into()))),
+            None => {
+                r.ended = true;
+                Poll::Ready(None)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Full(data) => data.is_none(),
+            Source::Call {
+                shared,
+                pos,
+                trailers_sent,
+                ..
+            } => {
+                // Told right, this lets the last data frame carry
+                // END_STREAM instead of an empty frame after it (which
+                // servers count against a flood limit).
+                let r = shared.replay();
+                let replayed = r.overflowed || *pos >= r.kept.len();
+                replayed
+                    && if r.ended {
+                        !r.broke && (*trailers_sent || r.trailers.is_none())
+                    } else {
+                        r.source.is_end_stream()
+                    }
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Source::Call { .. } => SizeHint::default(),
+        }
     }
 }
 
 /// A call in flight on an endpoint. Dropped before the response finished,
 /// it gives the call up.
 struct CallGuard {
-    state: Arc<CallState>,
+    state: Arc<CallShared>,
     in_flight: InFlight,
+    /// The call's place under the cluster's `max_in_flight`.
+    #[allow(dead_code)]
+    admitted: Admitted,
     cluster: Arc<Cluster>,
-    timeout: Option<Duration>,
+    deadline: Deadline,
     finished: bool,
     /// The outcome was counted already (a trailers-only answer).
     recorded: bool,
@@ -260,10 +676,10 @@ struct CallGuard {
 
 impl CallGuard {
     /// Counts the call's outcome against the endpoint, once.
-    fn record(&mut self, failed: bool) {
+    fn record(&mut self, outcome: Outcome) {
         if !self.recorded {
             self.recorded = true;
-            self.in_flight.finished(failed);
+            self.in_flight.finished(outcome);
         }
     }
 
@@ -284,14 +700,14 @@ impl Drop for CallGuard {
 /// status the proxy answers itself.
 pub struct ResponseBody {
     inner: Option<Incoming>,
-    deadline: Option<Deadline>,
+    deadline: Option<DeadlineTimer>,
     guard: Option<CallGuard>,
 }
 
 /// The call's deadline: a plain instant until the body first has to wait,
 /// then a timer. Most unary answers arrive whole with their headers and
 /// never arm one.
-enum Deadline {
+enum DeadlineTimer {
     At(Instant),
     Armed(Pin<Box<Sleep>>),
 }
@@ -310,12 +726,16 @@ impl Default for ResponseBody {
 impl ResponseBody {
     /// Ends the call with a status of the proxy's own, after resetting the
     /// upstream stream.
-    fn abort(&mut self, error: impl FnOnce(&CallGuard) -> ProxyError) -> Frame<Bytes> {
+    fn abort(
+        &mut self,
+        outcome: Outcome,
+        error: impl FnOnce(&CallGuard) -> ProxyError,
+    ) -> Frame<Bytes> {
         self.inner = None;
         self.deadline = None;
         let mut trailers = HeaderMap::new();
         if let Some(mut guard) = self.guard.take() {
-            guard.record(true);
+            guard.record(outcome);
             let error = error(&guard);
             tracing::debug!(cluster = guard.cluster.name(), %error, "call ended by the proxy");
             grpc::put_status(&mut trailers, &error.to_status());
@@ -327,35 +747,37 @@ impl ResponseBody {
     fn finish(&mut self, trailers: &HeaderMap) {
         if let Some(mut guard) = self.guard.take() {
             guard.finished = true;
-            let failed = grpc::status_code(trailers).is_none_or(grpc::counts_as_failure);
-            guard.record(failed);
+            guard.record(grpc::status_code(trailers).map_or(Outcome::Reset, Outcome::Status));
         }
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.deadline {
             None => false,
-            Some(Deadline::At(at)) => Instant::now() >= *at,
-            Some(Deadline::Armed(sleep)) => sleep.as_mut().poll(cx).is_ready(),
+            Some(DeadlineTimer::At(at)) => Instant::now() >= *at,
+            Some(DeadlineTimer::Armed(sleep)) => sleep.as_mut().poll(cx).is_ready(),
         }
     }
 
     /// Arms the deadline's timer, now that the body waits.
     fn arm(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(Deadline::At(at)) = self.deadline {
+        if let Some(DeadlineTimer::At(at)) = self.deadline {
             let mut sleep = Box::pin(tokio::time::sleep_until(at));
             let fired = sleep.as_mut().poll(cx).is_ready();
-            self.deadline = Some(Deadline::Armed(sleep));
+            self.deadline = Some(DeadlineTimer::Armed(sleep));
             return fired;
         }
         false
     }
 
     fn deadline_exceeded(&mut self) -> Frame<Bytes> {
-        self.abort(|g| ProxyError::DeadlineExceeded {
-            cluster: g.cluster.name().to_string(),
-            timeout: g.timeout.unwrap_or_default(),
-            phase: format!("while {} was responding", g.endpoint_address()),
+        self.abort(Outcome::Status(tonic::Code::DeadlineExceeded), |g| {
+            ProxyError::DeadlineExceeded {
+                cluster: g.cluster.name().to_string(),
+                timeout: g.deadline.timeout,
+                set_by: g.deadline.source,
+                phase: format!("while {} was responding", g.endpoint_address()),
+            }
         })
     }
 }
@@ -393,7 +815,7 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let frame = this.abort(|g| ProxyError::UpstreamReset {
+                let frame = this.abort(Outcome::Reset, |g| ProxyError::UpstreamReset {
                     cluster: g.cluster.name().to_string(),
                     endpoint: g.endpoint_address().to_string(),
                     code: grpc::code_for_upstream_error(&e),
@@ -407,7 +829,7 @@ impl Body for ResponseBody {
                     // Ended without trailers, so without a status: a gRPC
                     // caller must still get one.
                     Some(g) if !g.recorded => {
-                        let frame = this.abort(|g| ProxyError::UpstreamReset {
+                        let frame = this.abort(Outcome::Reset, |g| ProxyError::UpstreamReset {
                             cluster: g.cluster.name().to_string(),
                             endpoint: g.endpoint_address().to_string(),
                             code: tonic::Code::Internal,

@@ -65,6 +65,14 @@ impl Sidecar {
         });
         for cluster in router.clusters() {
             let cluster = cluster.clone();
+            if let Some(check) = cluster.config().health_check.clone() {
+                for endpoint in cluster.endpoints() {
+                    let (endpoint, check) = (endpoint.clone(), check.clone());
+                    supervise("health checker", move || {
+                        crate::health::run(endpoint.clone(), check.clone())
+                    });
+                }
+            }
             supervise("cluster control loop", move || cluster.clone().run());
         }
         let mut local_addrs = Vec::new();

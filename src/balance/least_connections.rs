@@ -100,8 +100,8 @@ mod tests {
         let picker = Latency::new(Choices::All);
         assert_eq!(picker.pick(&call_on(&headers), &ready), 0);
         // Endpoint 0 now fails fast: it must not look fast any more.
-        let failing = ready[0].start_call();
-        failing.finished(true);
+        let mut failing = ready[0].start_call();
+        failing.finished(crate::config::Outcome::Status(tonic::Code::Unavailable));
         drop(failing);
         assert_eq!(picker.pick(&call_on(&headers), &ready), 1);
     }

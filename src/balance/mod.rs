@@ -134,21 +134,37 @@ impl Snapshot {
         now: Instant,
     ) -> Snapshot {
         let ready: Vec<bool> = endpoints.iter().map(|e| e.is_ready(now)).collect();
-        Self::with_readiness(config, local_zone, endpoints, ready)
+        let ready_count = ready.iter().filter(|&&r| r).count();
+        let panic = !endpoints.is_empty()
+            && (ready_count == 0
+                || (ready_count as f64) < config.panic_threshold * endpoints.len() as f64);
+        if !panic {
+            return Self::with_readiness(config, local_zone, endpoints, ready, false);
+        }
+        // Too few are healthy: better to spread calls over every endpoint
+        // that can be reached than to crush the few that are left (Envoy's
+        // panic threshold). Endpoints sitting out a failed connect stay out
+        // while any other remains, since a call to them costs a connect
+        // timeout.
+        let mut all: Vec<bool> = endpoints.iter().map(|e| e.is_reachable(now)).collect();
+        if !all.iter().any(|&r| r) {
+            all.iter_mut().for_each(|r| *r = true);
+        }
+        Self::with_readiness(config, local_zone, endpoints, all, true)
     }
 
-    /// Builds the snapshot with `ready[i]` saying whether `endpoints[i]` is ready.
+    /// Builds the snapshot with `ready[i]` saying whether `endpoints[i]` is
+    /// ready; `panic` marks a snapshot made in panic mode.
     pub fn with_readiness(
         config: &ClusterConfig,
         local_zone: Option<&str>,
         endpoints: &[Arc<Endpoint>],
         ready: Vec<bool>,
+        panic: bool,
     ) -> Snapshot {
         let mut ready_flags = ready;
-        let panic = !endpoints.is_empty() && !ready_flags.iter().any(|&r| r);
-        if panic {
-            // Better to try endpoints that may have recovered than to fail
-            // every call without trying.
+        let panic = panic || (!endpoints.is_empty() && !ready_flags.iter().any(|&r| r));
+        if !ready_flags.iter().any(|&r| r) {
             ready_flags.iter_mut().for_each(|r| *r = true);
         }
         let placement = placement::Placement {
@@ -298,7 +314,12 @@ pub(crate) mod test_support {
             priority,
             version: version.map(String::from),
         };
-        Arc::new(Endpoint::new(&config, cluster, Arc::new(Notify::new())))
+        Arc::new(Endpoint::new(
+            &config,
+            cluster,
+            Arc::new(Notify::new()),
+            Arc::new(crate::endpoint::EjectionBudget::new(1, 0.5)),
+        ))
     }
 
     pub fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {

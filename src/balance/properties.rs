@@ -56,7 +56,7 @@ fn build(
         .map(|(i, (w, z, p, v, _))| endpoint(config, i, *w, *z, *p, Some(v)))
         .collect();
     let ready = specs.iter().map(|s| s.4).collect();
-    let snapshot = Snapshot::with_readiness(config, zone, &endpoints, ready);
+    let snapshot = Snapshot::with_readiness(config, zone, &endpoints, ready, false);
     (endpoints, snapshot)
 }
 
@@ -157,7 +157,7 @@ fn affinity_moves_only_the_sessions_it_must() {
                     HeaderValue::from_str(&format!("session-{k}")).unwrap(),
                 );
                 let snapshot =
-                    Snapshot::with_readiness(&config, None, ready, vec![true; ready.len()]);
+                    Snapshot::with_readiness(&config, None, ready, vec![true; ready.len()], false);
                 let call = Call {
                     path: "/",
                     headers: &headers,

@@ -33,6 +33,9 @@ type Connecting = Shared<BoxFuture<'static, Result<Sender, ConnectError>>>;
 pub struct ConnectError {
     pub address: Arc<str>,
     pub reason: Arc<str>,
+    /// Which connect attempt failed (numbered from 1), so that a failure
+    /// shared by many waiting calls is counted once.
+    pub attempt: u64,
 }
 
 pub struct Connection {
@@ -42,24 +45,40 @@ pub struct Connection {
 struct Inner {
     address: Arc<str>,
     connect_timeout: Duration,
+    /// A connection that carries no new call this long is closed.
+    idle_timeout: Duration,
+    /// Calls handed a sender; the idle check compares it over time.
+    uses: AtomicU64,
+    attempts: AtomicU64,
+    /// Connections that ended (closed by either side, or idle).
+    closed: AtomicU64,
     /// Learned from real connect attempts, each counted once however many
     /// calls waited on it.
     reach: Reachability,
     failures: AtomicU64,
     /// Rung when reachability changes, so the cluster rebuilds its picker.
     changed: Arc<Notify>,
-    ready: ArcSwapOption<Sender>,
+    ready: ArcSwapOption<Pooled>,
     connecting: Mutex<Option<Connecting>>,
     /// Connections made over the endpoint's life (for stats and tests).
     opened: AtomicU64,
 }
 
 impl Connection {
-    pub fn new(address: Arc<str>, connect_timeout: Duration, changed: Arc<Notify>) -> Connection {
+    pub fn new(
+        address: Arc<str>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        changed: Arc<Notify>,
+    ) -> Connection {
         Connection {
             inner: Arc::new(Inner {
                 address,
                 connect_timeout,
+                idle_timeout,
+                uses: AtomicU64::new(0),
+                attempts: AtomicU64::new(0),
+                closed: AtomicU64::new(0),
                 reach: Reachability::default(),
                 failures: AtomicU64::new(0),
                 changed,
@@ -91,21 +110,35 @@ impl Connection {
         self.inner.opened.load(Ordering::Relaxed)
     }
 
+    /// Connections that have ended so far.
+    pub fn closed(&self) -> u64 {
+        self.inner.closed.load(Ordering::Relaxed)
+    }
+
     /// Whether a live connection is open now.
     pub fn is_open(&self) -> bool {
         self.inner
             .ready
             .load()
             .as_ref()
-            .is_some_and(|s| !s.is_closed())
+            .is_some_and(|p| !p.sender.is_closed())
+    }
+
+    /// Forgets past connect failures (the health checker saw the endpoint
+    /// answer again), so it need not sit out its backoff.
+    pub fn forget_failures(&self) {
+        if self.inner.reach.succeed() {
+            self.inner.changed.notify_one();
+        }
     }
 
     /// A handle to send calls on, connecting first if there is no live
     /// connection.
     pub async fn get(&self) -> Result<Sender, ConnectError> {
-        if let Some(sender) = self.inner.ready.load().as_deref() {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
+        self.inner.uses.fetch_add(1, Ordering::Relaxed);
+        if let Some(pooled) = self.inner.ready.load().as_deref() {
+            if !pooled.sender.is_closed() {
+                return Ok(pooled.sender.clone());
             }
         }
         self.connect().await
@@ -155,9 +188,11 @@ impl Inner {
     }
 
     async fn try_dial(self: Arc<Self>) -> Result<Sender, ConnectError> {
+        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let fail = |reason: String| ConnectError {
             address: self.address.clone(),
             reason: reason.into(),
+            attempt,
         };
         let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.address))
             .await
@@ -172,21 +207,73 @@ impl Inner {
             .handshake(TokioIo::new(crate::io::Batched::new(tcp)))
             .await
             .map_err(|e| fail(format!("HTTP/2 handshake failed: {e}")))?;
-        let address = self.address.clone();
-        tokio::spawn(async move {
-            match conn.await {
-                Ok(()) => tracing::debug!(endpoint = %address, "upstream connection closed"),
-                Err(e) => {
-                    tracing::info!(endpoint = %address, error = %e, "upstream connection lost")
-                }
-            }
-        });
+        tokio::spawn(self.clone().drive(conn, attempt));
         self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(endpoint = %self.address, "upstream connection open");
-        self.ready.store(Some(Arc::new(sender.clone())));
+        self.ready.store(Some(Arc::new(Pooled {
+            attempt,
+            sender: sender.clone(),
+        })));
         Ok(sender)
     }
+
+    /// Runs connection `attempt` until it ends, and takes it out of the
+    /// pool once no new call has used it for `idle_timeout`: hyper then
+    /// closes it when its last stream ends.
+    async fn drive(self: Arc<Self>, conn: ClientConnection, attempt: u64) {
+        let mut conn = std::pin::pin!(conn);
+        let every = (self.idle_timeout / 4).max(Duration::from_millis(1));
+        let mut check = tokio::time::interval_at(Instant::now() + every, every);
+        let mut last_uses = self.uses.load(Ordering::Relaxed);
+        let mut quiet = Duration::ZERO;
+        let result = loop {
+            tokio::select! {
+                result = &mut conn => break result,
+                _ = check.tick() => {
+                    let uses = self.uses.load(Ordering::Relaxed);
+                    quiet = if uses == last_uses { quiet + every } else { Duration::ZERO };
+                    last_uses = uses;
+                    if quiet >= self.idle_timeout && self.unpool(attempt) {
+                        tracing::debug!(endpoint = %self.address, idle = ?self.idle_timeout, "closing an idle upstream connection");
+                    }
+                }
+            }
+        };
+        self.unpool(attempt);
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => tracing::debug!(endpoint = %self.address, "upstream connection closed"),
+            Err(e) => {
+                tracing::info!(endpoint = %self.address, error = ?e, "upstream connection lost")
+            }
+        }
+    }
+
+    /// Drops the pool's handles to connection `attempt`, if it is still the
+    /// pooled one. Returns whether it was.
+    fn unpool(&self, attempt: u64) -> bool {
+        let current = self.ready.load().as_ref().map(|p| p.attempt);
+        if current != Some(attempt) {
+            return false;
+        }
+        self.ready.store(None);
+        let mut slot = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        *slot = None;
+        true
+    }
 }
+
+/// The pooled connection's handle, and which connect attempt made it.
+struct Pooled {
+    attempt: u64,
+    sender: Sender,
+}
+
+type ClientConnection =
+    http2::Connection<TokioIo<crate::io::Batched<TcpStream>>, RequestBody, TokioExecutor>;
 
 async fn connect_tcp(address: &str) -> std::io::Result<TcpStream> {
     let tcp = match address.parse::<SocketAddr>() {

@@ -47,8 +47,13 @@ impl Load {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    pub(super) fn enter(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    /// Counts one more call in flight, unless `max` are in flight already.
+    pub(super) fn try_enter(&self, max: u64) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     pub(super) fn leave(&self) {

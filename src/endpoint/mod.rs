@@ -5,20 +5,23 @@
 //! see endpoints through short-lived snapshots, so the counters and
 //! estimates here survive every rebuild of a picker.
 
+pub mod breaker;
 mod connection;
 mod load;
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use breaker::EjectionBudget;
 pub use connection::{ConnectError, Connection, Sender};
 pub use load::{Load, WindowSummary};
 
-use crate::config::{ClusterConfig, EndpointConfig};
+use crate::config::{ClusterConfig, EndpointConfig, FailureClasses, Outcome};
+use breaker::{Breaker, Transition};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -32,6 +35,17 @@ pub struct Endpoint {
     connection: Connection,
     load: Load,
     stats: Stats,
+    breaker: Mutex<Breaker>,
+    /// The breaker is closed: the hot path need not lock it to admit a call.
+    breaker_closed: AtomicBool,
+    failures_count: FailureClasses,
+    budget: Arc<EjectionBudget>,
+    /// As the active health checker last judged it; true without checks.
+    healthy: AtomicBool,
+    /// The newest connect attempt whose failure the breaker has counted.
+    connect_failure_seen: AtomicU64,
+    /// Rung on every change of readiness, so the cluster rebuilds its picker.
+    changed: Arc<Notify>,
 }
 
 /// Counters kept for display; all relaxed atomics.
@@ -39,6 +53,10 @@ pub struct Endpoint {
 struct Stats {
     calls: AtomicU64,
     failures: AtomicU64,
+    ejections: AtomicU64,
+    spared: AtomicU64,
+    unhealthy: AtomicU64,
+    full: AtomicU64,
 }
 
 /// What one endpoint has seen, copied out.
@@ -49,14 +67,45 @@ pub struct StatsSnapshot {
     pub failures: u64,
     pub connect_failures: u64,
     pub connections_opened: u64,
+    /// Times the breaker opened (consecutive failures or error rate).
+    pub ejections: u64,
+    /// Times it would have opened but the cluster's ejection cap said no.
+    pub spared: u64,
+    /// Times the health checker marked the endpoint unhealthy.
+    pub marked_unhealthy: u64,
+    /// Calls that passed the endpoint over because it was at its limit.
+    pub full: u64,
+    /// `ready`, `unhealthy`, `ejected`, `probing` or `unreachable`.
+    pub state: &'static str,
 }
 
 impl Endpoint {
-    pub fn new(config: &EndpointConfig, cluster: &ClusterConfig, changed: Arc<Notify>) -> Endpoint {
+    pub fn new(
+        config: &EndpointConfig,
+        cluster: &ClusterConfig,
+        changed: Arc<Notify>,
+        budget: Arc<EjectionBudget>,
+    ) -> Endpoint {
         let address: Arc<str> = config.address.as_str().into();
         Endpoint {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            connection: Connection::new(address.clone(), cluster.connect_timeout, changed),
+            connection: Connection::new(
+                address.clone(),
+                cluster.connect_timeout,
+                cluster.idle_timeout,
+                changed.clone(),
+            ),
+            breaker: Mutex::new(Breaker::new(
+                &cluster.breaker,
+                cluster.outlier.as_ref(),
+                Instant::now(),
+            )),
+            breaker_closed: AtomicBool::new(true),
+            failures_count: cluster.breaker.failures,
+            budget,
+            healthy: AtomicBool::new(true),
+            connect_failure_seen: AtomicU64::new(0),
+            changed,
             address,
             weight: config.weight,
             zone: config.zone.as_deref().map(Arc::from),
@@ -104,24 +153,164 @@ impl Endpoint {
         self.load.in_flight()
     }
 
-    /// Whether the endpoint may take calls now: it is not sitting out a
-    /// connect failure.
+    /// Whether the endpoint may take calls now: it is healthy, its breaker
+    /// is not open, and it is not sitting out a connect failure.
     pub fn is_ready(&self, now: Instant) -> bool {
+        self.is_healthy() && self.is_admitting() && self.connection.is_reachable(now)
+    }
+
+    /// Whether the endpoint is up apart from its health and breaker: it is
+    /// not sitting out a failed connect. Panic mode still uses such endpoints.
+    pub fn is_reachable(&self, now: Instant) -> bool {
         self.connection.is_reachable(now)
     }
 
-    /// When a sitting-out endpoint becomes ready again, if it is sitting out.
-    pub fn ready_at(&self) -> Option<Instant> {
-        self.connection.reachable_at()
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
-    /// Counts a call as sent; the returned guard counts it finished on drop.
-    pub fn start_call(self: &Arc<Self>) -> InFlight {
+    /// The breaker is closed or half-open.
+    fn is_admitting(&self) -> bool {
+        self.breaker_closed.load(Ordering::Acquire) || lock(&self.breaker).open_until().is_none()
+    }
+
+    /// When something that keeps the endpoint out ends by itself: a
+    /// connect backoff, or an open breaker's interval.
+    pub fn ready_at(&self) -> Option<Instant> {
+        let breaker = if self.breaker_closed.load(Ordering::Acquire) {
+            None
+        } else {
+            lock(&self.breaker).open_until()
+        };
+        match (self.connection.reachable_at(), breaker) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Moves an open breaker whose time is up to half-open; the cluster's
+    /// control loop calls this when [`Endpoint::ready_at`] comes.
+    pub fn poll_breaker(&self, now: Instant) {
+        if self.breaker_closed.load(Ordering::Acquire) {
+            return;
+        }
+        let t = lock(&self.breaker).poll(now);
+        self.apply(t);
+    }
+
+    /// Counts a call as sent, unless the endpoint already carries `max`
+    /// calls or its breaker admits none now; the returned guard counts the
+    /// call finished on drop.
+    pub fn try_start_call(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
+        if !self.load.try_enter(u64::from(max)) {
+            self.stats.full.fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::Full);
+        }
+        let probe = if self.breaker_closed.load(Ordering::Acquire) {
+            false
+        } else {
+            match lock(&self.breaker).admit() {
+                Some(probe) => probe,
+                None => {
+                    self.load.leave();
+                    return Err(Refused::Breaker);
+                }
+            }
+        };
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.load.enter();
-        InFlight {
+        Ok(InFlight {
             endpoint: self.clone(),
             sent: Instant::now(),
+            probe,
+            recorded: false,
+            unsent: false,
+        })
+    }
+
+    /// Counts a call as sent regardless of limits (tests of pickers).
+    #[cfg(test)]
+    pub fn start_call(self: &Arc<Self>) -> InFlight {
+        self.try_start_call(u32::MAX)
+            .expect("a closed breaker admits every call")
+    }
+
+    /// A connect attempt failed; counted once per attempt, however many
+    /// calls waited on it.
+    pub fn connect_failed(&self, error: &ConnectError) {
+        if self
+            .connect_failure_seen
+            .fetch_max(error.attempt, Ordering::AcqRel)
+            < error.attempt
+        {
+            self.record(Outcome::Connect, Instant::now());
+        }
+    }
+
+    /// Feeds an outcome to the breaker.
+    fn record(&self, outcome: Outcome, now: Instant) {
+        let failed = self.failures_count.contains(outcome);
+        let t = lock(&self.breaker).record(failed, now, &self.budget);
+        self.apply(t);
+    }
+
+    /// The health checker's verdict changed.
+    pub fn set_healthy(&self, healthy: bool, reason: &str) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) == healthy {
+            return;
+        }
+        if healthy {
+            tracing::info!(endpoint = %self.address, reason, "endpoint healthy again");
+            // Envoy's `successful_active_health_check_uneject_host`: an
+            // endpoint that passes its checks again starts afresh.
+            let t = lock(&self.breaker).reset(Instant::now(), &self.budget);
+            self.apply(t);
+            self.connection.forget_failures();
+        } else {
+            self.stats.unhealthy.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(endpoint = %self.address, reason, "endpoint unhealthy; taking it out");
+        }
+        self.changed.notify_one();
+    }
+
+    /// Logs, counts and announces a breaker transition.
+    fn apply(&self, t: Option<Transition>) {
+        let Some(t) = t else { return };
+        match &t {
+            Transition::Opened { reason, open_for } => {
+                self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(endpoint = %self.address, reason, ?open_for, "circuit breaker opened; ejecting the endpoint");
+            }
+            Transition::Spared { reason } => {
+                self.stats.spared.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(endpoint = %self.address, reason, max_ejected = self.budget.max(), "circuit breaker would open, but the cluster's max_ejection_percent is reached; keeping the endpoint");
+            }
+            Transition::HalfOpened => {
+                tracing::info!(endpoint = %self.address, "circuit breaker half-open; probing the endpoint")
+            }
+            Transition::Closed => {
+                tracing::info!(endpoint = %self.address, "circuit breaker closed; the endpoint is back")
+            }
+        }
+        let closed = lock(&self.breaker).state() == breaker::State::Closed;
+        self.breaker_closed.store(closed, Ordering::Release);
+        if !matches!(t, Transition::Spared { .. }) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// What the endpoint's state is now, in a word.
+    pub fn state(&self, now: Instant) -> &'static str {
+        if !self.is_healthy() {
+            "unhealthy"
+        } else if !self.breaker_closed.load(Ordering::Acquire) {
+            match lock(&self.breaker).state() {
+                breaker::State::Open { .. } => "ejected",
+                _ => "probing",
+            }
+        } else if !self.connection.is_reachable(now) {
+            "unreachable"
+        } else {
+            "ready"
         }
     }
 
@@ -132,8 +321,26 @@ impl Endpoint {
             failures: self.stats.failures.load(Ordering::Relaxed),
             connect_failures: self.connection.failures(),
             connections_opened: self.connection.opened(),
+            ejections: self.stats.ejections.load(Ordering::Relaxed),
+            spared: self.stats.spared.load(Ordering::Relaxed),
+            marked_unhealthy: self.stats.unhealthy.load(Ordering::Relaxed),
+            full: self.stats.full.load(Ordering::Relaxed),
+            state: self.state(Instant::now()),
         }
     }
+}
+
+/// Why an endpoint would not take a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// It carries its limit of calls in flight.
+    Full,
+    /// Its breaker is open, or half-open with a probe in flight.
+    Breaker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -152,6 +359,10 @@ impl std::fmt::Debug for Endpoint {
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     sent: Instant,
+    /// The call is a half-open breaker's probe.
+    probe: bool,
+    recorded: bool,
+    unsent: bool,
 }
 
 impl InFlight {
@@ -160,8 +371,10 @@ impl InFlight {
     }
 
     /// The call never reached the endpoint after all: uncount it.
-    pub fn not_sent(self) {
-        self.endpoint.stats.calls.fetch_sub(1, Ordering::Relaxed);
+    pub fn not_sent(&mut self) {
+        if !std::mem::replace(&mut self.unsent, true) {
+            self.endpoint.stats.calls.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The response started (headers arrived).
@@ -170,21 +383,34 @@ impl InFlight {
         self.endpoint.load.observe_rtt(now - self.sent, now);
     }
 
-    /// The call ended with an outcome; `failed` as counted against the
-    /// endpoint (see [`crate::grpc::counts_as_failure`]).
-    pub fn finished(&self, failed: bool) {
+    /// The call ended with `outcome`: fed to the load estimates (see
+    /// [`crate::grpc::counts_as_failure`]) and to the breaker (its own
+    /// `failures` list). Counted once.
+    pub fn finished(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         let now = Instant::now();
+        let failed = match outcome {
+            Outcome::Status(code) => crate::grpc::counts_as_failure(code),
+            Outcome::Reset | Outcome::Connect => true,
+        };
         if failed {
             self.endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
         }
         self.endpoint
             .load
             .observe_outcome(failed, now - self.sent, now);
+        self.endpoint.record(outcome, now);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.load.leave();
+        if self.probe && !self.recorded {
+            lock(&self.endpoint.breaker).probe_abandoned();
+            self.endpoint.changed.notify_one();
+        }
     }
 }

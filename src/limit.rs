@@ -1,0 +1,664 @@
+//! Admission limits a cluster applies to a call before it picks an endpoint.
+//!
+//! Both limits are plain state behind a short `std::sync::Mutex`: no I/O, no
+//! tasks, nothing held across an `.await`. The caller passes the time in
+//! (`tokio::time::Instant`), which keeps the arithmetic testable with tokio's
+//! paused clock and lets a caller reuse one `now` for several checks.
+//!
+//! # Rate limit: sliding window counter
+//!
+//! [`RateLimit`] allows `calls` per `window`, using the *sliding window
+//! counter* that Cloudflare describes in "How we built rate limiting capable
+//! of scaling to millions of domains"
+//! (<https://blog.cloudflare.com/counting-things-a-lot-of-different-things/>).
+//! Time is cut into fixed windows aligned to the limiter's creation. Each
+//! counter keeps only two numbers, the calls admitted in the current window
+//! and in the one before, and estimates the calls in the last `window` as
+//!
+//! ```text
+//! previous * (1 - elapsed_in_current / window) + current
+//! ```
+//!
+//! that is, it assumes the previous window's calls were spread evenly and
+//! counts the share of them that still falls inside the sliding window. A
+//! call is admitted (and counted) if that estimate plus one stays within
+//! `calls`. Unlike a fixed window this does not let a client send `2 *
+//! calls` across a window boundary, and unlike a log of timestamps it costs
+//! two integers per counter whatever the rate.
+//!
+//! A limit is either one counter for the whole cluster, or one counter per
+//! value of a request header (a tenant, a user). The per-key map is bounded
+//! by `max_keys`: when it is full, keys idle for more than two windows are
+//! dropped first (their counters can no longer refuse anything, so nothing is
+//! lost), then the least recently used keys, in batches so that the cost of
+//! the sweep is spread over many insertions. Dropping a busy key forgets its
+//! count, so a flood of distinct keys can let a few extra calls through for
+//! the keys it pushes out; that is the price of bounded memory, and LRU order
+//! keeps the keys that are actually in use.
+//!
+//! # Retry budget
+//!
+//! [`RetryBudget`] bounds retries to a share of recent calls plus a small
+//! floor, as Finagle's `RetryBudget`
+//! (<https://finagle.github.io/blog/2016/02/08/retry-budgets>) and Linkerd's
+//! retry budgets (`retryRatio`, `minRetriesPerSecond`, `ttl`) do: over the
+//! last `ttl`,
+//!
+//! ```text
+//! retries <= calls * percent / 100 + min_per_second * ttl_seconds
+//! ```
+//!
+//! so that when a backend fails persistently, retries add at most `percent`
+//! more load instead of multiplying it, while a quiet client can still retry
+//! a few calls. The last `ttl` is kept as ten buckets of `ttl / 10`, each
+//! holding its calls and retries; a bucket older than `ttl` is ignored and
+//! reused, so the span slides in steps of a tenth of `ttl`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName};
+use tokio::time::Instant;
+
+/// How many characters of a header value a [`Refusal`] repeats: enough to
+/// recognise a tenant, not enough to echo a huge header back into logs.
+const REFUSAL_VALUE_CHARS: usize = 64;
+
+/// How a [`RateLimit`] counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    /// Calls admitted per `window`.
+    pub calls: NonZeroU32,
+    /// Length of the window; must be more than zero.
+    pub window: Duration,
+    /// Count calls per value of this request header instead of all
+    /// together.
+    pub key: Option<HeaderName>,
+    /// Most keys remembered at once (a keyed limit only); at least 1.
+    pub max_keys: usize,
+}
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// The limit's `calls`.
+    pub limit: u32,
+    /// The limit's `window`.
+    pub window: Duration,
+    /// For a keyed limit, the header name and the value that ran out (the
+    /// value cut to 64 characters).
+    pub key: Option<(String, String)>,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rate limit of {} calls per {} exceeded",
+            self.limit,
+            humantime::format_duration(self.window)
+        )?;
+        if let Some((name, value)) = &self.key {
+            write!(f, " for {name}: {value}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// A sliding-window limit of calls, for the whole cluster or per key.
+#[derive(Debug)]
+pub struct RateLimit {
+    config: RateLimitConfig,
+    /// Windows are numbered from here.
+    origin: Instant,
+    counters: Counters,
+}
+
+#[derive(Debug)]
+enum Counters {
+    /// One counter for every call: no allocation, no hashing.
+    Shared(Mutex<Counter>),
+    /// SipHash (std's default) rather than a faster hash, because the keys
+    /// come from callers and must not be able to force collisions.
+    Keyed(Mutex<HashMap<Box<str>, Counter>>),
+}
+
+/// Where `now` falls: which window, and how far into it (0.0..1.0).
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    window: u64,
+    fraction: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    /// The window `current` counts.
+    window: u64,
+    current: u32,
+    previous: u32,
+    /// For idle and least-recently-used eviction of keyed counters.
+    last_used: Instant,
+}
+
+impl Counter {
+    fn new(window: u64, now: Instant) -> Counter {
+        Counter {
+            window,
+            current: 0,
+            previous: 0,
+            last_used: now,
+        }
+    }
+
+    fn admit(&mut self, at: Position, calls: NonZeroU32, now: Instant) -> bool {
+        self.last_used = self.last_used.max(now);
+        // Callers take `now` before the lock, so a thread can arrive with a
+        // slightly older time than the last one; counting it at the start of
+        // the newer window is the strict choice and never moves back.
+        let fraction = if at.window > self.window {
+            self.previous = if at.window == self.window + 1 {
+                self.current
+            } else {
+                0
+            };
+            self.current = 0;
+            self.window = at.window;
+            at.fraction
+        } else if at.window == self.window {
+            at.fraction
+        } else {
+            0.0
+        };
+        let estimate = f64::from(self.previous) * (1.0 - fraction) + f64::from(self.current);
+        if estimate + 1.0 <= f64::from(calls.get()) {
+            self.current = self.current.saturating_add(1);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl RateLimit {
+    /// A zero `window` is taken as one nanosecond and `max_keys` of 0 as 1,
+    /// so that no configuration can make the limiter divide by zero or
+    /// refuse to remember any key; [`config`](Self::config) shows the values
+    /// in use.
+    pub fn new(mut config: RateLimitConfig) -> RateLimit {
+        config.window = config.window.max(Duration::from_nanos(1));
+        config.max_keys = config.max_keys.max(1);
+        let origin = Instant::now();
+        let counters = match config.key {
+            None => Counters::Shared(Mutex::new(Counter::new(0, origin))),
+            Some(_) => Counters::Keyed(Mutex::new(HashMap::new())),
+        };
+        RateLimit {
+            config,
+            origin,
+            counters,
+        }
+    }
+
+    /// Admits one call with these request headers at `now`, or says no. A
+    /// keyed limit lets calls without the header through (they are not
+    /// limited by it); with the header repeated, the first value is the key.
+    pub fn admit(&self, headers: &HeaderMap, now: Instant) -> Result<(), Refusal> {
+        let at = self.position(now);
+        let calls = self.config.calls;
+        match &self.counters {
+            Counters::Shared(counter) => {
+                let admitted = counter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(at, calls, now);
+                if admitted {
+                    Ok(())
+                } else {
+                    Err(self.refusal(None))
+                }
+            }
+            Counters::Keyed(map) => {
+                let Some(name) = &self.config.key else {
+                    return Ok(());
+                };
+                let Some(value) = headers.get(name) else {
+                    return Ok(());
+                };
+                // Borrows when the value is valid UTF-8 (the usual case), so
+                // a known key costs a hash and no allocation. Invalid bytes
+                // become U+FFFD: such values may share a counter, which only
+                // makes the limit stricter for them.
+                let key = String::from_utf8_lossy(value.as_bytes());
+                let admitted = {
+                    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+                    match map.get_mut(key.as_ref()) {
+                        Some(counter) => counter.admit(at, calls, now),
+                        None => {
+                            if map.len() >= self.config.max_keys {
+                                self.make_room(&mut map, now);
+                            }
+                            let mut counter = Counter::new(at.window, now);
+                            let admitted = counter.admit(at, calls, now);
+                            map.insert(key.as_ref().into(), counter);
+                            admitted
+                        }
+                    }
+                };
+                if admitted {
+                    Ok(())
+                } else {
+                    let value = key.chars().take(REFUSAL_VALUE_CHARS).collect();
+                    Err(self.refusal(Some((name.as_str().to_owned(), value))))
+                }
+            }
+        }
+    }
+
+    /// Keys currently remembered (0 for an unkeyed limit).
+    pub fn keys(&self) -> usize {
+        match &self.counters {
+            Counters::Shared(_) => 0,
+            Counters::Keyed(map) => map.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        }
+    }
+
+    pub fn config(&self) -> &RateLimitConfig {
+        &self.config
+    }
+
+    fn position(&self, now: Instant) -> Position {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        let window = self.config.window.as_nanos();
+        Position {
+            window: u64::try_from(elapsed / window).unwrap_or(u64::MAX),
+            fraction: (elapsed % window) as f64 / window as f64,
+        }
+    }
+
+    fn refusal(&self, key: Option<(String, String)>) -> Refusal {
+        Refusal {
+            limit: self.config.calls.get(),
+            window: self.config.window,
+            key,
+        }
+    }
+
+    /// Frees at least an eighth of `max_keys`, so that a full map is swept
+    /// (O(n)) at most once per `max_keys / 8` new keys.
+    fn make_room(&self, map: &mut HashMap<Box<str>, Counter>, now: Instant) {
+        // After two idle windows both counts have rolled out: the counter
+        // would admit exactly what a fresh one does.
+        let idle = self.config.window.saturating_mul(2);
+        map.retain(|_, c| now.saturating_duration_since(c.last_used) <= idle);
+
+        let batch = (self.config.max_keys / 8).max(1);
+        let keep = self.config.max_keys.saturating_sub(batch);
+        if map.len() <= keep {
+            return;
+        }
+        let excess = map.len() - keep;
+        let mut ages: Vec<Instant> = map.values().map(|c| c.last_used).collect();
+        let (_, &mut cutoff, _) = ages.select_nth_unstable(excess - 1);
+        // Many keys can share the cutoff instant (a coarse clock, a burst):
+        // drop just enough of those to free `excess`, not all of them.
+        let older = ages.iter().filter(|&&t| t < cutoff).count();
+        let mut ties = excess - older;
+        map.retain(|_, c| {
+            if c.last_used < cutoff {
+                false
+            } else if c.last_used == cutoff && ties > 0 {
+                ties -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// How many retries a [`RetryBudget`] allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed per 100 calls, 0 to 1000 (20.0: one retry per five
+    /// calls).
+    pub percent: f64,
+    /// Retries allowed per second of `ttl` even without calls, so that a
+    /// client with little traffic can still retry.
+    pub min_per_second: u32,
+    /// How long a call or a retry counts against the budget.
+    pub ttl: Duration,
+}
+
+impl Default for RetryBudgetConfig {
+    /// Finagle's and Linkerd's defaults.
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: 20.0,
+            min_per_second: 10,
+            ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+const BUCKETS: usize = 10;
+
+/// Retries allowed as a share of recent calls plus a floor.
+#[derive(Debug)]
+pub struct RetryBudget {
+    config: RetryBudgetConfig,
+    origin: Instant,
+    bucket: Duration,
+    /// `min_per_second * ttl`, worked out once.
+    reserve: f64,
+    state: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    /// The newest bucket number seen; a caller with an older `now` counts
+    /// in it rather than overwriting a slot that has been reused.
+    latest: u64,
+    slots: [Bucket; BUCKETS],
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Which bucket of `ttl / 10` since `origin` this slot holds.
+    number: u64,
+    calls: u64,
+    retries: u64,
+}
+
+impl Buckets {
+    /// The slot for bucket `number`, emptied if it held an older one.
+    fn slot(&mut self, number: u64) -> &mut Bucket {
+        let number = number.max(self.latest);
+        self.latest = number;
+        let slot = &mut self.slots[(number % BUCKETS as u64) as usize];
+        if slot.number != number {
+            *slot = Bucket {
+                number,
+                ..Bucket::default()
+            };
+        }
+        slot
+    }
+
+    /// Calls and retries in the last `BUCKETS` buckets up to `latest`.
+    fn totals(&self) -> (u64, u64) {
+        self.slots
+            .iter()
+            .filter(|b| self.latest.saturating_sub(b.number) < BUCKETS as u64)
+            .fold((0, 0), |(calls, retries), b| {
+                (calls + b.calls, retries + b.retries)
+            })
+    }
+}
+
+impl RetryBudget {
+    /// A `percent` outside 0..=1000 (or NaN) is clamped into it, and a `ttl`
+    /// under 10 ns is taken as 10 ns so that each bucket has a length.
+    pub fn new(mut config: RetryBudgetConfig) -> RetryBudget {
+        config.percent = if config.percent.is_nan() {
+            0.0
+        } else {
+            config.percent.clamp(0.0, 1000.0)
+        };
+        config.ttl = config.ttl.max(Duration::from_nanos(BUCKETS as u64));
+        RetryBudget {
+            bucket: config.ttl / BUCKETS as u32,
+            reserve: f64::from(config.min_per_second) * config.ttl.as_secs_f64(),
+            config,
+            origin: Instant::now(),
+            // Bucket 0 is the first real bucket, so all slots start out as
+            // bucket 0 with nothing in them.
+            state: Mutex::new(Buckets {
+                latest: 0,
+                slots: [Bucket::default(); BUCKETS],
+            }),
+        }
+    }
+
+    /// A call that may later be retried was made (deposit).
+    pub fn deposit(&self, now: Instant) {
+        let number = self.bucket_number(now);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = state.slot(number);
+        slot.calls = slot.calls.saturating_add(1);
+    }
+
+    /// Asks to retry once: true (and counted) if the budget allows it.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
+        let number = self.bucket_number(now);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Rolls `latest` forward first, so that expired buckets drop out of
+        // the totals.
+        state.slot(number);
+        let (calls, retries) = state.totals();
+        let allowed = calls as f64 * self.config.percent / 100.0 + self.reserve;
+        // The tolerance absorbs float error in `allowed` (say 0.1 * 10
+        // landing just under 1.0) without ever adding a whole retry.
+        if retries as f64 + 1.0 <= allowed + 1e-9 {
+            let slot = state.slot(number);
+            slot.retries = slot.retries.saturating_add(1);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn config(&self) -> &RetryBudgetConfig {
+        &self.config
+    }
+
+    fn bucket_number(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(elapsed / self.bucket.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn limit(
+        calls: u32,
+        window_secs: u64,
+        key: Option<&'static str>,
+        max_keys: usize,
+    ) -> RateLimit {
+        RateLimit::new(RateLimitConfig {
+            calls: NonZeroU32::new(calls).expect("calls > 0"),
+            window: Duration::from_secs(window_secs),
+            key: key.map(HeaderName::from_static),
+            max_keys,
+        })
+    }
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_str(value).expect("valid value"));
+        headers
+    }
+
+    /// Calls admitted out of `attempts` made at `now`.
+    fn admitted(limit: &RateLimit, headers: &HeaderMap, attempts: usize, now: Instant) -> usize {
+        (0..attempts)
+            .filter(|_| limit.admit(headers, now).is_ok())
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admits_exactly_the_limit_in_the_first_window() {
+        let limit = limit(10, 60, None, 1);
+        let none = HeaderMap::new();
+        let now = Instant::now();
+        assert_eq!(admitted(&limit, &none, 10, now), 10);
+        for _ in 0..5 {
+            let refusal = limit.admit(&none, now).expect_err("over the limit");
+            assert_eq!(refusal.limit, 10);
+            assert_eq!(refusal.window, Duration::from_secs(60));
+            assert_eq!(refusal.key, None);
+        }
+        assert_eq!(limit.keys(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_slides() {
+        let limit = limit(10, 10, None, 1);
+        let none = HeaderMap::new();
+        assert_eq!(admitted(&limit, &none, 10, Instant::now()), 10);
+
+        // The whole previous window still counts at its end.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(admitted(&limit, &none, 10, Instant::now()), 0);
+
+        // Half of it has slid out.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let half = admitted(&limit, &none, 10, Instant::now());
+        assert!((4..=6).contains(&half), "admitted {half} at 15 s");
+
+        // Two windows later nothing is left of either.
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(admitted(&limit, &none, 15, Instant::now()), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_have_separate_budgets() {
+        let limit = limit(2, 60, Some("x-tenant"), 100);
+        let a = headers("x-tenant", "a");
+        let b = headers("x-tenant", "b");
+        let now = Instant::now();
+
+        assert_eq!(admitted(&limit, &a, 2, now), 2);
+        let refusal = limit.admit(&a, now).expect_err("a is over its limit");
+        assert_eq!(refusal.limit, 2);
+        assert_eq!(refusal.window, Duration::from_secs(60));
+        assert_eq!(refusal.key, Some(("x-tenant".into(), "a".into())));
+
+        assert_eq!(admitted(&limit, &b, 3, now), 2);
+        // Neither the header-less calls nor other headers are limited.
+        assert_eq!(admitted(&limit, &HeaderMap::new(), 50, now), 50);
+        assert_eq!(admitted(&limit, &headers("x-other", "a"), 50, now), 50);
+        assert_eq!(limit.keys(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_cuts_long_values_and_keeps_binary_keys() {
+        let limit = limit(1, 60, Some("x-tenant"), 100);
+        let now = Instant::now();
+
+        let long = "é".repeat(100);
+        let long = headers("x-tenant", &long);
+        assert!(limit.admit(&long, now).is_ok());
+        let refusal = limit.admit(&long, now).expect_err("over the limit");
+        let (_, value) = refusal.key.expect("keyed refusal");
+        assert_eq!(value, "é".repeat(64));
+
+        let mut binary = HeaderMap::new();
+        let value = HeaderValue::from_bytes(b"\xff\xfe").expect("obs-text is allowed");
+        binary.insert("x-tenant", value);
+        assert!(limit.admit(&binary, now).is_ok());
+        assert!(limit.admit(&binary, now).is_err());
+        assert_eq!(limit.keys(), 2);
+    }
+
+    #[test]
+    fn keys_stay_bounded_and_busy_keys_stay() {
+        let limit = limit(1, 60, Some("x-tenant"), 1000);
+        let start = Instant::now();
+        let hot = headers("x-tenant", "hot");
+        assert!(limit.admit(&hot, start).is_ok());
+
+        for i in 0..100_000u64 {
+            // A millisecond apart, so least-recently-used order is exact.
+            let now = start + Duration::from_millis(i);
+            let key = headers("x-tenant", &format!("key-{i}"));
+            assert!(limit.admit(&key, now).is_ok(), "new key {i} refused");
+            assert!(limit.keys() <= 1000, "{} keys after {i}", limit.keys());
+            if i % 10 == 0 {
+                // Still remembered (so still refused) because it is in use.
+                assert!(limit.admit(&hot, now).is_err(), "hot key forgotten at {i}");
+            }
+        }
+        assert!(limit.keys() > 800, "evicted too much: {}", limit.keys());
+    }
+
+    #[test]
+    fn idle_keys_go_first() {
+        let limit = limit(1, 1, Some("x-tenant"), 4);
+        let start = Instant::now();
+        for key in ["a", "b", "c", "d"] {
+            assert!(limit.admit(&headers("x-tenant", key), start).is_ok());
+        }
+        assert_eq!(limit.keys(), 4);
+        let later = start + Duration::from_secs(3);
+        assert!(limit.admit(&headers("x-tenant", "e"), later).is_ok());
+        assert_eq!(limit.keys(), 1);
+    }
+
+    fn budget(percent: f64, min_per_second: u32) -> RetryBudget {
+        RetryBudget::new(RetryBudgetConfig {
+            percent,
+            min_per_second,
+            ttl: Duration::from_secs(10),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_a_share_of_calls() {
+        let budget = budget(20.0, 0);
+        let now = Instant::now();
+        assert!(!budget.try_withdraw(now), "no calls, no floor");
+        for _ in 0..100 {
+            budget.deposit(now);
+        }
+        for i in 0..20 {
+            assert!(budget.try_withdraw(now), "withdrawal {i} refused");
+        }
+        assert!(!budget.try_withdraw(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_expire_with_the_ttl() {
+        let budget = budget(20.0, 0);
+        for _ in 0..100 {
+            budget.deposit(Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(budget.try_withdraw(Instant::now()), "calls 5 s old count");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(!budget.try_withdraw(Instant::now()), "calls 11 s old count");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_refills_after_ttl() {
+        let budget = budget(20.0, 10);
+        for i in 0..100 {
+            assert!(
+                budget.try_withdraw(Instant::now()),
+                "withdrawal {i} refused"
+            );
+        }
+        assert!(!budget.try_withdraw(Instant::now()));
+
+        // Still inside the ttl: the retries still count.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!budget.try_withdraw(Instant::now()));
+
+        tokio::time::advance(Duration::from_secs(6)).await;
+        for i in 0..100 {
+            assert!(
+                budget.try_withdraw(Instant::now()),
+                "withdrawal {i} refused after ttl"
+            );
+        }
+        assert!(!budget.try_withdraw(Instant::now()));
+    }
+}
