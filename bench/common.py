@@ -218,6 +218,9 @@ listen = "127.0.0.1:{free_port()}"
 [[cluster]]
 name = "agents"
 strategy = "{self.strategy}"
+# nginx and HAProxy are given no limits either.
+max_in_flight = 1000000
+max_in_flight_per_endpoint = 1000000
 {self.extra}
 local_port = "127.0.0.1:{self.port}"
 endpoints = [{endpoints}]

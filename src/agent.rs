@@ -42,9 +42,15 @@ impl AgentOptions {
     }
 }
 
-/// What an agent has seen, for tests and the demo.
+/// What an agent has seen, for tests and the demo, and two knobs that
+/// change its behaviour while it runs.
 #[derive(Debug, Default)]
 pub struct AgentStats {
+    /// The share of calls answered with UNAVAILABLE now, as `f64` bits;
+    /// `serve` starts it at `--fail-ratio`. See [`AgentStats::set_fail_ratio`].
+    fail_ratio_bits: AtomicU64,
+    /// The agent's health service, to answer NOT_SERVING on demand.
+    health: std::sync::OnceLock<tonic_health::server::HealthReporter>,
     /// Calls started, of any kind.
     pub calls: AtomicU64,
     /// Calls that ran to their end (including with an error status).
@@ -59,9 +65,34 @@ impl AgentStats {
     pub fn get(&self, counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// Changes the share of calls answered with UNAVAILABLE (0.0 to 1.0).
+    pub fn set_fail_ratio(&self, ratio: f64) {
+        self.fail_ratio_bits
+            .store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn fail_ratio(&self) -> f64 {
+        f64::from_bits(self.fail_ratio_bits.load(Ordering::Relaxed))
+    }
+
+    /// Makes `grpc.health.v1.Health/Check` answer SERVING or NOT_SERVING.
+    pub async fn set_serving(&self, serving: bool) {
+        use tonic_health::ServingStatus;
+        if let Some(health) = self.health.get() {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+        }
+    }
 }
 
-/// Serves the agent on `listener` until `shutdown` resolves.
+/// Serves the agent on `listener` until `shutdown` resolves. The share of
+/// failed calls is `stats.fail_ratio()` (see [`spawn`], which sets it from
+/// `options`).
 pub async fn serve(
     listener: TcpListener,
     options: AgentOptions,
@@ -70,6 +101,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
+    let _ = stats.health.set(health);
     let counting = stats.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |conn| {
         if let Ok(tcp) = conn {
@@ -112,6 +144,7 @@ pub async fn spawn(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    stats.set_fail_ratio(options.fail_ratio);
     let name = options.name.clone();
     let task = tokio::spawn(async move {
         if let Err(e) = serve(listener, options, stats, std::future::pending()).await {
@@ -180,10 +213,13 @@ impl AgentService {
     fn outcome(&self, r: &InvokeRequest) -> Result<(), Status> {
         let (code, message) = if r.fail_code != 0 {
             (Code::from_i32(r.fail_code), r.fail_message.clone())
-        } else if self.options.fail_ratio > 0.0 && fastrand::f64() < self.options.fail_ratio {
+        } else if let ratio = self.stats.fail_ratio()
+            && ratio > 0.0
+            && fastrand::f64() < ratio
+        {
             let message = format!(
-                "agent {}: injected failure (--fail-ratio {})",
-                self.options.name, self.options.fail_ratio
+                "agent {}: injected failure (--fail-ratio {ratio})",
+                self.options.name
             );
             (Code::Unavailable, message)
         } else {

@@ -1742,6 +1742,163 @@ mod tests {
         assert_eq!(expand("a$$b$c", &|_| None).unwrap(), "a$b$c");
     }
 
+    const RESILIENT: &str = r#"
+        [[cluster]]
+        name = "a"
+        request_timeout = "5s"
+        idle_timeout = "1m"
+        max_in_flight = 10
+        max_in_flight_per_endpoint = 3
+        panic_threshold = 30
+        endpoints = [{ address = "h:1" }]
+        [cluster.circuit_breaker]
+        failure_threshold = 7
+        open_for = "2s"
+        max_open_for = "20s"
+        failures = ["reset", "UNAVAILABLE", "resource_exhausted"]
+        max_ejection_percent = 25
+        [cluster.outlier_detection]
+        min_success_rate = 0.9
+        window = "30s"
+        min_calls = 20
+        [cluster.health_check]
+        interval = "1s"
+        service = "planner"
+        [cluster.retry]
+        methods = ["/p.S/M", "/p.T/*"]
+        on = ["UNAVAILABLE", "ABORTED"]
+        max_attempts = 2
+        min_retries_per_second = 0
+        [[cluster.rate_limit]]
+        calls = 100
+        window = "1m"
+        key = "x-user-id"
+    "#;
+
+    #[test]
+    fn reads_every_resilience_key() {
+        use tonic::Code;
+        let c = parse(RESILIENT).unwrap();
+        let cl = &c.clusters[0];
+        assert_eq!(cl.request_timeout, Duration::from_secs(5));
+        assert_eq!(cl.idle_timeout, Duration::from_secs(60));
+        assert_eq!((cl.max_in_flight, cl.max_in_flight_per_endpoint), (10, 3));
+        assert_eq!(cl.panic_threshold, 0.3);
+        let b = &cl.breaker;
+        assert_eq!(b.failure_threshold.get(), 7);
+        assert_eq!(
+            (b.open_for, b.max_open_for),
+            (Duration::from_secs(2), Duration::from_secs(20))
+        );
+        assert_eq!(b.max_ejection, 0.25);
+        assert!(
+            b.failures
+                .contains(Outcome::Status(Code::ResourceExhausted))
+        );
+        assert!(b.failures.contains(Outcome::Reset));
+        assert!(!b.failures.contains(Outcome::Connect));
+        assert!(!b.failures.contains(Outcome::Status(Code::Internal)));
+        let o = cl.outlier.as_ref().unwrap();
+        assert_eq!((o.min_success_rate, o.min_calls), (0.9, 20));
+        let h = cl.health_check.as_ref().unwrap();
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(1), Duration::from_secs(5))
+        );
+        assert_eq!(h.service, "planner");
+        let r = cl.retry.as_ref().unwrap();
+        assert!(r.covers("/p.S/M") && r.covers("/p.T/X") && !r.covers("/p.S/N"));
+        assert_eq!(r.on, [Code::Unavailable, Code::Aborted]);
+        assert_eq!((r.max_attempts.get(), r.min_retries_per_second), (2, 0));
+        let l = &cl.rate_limits[0];
+        assert_eq!((l.calls.get(), l.window), (100, Duration::from_secs(60)));
+        assert_eq!(l.key.as_ref().unwrap().as_str(), "x-user-id");
+        // Defaults: breaker and outlier detection on, no checks, no retries.
+        let d = parse("[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]").unwrap();
+        let d = &d.clusters[0];
+        assert!(d.breaker.enabled && d.outlier.is_some());
+        assert!(d.health_check.is_none() && d.retry.is_none() && d.rate_limits.is_empty());
+        assert!(d.breaker.failures.contains(Outcome::Connect));
+    }
+
+    #[test]
+    fn bad_resilience_values_name_their_keys() {
+        for (from, to, key, reason) in [
+            (
+                "\"resource_exhausted\"",
+                "\"SLOW\"",
+                "cluster[0].circuit_breaker.failures",
+                "\"SLOW\" is not a gRPC status name",
+            ),
+            (
+                "max_ejection_percent = 25",
+                "max_ejection_percent = 120",
+                "cluster[0].circuit_breaker.max_ejection_percent",
+                "must be a percentage from 0 to 100",
+            ),
+            (
+                "min_success_rate = 0.9",
+                "min_success_rate = 90",
+                "cluster[0].outlier_detection.min_success_rate",
+                "must be a share from 0.0 to 1.0",
+            ),
+            (
+                "\"/p.T/*\"",
+                "\"p.T*\"",
+                "cluster[0].retry.methods[1]",
+                "\"p.T*\" is not",
+            ),
+            (
+                "\"ABORTED\"",
+                "\"NOPE\"",
+                "cluster[0].retry.on[1]",
+                "\"NOPE\" is not a gRPC status name",
+            ),
+            (
+                "max_attempts = 2",
+                "max_attempts = 0",
+                "cluster[0].retry.max_attempts",
+                "must be a whole number from 1 to 10",
+            ),
+            (
+                "calls = 100",
+                "calls = 0",
+                "cluster[0].rate_limit[0].calls",
+                "must be a whole number of at least 1",
+            ),
+            (
+                "max_in_flight = 10",
+                "max_in_flight = -1",
+                "cluster[0].max_in_flight",
+                "must be a whole number",
+            ),
+            (
+                "request_timeout = \"5s\"",
+                "request_timeout = \"0s\"",
+                "cluster[0].request_timeout",
+                "must be more than 0",
+            ),
+            (
+                "open_for = \"2s\"",
+                "open_for = \"1m\"",
+                "cluster[0].circuit_breaker.max_open_for",
+                "must be at least open_for",
+            ),
+            (
+                "interval = \"1s\"",
+                "intervall = \"1s\"",
+                "cluster[0].health_check.intervall",
+                "unknown field",
+            ),
+        ] {
+            let text = RESILIENT.replace(from, to);
+            assert_ne!(text, RESILIENT, "{from}");
+            let e = first_error(&text);
+            assert!(e.starts_with(&format!("mesh.toml: {key}: ")), "{e}");
+            assert!(e.contains(reason), "{e}");
+        }
+    }
+
     #[test]
     fn all_problems_are_reported_at_once() {
         let text = GOOD

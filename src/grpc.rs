@@ -98,6 +98,22 @@ pub fn code_for_upstream_error(error: &hyper::Error) -> tonic::Code {
     Code::Unavailable
 }
 
+/// `error` with its chain of causes (`connection error: Connection reset
+/// by peer (os error 104)`), for messages that say what happened.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 /// Whether the endpoint certainly did not process a call that failed with
 /// `error`: it refused the stream (REFUSED_STREAM), or its GOAWAY named a
 /// last stream below this one. Such a call is safe to send elsewhere.

@@ -14,10 +14,27 @@
 //! A large write that finds the buffer empty goes straight to the socket
 //! (no copy), and a full buffer is written out before it takes more, which
 //! keeps the socket's backpressure.
+//!
+//! On upstream connections the read side also watches the frame headers
+//! go by ([`FrameWatch`]): for the server's first frame (its SETTINGS,
+//! which a connection waits for before it carries calls: a socket that a
+//! dying server's kernel accepted but the server never will is no
+//! connection), and for a GOAWAY. A server that shuts down
+//! gracefully first sends GOAWAY naming the highest stream id, and only a
+//! round trip later the last stream it will process; streams opened in
+//! between may be neither processed nor refused in a way the client can
+//! see, when the server closes its socket with them unread (the kernel
+//! then resets the connection). The HTTP/2 library keeps opening streams
+//! after the first GOAWAY; seeing it here lets the pool stop at once, as
+//! gRPC's own clients do.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::task::{Context, Poll, ready};
+use tokio::sync::Notify;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -32,6 +49,7 @@ pub struct Batched<S> {
     /// How much of `buf` has been written.
     sent: usize,
     yielded: bool,
+    watch: Option<FrameWatch>,
 }
 
 impl<S> Batched<S> {
@@ -41,6 +59,16 @@ impl<S> Batched<S> {
             buf: Vec::new(),
             sent: 0,
             yielded: false,
+            watch: None,
+        }
+    }
+
+    /// Also watches the HTTP/2 frames read (the read side must be a
+    /// server's frames from their start) and tells `signals`.
+    pub fn watching(inner: S, signals: Arc<PeerSignals>) -> Batched<S> {
+        Batched {
+            watch: Some(FrameWatch::new(signals)),
+            ..Batched::new(inner)
         }
     }
 
@@ -71,7 +99,72 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(watch) = &mut this.watch {
+            watch.scan(&buf.filled()[before..]);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What the reading side has learnt of the peer.
+#[derive(Debug, Default)]
+pub struct PeerSignals {
+    /// A whole frame arrived (the server's SETTINGS comes first).
+    pub heard: AtomicBool,
+    /// A GOAWAY arrived: the peer is shutting the connection down.
+    pub going_away: AtomicBool,
+    /// Rung when `heard` is first set, or when the connection ends.
+    pub changed: Notify,
+}
+
+/// Follows HTTP/2 frame boundaries in a byte stream.
+pub struct FrameWatch {
+    signals: Arc<PeerSignals>,
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to pass.
+    skip: usize,
+}
+
+const GOAWAY: u8 = 0x7;
+
+impl FrameWatch {
+    pub fn new(signals: Arc<PeerSignals>) -> FrameWatch {
+        FrameWatch {
+            signals,
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+        }
+    }
+
+    pub fn scan(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 9 {
+                let h = self.header;
+                self.skip = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                self.have = 0;
+                if !self.signals.heard.swap(true, Ordering::AcqRel) {
+                    self.signals.changed.notify_one();
+                }
+                if h[3] == GOAWAY {
+                    self.signals.going_away.store(true, Ordering::Release);
+                }
+            }
+        }
     }
 }
 
@@ -155,6 +248,51 @@ mod tests {
         assert_eq!(&out[..6], b"hello ");
         assert_eq!(&out[6..100_006], &big[..]);
         assert_eq!(&out[100_006..], b" world");
+    }
+
+    #[test]
+    fn the_watch_finds_a_goaway_across_any_split_and_nothing_else() {
+        let frame = |len: usize, ty: u8| {
+            let mut f = vec![
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                ty,
+                0,
+                0,
+                0,
+                0,
+                1,
+            ];
+            // Payload bytes that look like a GOAWAY header, to be skipped.
+            f.extend(std::iter::repeat_n(GOAWAY, len));
+            f
+        };
+        let mut quiet = frame(100, 0x0);
+        quiet.extend(frame(9, 0x4));
+        quiet.extend(frame(0, 0x6));
+        let mut loud = quiet.clone();
+        loud.extend(frame(8, GOAWAY));
+        for (bytes, want) in [(&quiet, false), (&loud, true)] {
+            for chunk in [1, 2, 7, 9, 10, 64, 1000] {
+                let signals = Arc::new(PeerSignals::default());
+                let mut w = FrameWatch::new(signals.clone());
+                w.scan(&bytes[..8]);
+                assert!(
+                    !signals.heard.load(Ordering::Acquire),
+                    "not a whole header yet"
+                );
+                for part in bytes[8..].chunks(chunk) {
+                    w.scan(part);
+                }
+                assert!(signals.heard.load(Ordering::Acquire));
+                assert_eq!(
+                    signals.going_away.load(Ordering::Acquire),
+                    want,
+                    "chunks of {chunk}"
+                );
+            }
+        }
     }
 
     #[test]

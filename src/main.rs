@@ -309,6 +309,7 @@ async fn run_agent(listen: SocketAddr, options: AgentOptions) -> ExitCode {
     };
     tracing::info!(%listen, name = options.name, "agent serving");
     let stats = Arc::new(AgentStats::default());
+    stats.set_fail_ratio(options.fail_ratio);
     match agent::serve(listener, options, stats, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

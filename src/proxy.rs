@@ -315,7 +315,7 @@ async fn send(
                     cluster: name(),
                     endpoint: endpoint.address().to_string(),
                     code,
-                    reason: error.to_string(),
+                    reason: grpc::describe(&error),
                 });
                 if !(wants_retry(policy, code, answered) && shared.can_replay()) {
                     shared.cancel();
@@ -819,7 +819,7 @@ impl Body for ResponseBody {
                     cluster: g.cluster.name().to_string(),
                     endpoint: g.endpoint_address().to_string(),
                     code: grpc::code_for_upstream_error(&e),
-                    reason: e.to_string(),
+                    reason: grpc::describe(&e),
                 });
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -21,11 +21,12 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::io::PeerSignals;
 use crate::proxy::RequestBody;
 
 pub type Sender = http2::SendRequest<RequestBody>;
 
-type Connecting = Shared<BoxFuture<'static, Result<Sender, ConnectError>>>;
+type Connecting = Shared<BoxFuture<'static, Result<Arc<Pooled>, ConnectError>>>;
 
 /// Why a connection to an endpoint could not be made.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -121,7 +122,7 @@ impl Connection {
             .ready
             .load()
             .as_ref()
-            .is_some_and(|p| !p.sender.is_closed())
+            .is_some_and(|p| p.is_usable())
     }
 
     /// Forgets past connect failures (the health checker saw the endpoint
@@ -137,14 +138,14 @@ impl Connection {
     pub async fn get(&self) -> Result<Sender, ConnectError> {
         self.inner.uses.fetch_add(1, Ordering::Relaxed);
         if let Some(pooled) = self.inner.ready.load().as_deref() {
-            if !pooled.sender.is_closed() {
+            if pooled.is_usable() {
                 return Ok(pooled.sender.clone());
             }
         }
-        self.connect().await
+        self.connect().await.map(|p| p.sender.clone())
     }
 
-    async fn connect(&self) -> Result<Sender, ConnectError> {
+    async fn connect(&self) -> Result<Arc<Pooled>, ConnectError> {
         let attempt = {
             let mut slot = self
                 .inner
@@ -153,7 +154,7 @@ impl Connection {
                 .unwrap_or_else(|poison| poison.into_inner());
             let reusable = slot.as_ref().is_some_and(|c| match c.peek() {
                 None => true,
-                Some(Ok(sender)) => !sender.is_closed(),
+                Some(Ok(pooled)) => pooled.is_usable(),
                 Some(Err(_)) => false,
             });
             if !reusable {
@@ -166,7 +167,7 @@ impl Connection {
 }
 
 impl Inner {
-    async fn dial(self: Arc<Self>) -> Result<Sender, ConnectError> {
+    async fn dial(self: Arc<Self>) -> Result<Arc<Pooled>, ConnectError> {
         let result = self.clone().try_dial().await;
         let now = Instant::now();
         match &result {
@@ -187,13 +188,14 @@ impl Inner {
         result
     }
 
-    async fn try_dial(self: Arc<Self>) -> Result<Sender, ConnectError> {
+    async fn try_dial(self: Arc<Self>) -> Result<Arc<Pooled>, ConnectError> {
         let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let fail = |reason: String| ConnectError {
             address: self.address.clone(),
             reason: reason.into(),
             attempt,
         };
+        let started = Instant::now();
         let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.address))
             .await
             .map_err(|_| {
@@ -203,24 +205,53 @@ impl Inner {
                 ))
             })?
             .map_err(|e| fail(e.to_string()))?;
+        let signals = Arc::new(PeerSignals::default());
+        let io = crate::io::Batched::watching(tcp, signals.clone());
         let (sender, conn) = client_builder()
-            .handshake(TokioIo::new(crate::io::Batched::new(tcp)))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| fail(format!("HTTP/2 handshake failed: {e}")))?;
-        tokio::spawn(self.clone().drive(conn, attempt));
+        tokio::spawn(self.clone().drive(conn, attempt, signals.clone()));
+        // The connection carries calls once the server has spoken: a socket
+        // that the kernel accepted for a server that is going away (or is
+        // hung) would swallow them.
+        let spoke = async {
+            while !signals.heard.load(Ordering::Acquire) && !sender.is_closed() {
+                signals.changed.notified().await;
+            }
+        };
+        let left = self.connect_timeout.saturating_sub(started.elapsed());
+        if tokio::time::timeout(left, spoke).await.is_err() {
+            return Err(fail(format!(
+                "connected, but no HTTP/2 settings came within {:?}",
+                self.connect_timeout
+            )));
+        }
+        if !signals.heard.load(Ordering::Acquire) {
+            return Err(fail(
+                "connected, but the connection closed before the endpoint spoke HTTP/2".into(),
+            ));
+        }
         self.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(endpoint = %self.address, "upstream connection open");
-        self.ready.store(Some(Arc::new(Pooled {
+        let pooled = Arc::new(Pooled {
             attempt,
-            sender: sender.clone(),
-        })));
-        Ok(sender)
+            sender,
+            signals,
+        });
+        self.ready.store(Some(pooled.clone()));
+        Ok(pooled)
     }
 
     /// Runs connection `attempt` until it ends, and takes it out of the
     /// pool once no new call has used it for `idle_timeout`: hyper then
     /// closes it when its last stream ends.
-    async fn drive(self: Arc<Self>, conn: ClientConnection, attempt: u64) {
+    async fn drive(
+        self: Arc<Self>,
+        conn: ClientConnection,
+        attempt: u64,
+        signals: Arc<PeerSignals>,
+    ) {
         let mut conn = std::pin::pin!(conn);
         let every = (self.idle_timeout / 4).max(Duration::from_millis(1));
         let mut check = tokio::time::interval_at(Instant::now() + every, every);
@@ -241,6 +272,7 @@ impl Inner {
         };
         self.unpool(attempt);
         self.closed.fetch_add(1, Ordering::Relaxed);
+        signals.changed.notify_one();
         match result {
             Ok(()) => tracing::debug!(endpoint = %self.address, "upstream connection closed"),
             Err(e) => {
@@ -270,6 +302,15 @@ impl Inner {
 struct Pooled {
     attempt: u64,
     sender: Sender,
+    /// Once the endpoint sent GOAWAY it is shutting down: no new call goes
+    /// on this connection (those in flight finish).
+    signals: Arc<PeerSignals>,
+}
+
+impl Pooled {
+    fn is_usable(&self) -> bool {
+        !self.sender.is_closed() && !self.signals.going_away.load(Ordering::Acquire)
+    }
 }
 
 type ClientConnection =
