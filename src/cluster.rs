@@ -54,7 +54,14 @@ pub struct Cluster {
     rate_limits: Vec<RateLimit>,
     retry_budget: Option<RetryBudget>,
     stats: ClusterStats,
+    created: Instant,
+    /// When a refusal was last logged, in ms since `created` (0: never).
+    refusal_logged_ms: AtomicU64,
 }
+
+/// Refusals are logged at most this often per cluster; `/clusters` counts
+/// every one.
+const REFUSAL_LOG_EVERY_MS: u64 = 10_000;
 
 /// One call counted against the cluster's `max_in_flight`, until dropped.
 pub struct Admitted {
@@ -104,6 +111,25 @@ impl Cluster {
                 })
             }),
             stats: ClusterStats::default(),
+            created: Instant::now(),
+            refusal_logged_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a call refused by a limit in `counter`, and logs it, at most
+    /// once every 10 s for the cluster so that an overload does not flood
+    /// the log.
+    pub fn refused(&self, counter: &AtomicU64, reason: &dyn std::fmt::Display) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = (self.created.elapsed().as_millis() as u64).max(1);
+        let last = self.refusal_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + REFUSAL_LOG_EVERY_MS)
+            && self
+                .refusal_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(cluster = %self.name, %reason, "refusing calls: a limit is reached (logged at most every 10 s; /clusters counts them all)");
         }
     }
 
@@ -199,6 +225,11 @@ impl Cluster {
     /// readiness changes or a sitting-out endpoint's time is up, and sweeps
     /// expired sessions. Runs until the task is dropped.
     pub async fn run(self: Arc<Self>) {
+        // Connect to every endpoint up front, so that the first calls find
+        // connections ready (calls pass over endpoints still connecting).
+        for e in &self.endpoints {
+            e.connection().warm();
+        }
         let sweep_every = self.affinity.as_ref().map(|a| a.sweep_every());
         let mut next_sweep = sweep_every.map(|d| Instant::now() + d);
         loop {

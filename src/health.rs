@@ -235,6 +235,33 @@ mod tests {
         assert!(v.is_healthy());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_checker_marks_an_endpoint_unhealthy_after_three_intervals_of_failures() {
+        use crate::config::ClusterConfig;
+        use crate::endpoint::EjectionBudget;
+        use std::time::Duration;
+        // Nothing listens there: every check fails at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cluster = ClusterConfig::for_test("c", &[closed]);
+        let endpoint = Arc::new(Endpoint::new(
+            &cluster.endpoints[0],
+            &cluster,
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(EjectionBudget::new(1, 0.5)),
+        ));
+        let task = tokio::spawn(run(endpoint.clone(), config()));
+        // Checks at about 0 s, 30 s and 60 s (plus up to 3 s of spread).
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert!(endpoint.is_healthy(), "two failures are not three");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!endpoint.is_healthy(), "three failures in a row");
+        assert_eq!(endpoint.stats().marked_unhealthy, 1);
+        task.abort();
+    }
+
     #[test]
     fn decodes_serving_and_refuses_garbage() {
         let encode = |status: ServingStatus| {

@@ -35,7 +35,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::balance::{Call, Tried};
+use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
 use crate::config::{Outcome, RetryConfig};
 use crate::endpoint::{InFlight, Refused};
@@ -122,22 +122,17 @@ async fn send(
         let now = Instant::now();
         for (index, limit) in cluster.rate_limits().iter().enumerate() {
             if let Err(refusal) = limit.admit(req.headers(), now) {
-                cluster.stats().rate_limited.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(cluster = cluster.name(), index, ?refusal, "rate limit hit");
-                return Err(ProxyError::RateLimited {
+                let error = ProxyError::RateLimited {
                     cluster: name(),
                     index,
                     refusal,
-                });
+                };
+                cluster.refused(&cluster.stats().rate_limited, &error);
+                return Err(error);
             }
         }
     }
     let Some(admitted) = cluster.admit() else {
-        tracing::debug!(
-            cluster = cluster.name(),
-            max = config.max_in_flight,
-            "cluster limit hit"
-        );
         return Err(ProxyError::ClusterFull {
             cluster: name(),
             max: config.max_in_flight,
@@ -194,6 +189,14 @@ async fn send(
         };
         let endpoint = endpoint.clone();
         tried.insert(endpoint.id());
+        if !endpoint.connection().is_open() && may_go_elsewhere(cluster, &req, &snapshot, &tried) {
+            // Connecting takes a round trip at best and a connect timeout
+            // at worst (a draining or unplugged endpoint): it goes on in the
+            // background while this call goes to a connected endpoint.
+            endpoint.connection().warm();
+            next = Some(req);
+            continue;
+        }
         let mut in_flight = match endpoint.try_start_call(config.max_in_flight_per_endpoint) {
             Ok(f) => f,
             Err(refused) => {
@@ -351,6 +354,25 @@ async fn send(
         );
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Whether a call may pass over an endpoint that is not connected yet: it
+/// carries no session key (a session stays where it is pinned), and some
+/// other endpoint it has not tried is connected.
+fn may_go_elsewhere(
+    cluster: &Cluster,
+    req: &Request<RequestBody>,
+    snapshot: &Snapshot,
+    tried: &Tried,
+) -> bool {
+    let pinned = cluster
+        .affinity()
+        .is_some_and(|a| a.key(req.headers()).is_some());
+    !pinned
+        && snapshot
+            .ready()
+            .iter()
+            .any(|e| !tried.contains(e.id()) && e.connection().is_open())
 }
 
 /// Whether the policy retries a call whose `answered`-th attempt ended with

@@ -111,9 +111,11 @@ async fn an_agent_process_killed_between_calls_costs_no_call_when_others_are_up(
 }
 
 async fn sidecar_with(cluster: ClusterConfig) -> Sidecar {
-    Sidecar::start(&Config::for_test(vec![cluster]))
+    let sidecar = Sidecar::start(&Config::for_test(vec![cluster]))
         .await
-        .unwrap()
+        .unwrap();
+    warmed(&sidecar).await;
+    sidecar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,7 +133,9 @@ async fn calls_stay_in_the_local_zone_and_spill_when_it_is_short() {
         let start = |cluster| async move {
             let mut config = Config::for_test(vec![cluster]);
             config.locality.zone = Some("zone-a".into());
-            Sidecar::start(&config).await.unwrap()
+            let sidecar = Sidecar::start(&config).await.unwrap();
+            warmed(&sidecar).await;
+            sidecar
         };
 
         // Both zone-a agents up: zone-b gets nothing.

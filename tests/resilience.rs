@@ -395,7 +395,11 @@ async fn a_hung_agent_fails_its_health_checks_and_comes_back() {
         let sidecar = sidecar(vec![cluster]).await;
         let client = planner_client(Way::Connect, &sidecar).await;
         let endpoint = sidecar.router().clusters()[0].endpoints()[2].clone();
-        assert_eq!(spread(&client, 30, 1).await.get("agent-2"), Some(&10));
+        let counts = spread(&client, 30, 1).await;
+        assert!(
+            counts.get("agent-2").copied().unwrap_or(0) >= 8,
+            "{counts:?}"
+        );
         // SIGSTOP: the process holds its sockets but answers nothing.
         signal(&children[2], "-STOP");
         let stopped = Instant::now();
@@ -422,7 +426,10 @@ async fn a_hung_agent_fails_its_health_checks_and_comes_back() {
             endpoint.stats()
         );
         let counts = spread(&client, 30, 1).await;
-        assert_eq!(counts.get("agent-2"), Some(&10), "{counts:?}");
+        assert!(
+            counts.get("agent-2").copied().unwrap_or(0) >= 8,
+            "{counts:?}"
+        );
     })
     .await;
 }

@@ -8,7 +8,7 @@
 //! lock across `.await`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,6 +63,8 @@ struct Inner {
     connecting: Mutex<Option<Connecting>>,
     /// Connections made over the endpoint's life (for stats and tests).
     opened: AtomicU64,
+    /// A background connect is running.
+    warming: AtomicBool,
 }
 
 impl Connection {
@@ -86,6 +88,7 @@ impl Connection {
                 ready: ArcSwapOption::empty(),
                 connecting: Mutex::new(None),
                 opened: Default::default(),
+                warming: AtomicBool::new(false),
             }),
         }
     }
@@ -131,6 +134,23 @@ impl Connection {
         if self.inner.reach.succeed() {
             self.inner.changed.notify_one();
         }
+    }
+
+    /// Starts connecting in the background, unless a connection is open or
+    /// a background connect runs already. Calls go elsewhere meanwhile.
+    pub fn warm(&self) {
+        if self.is_open() || self.inner.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let connection = Connection {
+            inner: self.inner.clone(),
+        };
+        tokio::spawn(async move {
+            // A failure is recorded by the attempt itself (the endpoint
+            // sits out its backoff).
+            let _ = connection.connect().await;
+            connection.inner.warming.store(false, Ordering::Release);
+        });
     }
 
     /// A handle to send calls on, connecting first if there is no live

@@ -91,9 +91,28 @@ pub fn planner(addrs: &[SocketAddr]) -> ClusterConfig {
 }
 
 pub async fn sidecar(clusters: Vec<ClusterConfig>) -> Sidecar {
-    Sidecar::start(&Config::for_test(clusters))
+    let sidecar = Sidecar::start(&Config::for_test(clusters))
         .await
-        .expect("sidecar starts")
+        .expect("sidecar starts");
+    warmed(&sidecar).await;
+    sidecar
+}
+
+/// Waits until the sidecar's start-up connects have ended: every endpoint
+/// is connected or sitting out a failed connect. Calls pass over endpoints
+/// still connecting, so tests that count calls per agent start from here.
+pub async fn warmed(sidecar: &Sidecar) {
+    let router = sidecar.router().clone();
+    let done = eventually(Duration::from_secs(5), || {
+        let now = tokio::time::Instant::now();
+        router
+            .clusters()
+            .iter()
+            .flat_map(|c| c.endpoints())
+            .all(|e| e.connection().is_open() || !e.is_reachable(now))
+    })
+    .await;
+    assert!(done, "the sidecar's endpoints did not finish connecting");
 }
 
 /// The ways a caller reaches the sidecar.
