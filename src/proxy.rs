@@ -21,6 +21,7 @@
 //!   response message, the retry budget allows it, and the backoff ends
 //!   before the deadline (the design of gRPC's retry proposal, A6).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,10 +104,10 @@ impl Template {
 /// Why the last attempt did not give the caller its answer.
 enum Failed {
     /// Nothing reached an endpoint yet.
-    Nothing(String),
+    Nothing(Cow<'static, str>),
     /// An endpoint answered with a status the policy retries; kept to be
     /// passed on if no retry happens.
-    Answered(Response<ResponseBody>),
+    Answered(Box<Response<ResponseBody>>),
     /// An endpoint took the call and failed before answering.
     Broke(ProxyError),
 }
@@ -164,7 +165,7 @@ async fn send(
     let mut tried = Tried::default();
     let mut full = 0usize;
     let mut answered = 0u32;
-    let mut failed = Failed::Nothing("the cluster has no ready endpoint".into());
+    let mut failed = Failed::Nothing(Cow::Borrowed("the cluster has no ready endpoint"));
     let expired = |phase: String| ProxyError::DeadlineExceeded {
         cluster: name(),
         timeout: deadline.timeout,
@@ -189,7 +190,8 @@ async fn send(
         };
         let endpoint = endpoint.clone();
         tried.insert(endpoint.id());
-        if !endpoint.connection().is_open() && may_go_elsewhere(cluster, &req, &snapshot, &tried) {
+        let mut pooled = endpoint.connection().pooled();
+        if pooled.is_none() && may_go_elsewhere(cluster, &req, &snapshot, &tried) {
             // Connecting takes a round trip at best and a connect timeout
             // at worst (a draining or unplugged endpoint): it goes on in the
             // background while this call goes to a connected endpoint.
@@ -209,7 +211,11 @@ async fn send(
         // one more try on the same endpoint, over a fresh connection.
         let mut handed_back = false;
         let outcome = loop {
-            let mut sender = match within(deadline.at, endpoint.connection().get()).await {
+            let connected = match pooled.take().or_else(|| endpoint.connection().pooled()) {
+                Some(sender) => Some(Ok(sender)),
+                None => within(deadline.at, endpoint.connection().connect_boxed()).await,
+            };
+            let mut sender = match connected {
                 None => {
                     in_flight.not_sent();
                     return Err(expired(format!(
@@ -221,7 +227,7 @@ async fn send(
                     tracing::debug!(cluster = cluster.name(), error = %e, "endpoint unreachable; trying another");
                     endpoint.connect_failed(&e);
                     in_flight.not_sent();
-                    failed = Failed::Nothing(e.to_string());
+                    failed = Failed::Nothing(e.to_string().into());
                     next = Some(req);
                     break None;
                 }
@@ -254,7 +260,9 @@ async fn send(
                     }
                     Some(unsent) => {
                         in_flight.not_sent();
-                        failed = Failed::Nothing(format!("{}: {}", endpoint.address(), e.error()));
+                        failed = Failed::Nothing(
+                            format!("{}: {}", endpoint.address(), e.error()).into(),
+                        );
                         next = Some(unsent);
                         break None;
                     }
@@ -296,7 +304,7 @@ async fn send(
                         },
                     ));
                 }
-                failed = Failed::Answered(response);
+                failed = Failed::Answered(Box::new(response));
             }
             Err(error) => {
                 if grpc::is_unprocessed(&error) {
@@ -304,7 +312,7 @@ async fn send(
                     // processed it: as good as never sent.
                     in_flight.not_sent();
                     tracing::debug!(cluster = cluster.name(), endpoint = endpoint.address(), %error, "call not processed; trying another endpoint");
-                    failed = Failed::Nothing(format!("{}: {error}", endpoint.address()));
+                    failed = Failed::Nothing(format!("{}: {error}", endpoint.address()).into());
                     if shared.can_replay() {
                         continue;
                     }
@@ -352,7 +360,7 @@ async fn send(
             ?pause,
             "retrying on another endpoint"
         );
-        tokio::time::sleep(pause).await;
+        Box::pin(tokio::time::sleep(pause)).await;
     }
 }
 
@@ -401,7 +409,7 @@ fn give_up(
     full: usize,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     match failed {
-        Failed::Answered(response) => Ok(response),
+        Failed::Answered(response) => Ok(*response),
         Failed::Broke(error) => Err(error),
         Failed::Nothing(_) if full > 0 && full == tried.len() => {
             cluster
@@ -418,7 +426,7 @@ fn give_up(
             cluster: cluster.name().to_string(),
             tried: tried.len(),
             total,
-            last,
+            last: last.into_owned(),
         }),
     }
 }
@@ -461,7 +469,7 @@ struct CallShared {
 struct Replay {
     source: Incoming,
     /// Data frames read so far, while they fit in `limit`.
-    kept: Vec<Bytes>,
+    kept: Kept,
     kept_len: usize,
     limit: usize,
     /// The body outgrew `limit`: no attempt can start over.
@@ -481,7 +489,7 @@ impl CallShared {
             waker: AtomicWaker::new(),
             body: Mutex::new(Replay {
                 source,
-                kept: Vec::new(),
+                kept: Kept::default(),
                 kept_len: 0,
                 limit,
                 overflowed: false,
@@ -520,6 +528,45 @@ impl CallShared {
         }
         r.attempt += 1;
         Some(r.attempt)
+    }
+}
+
+/// The kept data frames: a unary call's one frame needs no allocation.
+#[derive(Default)]
+enum Kept {
+    #[default]
+    None,
+    One(Bytes),
+    Many(Vec<Bytes>),
+}
+
+impl Kept {
+    fn len(&self) -> usize {
+        match self {
+            Kept::None => 0,
+            Kept::One(_) => 1,
+            Kept::Many(v) => v.len(),
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        *self = match std::mem::take(self) {
+            Kept::None => Kept::One(data),
+            Kept::One(first) => Kept::Many(vec![first, data]),
+            Kept::Many(mut v) => {
+                v.push(data);
+                Kept::Many(v)
+            }
+        };
+    }
+
+    /// The `i`th frame; `i < len()`.
+    fn get(&self, i: usize) -> Bytes {
+        match self {
+            Kept::None => Bytes::new(),
+            Kept::One(b) => b.clone(),
+            Kept::Many(v) => v.get(i).cloned().unwrap_or_default(),
+        }
     }
 }
 
@@ -595,7 +642,7 @@ impl Body for RequestBody {
         }
         if !r.overflowed && *pos < r.kept.len() {
             *pos += 1;
-            return Poll::Ready(Some(Ok(Frame::data(r.kept[*pos - 1].clone()))));
+            return Poll::Ready(Some(Ok(Frame::data(r.kept.get(*pos - 1)))));
         }
         if r.ended {
             if r.broke {
@@ -618,7 +665,7 @@ impl Body for RequestBody {
                             r.kept_len += data.len();
                             if r.kept_len > r.limit {
                                 r.overflowed = true;
-                                r.kept = Vec::new();
+                                r.kept = Kept::default();
                             } else {
                                 r.kept.push(data.clone());
                                 *pos += 1;

@@ -156,13 +156,28 @@ impl Connection {
     /// A handle to send calls on, connecting first if there is no live
     /// connection.
     pub async fn get(&self) -> Result<Sender, ConnectError> {
-        self.inner.uses.fetch_add(1, Ordering::Relaxed);
-        if let Some(pooled) = self.inner.ready.load().as_deref() {
-            if pooled.is_usable() {
-                return Ok(pooled.sender.clone());
-            }
+        match self.pooled() {
+            Some(sender) => Ok(sender),
+            None => self.connect_boxed().await,
         }
-        self.connect().await.map(|p| p.sender.clone())
+    }
+
+    /// The pooled connection's handle, if it is live: the fast path, with
+    /// no future to hold.
+    pub fn pooled(&self) -> Option<Sender> {
+        self.inner.uses.fetch_add(1, Ordering::Relaxed);
+        let pooled = self.inner.ready.load();
+        let pooled = pooled.as_deref()?;
+        pooled.is_usable().then(|| pooled.sender.clone())
+    }
+
+    /// Connects (or joins the connect under way). Boxed, so that the
+    /// futures of calls that find a pooled connection stay small.
+    pub fn connect_boxed(&self) -> BoxFuture<'static, Result<Sender, ConnectError>> {
+        let connection = Connection {
+            inner: self.inner.clone(),
+        };
+        Box::pin(async move { connection.connect().await.map(|p| p.sender.clone()) })
     }
 
     async fn connect(&self) -> Result<Arc<Pooled>, ConnectError> {
