@@ -970,6 +970,9 @@ impl RawConfig {
                     "a cluster needs at least one endpoint ([[cluster.endpoints]] address = \"host:port\")",
                 );
             }
+            if c.connect_timeout > MAX_DURATION {
+                p.add(format!("{at}.connect_timeout"), "must be at most a year");
+            }
             if c.connect_timeout.is_zero() {
                 p.add(format!("{at}.connect_timeout"), "must be more than 0");
             }
@@ -1138,12 +1141,36 @@ fn count(p: &mut Problems, key: String, value: Option<i64>, default: u32, max: u
     }
 }
 
+/// Durations are at most this long: far beyond any use, and clear of
+/// overflow when added to a clock reading.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn positive(p: &mut Problems, key: String, value: Option<Duration>, default: Duration) -> Duration {
     let d = value.unwrap_or(default);
     if d.is_zero() {
         p.add(key, "must be more than 0");
+    } else if d > MAX_DURATION {
+        p.add(key, "must be at most a year");
+        return default;
     }
     d
+}
+
+/// A duration of at most a year (0 allowed), or a problem at `key`.
+fn at_most_a_year(
+    p: &mut Problems,
+    key: String,
+    value: Option<Duration>,
+    default: Duration,
+) -> Duration {
+    match value {
+        Some(d) if d > MAX_DURATION => {
+            p.add(key, "must be at most a year");
+            default
+        }
+        Some(d) => d,
+        None => default,
+    }
 }
 
 /// A percentage from 0 to 100, as a share from 0.0 to 1.0.
@@ -1220,7 +1247,12 @@ fn validate_breaker(p: &mut Problems, at: &str, raw: Option<RawBreaker>) -> Brea
         enabled: raw.enabled.unwrap_or(true),
         failure_threshold: NonZeroU32::new(threshold).unwrap_or(d.failure_threshold),
         open_for: positive(p, format!("{at}.open_for"), raw.open_for, d.open_for),
-        max_open_for: raw.max_open_for.unwrap_or(d.max_open_for),
+        max_open_for: at_most_a_year(
+            p,
+            format!("{at}.max_open_for"),
+            raw.max_open_for,
+            d.max_open_for,
+        ),
         failures,
         max_ejection: percent(
             p,
@@ -1345,8 +1377,13 @@ fn validate_retry(p: &mut Problems, at: &str, raw: RawRetry) -> RetryConfig {
         methods: raw.methods,
         on,
         max_attempts: NonZeroU32::new(attempts).unwrap_or(d.max_attempts),
-        backoff: raw.backoff.unwrap_or(d.backoff),
-        max_backoff: raw.max_backoff.unwrap_or(d.max_backoff),
+        backoff: at_most_a_year(p, format!("{at}.backoff"), raw.backoff, d.backoff),
+        max_backoff: at_most_a_year(
+            p,
+            format!("{at}.max_backoff"),
+            raw.max_backoff,
+            d.max_backoff,
+        ),
         budget_percent: raw.budget_percent.unwrap_or(d.budget_percent),
         min_retries_per_second: match raw.min_retries_per_second {
             None => d.min_retries_per_second,
@@ -1396,6 +1433,8 @@ fn validate_rate_limit(
     }
     if raw.window < Duration::from_millis(1) {
         p.add(format!("{at}.window"), "must be at least 1ms");
+    } else if raw.window > MAX_DURATION {
+        p.add(format!("{at}.window"), "must be at most a year");
     }
     let key = match raw.key {
         None => None,

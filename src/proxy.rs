@@ -39,7 +39,7 @@ use tokio::time::{Instant, Sleep};
 use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
 use crate::config::{Outcome, RetryConfig};
-use crate::endpoint::{InFlight, Refused};
+use crate::endpoint::{Endpoint, InFlight, Refused};
 use crate::error::ProxyError;
 use crate::grpc;
 
@@ -166,6 +166,8 @@ async fn send(
     let mut full = 0usize;
     let mut answered = 0u32;
     let mut failed = Failed::Nothing(Cow::Borrowed("the cluster has no ready endpoint"));
+    // An endpoint passed over because it was still connecting.
+    let mut connecting: Option<Arc<Endpoint>> = None;
     let expired = |phase: String| ProxyError::DeadlineExceeded {
         cluster: name(),
         timeout: deadline.timeout,
@@ -185,17 +187,23 @@ async fn send(
             path: req.uri().path(),
             headers: req.headers(),
         };
-        let Some(endpoint) = snapshot.pick(&call, &tried, cluster.affinity()) else {
-            return give_up(failed, cluster, &tried, total, full);
+        let (endpoint, waited_for) = match snapshot.pick(&call, &tried, cluster.affinity()) {
+            Some(e) => (e.clone(), false),
+            // Every other endpoint was full or refused: wait for the one
+            // passed over while it connected.
+            None => match connecting.take() {
+                Some(e) => (e, true),
+                None => return give_up(failed, cluster, &tried, total, full),
+            },
         };
-        let endpoint = endpoint.clone();
         tried.insert(endpoint.id());
         let mut pooled = endpoint.connection().pooled();
-        if pooled.is_none() && may_go_elsewhere(cluster, &req, &snapshot, &tried) {
+        if pooled.is_none() && !waited_for && may_go_elsewhere(cluster, &req, &snapshot, &tried) {
             // Connecting takes a round trip at best and a connect timeout
             // at worst (a draining or unplugged endpoint): it goes on in the
             // background while this call goes to a connected endpoint.
             endpoint.connection().warm();
+            connecting.get_or_insert(endpoint);
             next = Some(req);
             continue;
         }
@@ -233,6 +241,15 @@ async fn send(
                 }
                 Some(Ok(sender)) => sender,
             };
+            if Instant::now() >= deadline.at {
+                // Nothing was sent: the endpoint is not to blame (a caller
+                // may send a deadline that has passed already).
+                in_flight.not_sent();
+                return Err(expired(format!(
+                    "before the call was sent to {}",
+                    endpoint.address()
+                )));
+            }
             if deadline.own.is_some() {
                 grpc::set_remaining(
                     req.headers_mut(),
@@ -527,6 +544,9 @@ impl CallShared {
             return None;
         }
         r.attempt += 1;
+        // The attempt before may be waiting on the caller's body: wake it
+        // to find that it is over (it then resets its stream).
+        self.waker.wake();
         Some(r.attempt)
     }
 }
@@ -675,7 +695,9 @@ impl Body for RequestBody {
                     }
                     Err(frame) => {
                         if let Some(t) = frame.trailers_ref() {
+                            // Trailers end a body.
                             r.trailers = Some(t.clone());
+                            r.ended = true;
                             *trailers_sent = true;
                         }
                         frame
@@ -918,6 +940,11 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        // While the outcome is unknown the body must be polled, so that a
+        // response that ends without a status gets one.
+        if self.guard.as_ref().is_some_and(|g| !g.recorded) {
+            return false;
+        }
         self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 

@@ -705,3 +705,35 @@ async fn an_idle_upstream_connection_is_closed_and_reopened_on_demand() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passed_before_sending_does_not_count_against_the_endpoint() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let sidecar = sidecar(vec![planner(&agents.addrs)]).await;
+        // Far more than the breaker's five: none of them is the endpoint's fault.
+        for _ in 0..20 {
+            let status = raw_unary(
+                Way::Connect,
+                &sidecar,
+                &request(b"x"),
+                &[("grpc-timeout", "1n")],
+            )
+            .await;
+            assert_eq!(status["grpc-status"], "4", "{status:?}");
+        }
+        let endpoint = sidecar.router().clusters()[0].endpoints()[0].clone();
+        let stats = endpoint.stats();
+        assert_eq!(
+            (stats.state, stats.failures, stats.ejections),
+            ("ready", 0, 0),
+            "{stats:?}"
+        );
+        assert_eq!(
+            agents.stats[0].get(&agents.stats[0].calls),
+            0,
+            "nothing was sent"
+        );
+    })
+    .await;
+}

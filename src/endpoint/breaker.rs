@@ -165,10 +165,13 @@ impl Breaker {
         }
     }
 
-    /// Records a call's outcome. `budget` is asked before opening.
+    /// Records a call's outcome. Only a `settles` outcome (the probe's, or
+    /// a connect's) ends a half-open state: calls sent before the breaker
+    /// opened may still be finishing. `budget` is asked before opening.
     pub fn record(
         &mut self,
         failed: bool,
+        settles: bool,
         now: Instant,
         budget: &EjectionBudget,
     ) -> Option<Transition> {
@@ -177,6 +180,7 @@ impl Breaker {
         }
         self.window.record(failed, now);
         match self.state {
+            State::HalfOpen { .. } if !settles => None,
             State::HalfOpen { .. } if failed => {
                 self.open("the half-open probe failed".into(), now, budget)
             }
@@ -337,15 +341,15 @@ mod tests {
         let budget = EjectionBudget::new(3, 0.5);
         let mut b = breaker(None);
         for _ in 0..4 {
-            assert_eq!(b.record(true, Instant::now(), &budget), None);
+            assert_eq!(b.record(true, true, Instant::now(), &budget), None);
         }
         // A success in between starts the count again.
-        assert_eq!(b.record(false, Instant::now(), &budget), None);
+        assert_eq!(b.record(false, true, Instant::now(), &budget), None);
         for _ in 0..4 {
-            assert_eq!(b.record(true, Instant::now(), &budget), None);
+            assert_eq!(b.record(true, true, Instant::now(), &budget), None);
         }
         assert!(b.is_available());
-        let t = b.record(true, Instant::now(), &budget);
+        let t = b.record(true, true, Instant::now(), &budget);
         assert_eq!(opened_for(t), Duration::from_secs(30));
         assert!(!b.is_available());
         assert_eq!(budget.ejected(), 1);
@@ -357,7 +361,7 @@ mod tests {
         let budget = EjectionBudget::new(3, 0.5);
         let mut b = breaker(None);
         for _ in 0..5 {
-            b.record(true, Instant::now(), &budget);
+            b.record(true, true, Instant::now(), &budget);
         }
         tokio::time::advance(Duration::from_secs(29)).await;
         assert_eq!(b.poll(Instant::now()), None, "still open at 29s");
@@ -367,7 +371,7 @@ mod tests {
         assert_eq!(b.admit(), None, "one probe at a time");
         assert!(!b.is_available());
         assert_eq!(
-            b.record(false, Instant::now(), &budget),
+            b.record(false, true, Instant::now(), &budget),
             Some(Transition::Closed)
         );
         assert_eq!(b.state(), State::Closed);
@@ -381,7 +385,7 @@ mod tests {
         let mut b = breaker(None);
         let mut t = None;
         for _ in 0..5 {
-            t = b.record(true, Instant::now(), &budget);
+            t = b.record(true, true, Instant::now(), &budget);
         }
         let mut intervals = vec![opened_for(t)];
         for _ in 0..3 {
@@ -389,7 +393,7 @@ mod tests {
             tokio::time::advance(wait).await;
             assert_eq!(b.poll(Instant::now()), Some(Transition::HalfOpened));
             assert_eq!(b.admit(), Some(true));
-            intervals.push(opened_for(b.record(true, Instant::now(), &budget)));
+            intervals.push(opened_for(b.record(true, true, Instant::now(), &budget)));
         }
         let secs: Vec<u64> = intervals.iter().map(Duration::as_secs).collect();
         assert_eq!(secs, [30, 60, 100, 100]);
@@ -398,12 +402,32 @@ mod tests {
         tokio::time::advance(Duration::from_secs(100)).await;
         b.poll(Instant::now());
         b.admit();
-        b.record(false, Instant::now(), &budget);
+        b.record(false, true, Instant::now(), &budget);
         let mut t = None;
         for _ in 0..5 {
-            t = b.record(true, Instant::now(), &budget);
+            t = b.record(true, true, Instant::now(), &budget);
         }
         assert_eq!(opened_for(t), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_probe_settles_a_half_open_breaker() {
+        let budget = EjectionBudget::new(3, 0.5);
+        let mut b = breaker(None);
+        for _ in 0..5 {
+            b.record(true, true, Instant::now(), &budget);
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        b.poll(Instant::now());
+        assert_eq!(b.admit(), Some(true));
+        // A call sent before the breaker opened ends now, either way.
+        assert_eq!(b.record(false, false, Instant::now(), &budget), None);
+        assert_eq!(b.record(true, false, Instant::now(), &budget), None);
+        assert_eq!(b.state(), State::HalfOpen { probing: true });
+        assert_eq!(
+            b.record(false, true, Instant::now(), &budget),
+            Some(Transition::Closed)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -411,7 +435,7 @@ mod tests {
         let budget = EjectionBudget::new(1, 0.5);
         let mut b = breaker(None);
         for _ in 0..5 {
-            b.record(true, Instant::now(), &budget);
+            b.record(true, true, Instant::now(), &budget);
         }
         tokio::time::advance(Duration::from_secs(30)).await;
         b.poll(Instant::now());
@@ -429,7 +453,7 @@ mod tests {
         for b in &mut breakers {
             let mut last = None;
             for _ in 0..5 {
-                last = b.record(true, Instant::now(), &budget);
+                last = b.record(true, true, Instant::now(), &budget);
             }
             outcomes.push(matches!(last, Some(Transition::Opened { .. })));
         }
@@ -440,10 +464,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(30)).await;
         breakers[0].poll(Instant::now());
         breakers[0].admit();
-        breakers[0].record(false, Instant::now(), &budget);
+        breakers[0].record(false, true, Instant::now(), &budget);
         let mut last = None;
         for _ in 0..5 {
-            last = breakers[2].record(true, Instant::now(), &budget);
+            last = breakers[2].record(true, true, Instant::now(), &budget);
         }
         assert!(matches!(last, Some(Transition::Opened { .. })), "{last:?}");
         // A cluster of one may always eject its one endpoint.
@@ -466,7 +490,7 @@ mod tests {
         let mut calls = 0;
         while t.is_none() {
             calls += 1;
-            t = b.record(calls % 2 == 0, Instant::now(), &budget);
+            t = b.record(calls % 2 == 0, true, Instant::now(), &budget);
             assert!(calls < 20, "never ejected");
         }
         match t {
@@ -482,14 +506,18 @@ mod tests {
             ..OutlierConfig::default()
         }));
         for _ in 0..2 {
-            b.record(false, Instant::now(), &budget);
-            assert_eq!(b.record(true, Instant::now(), &budget), None);
+            b.record(false, true, Instant::now(), &budget);
+            assert_eq!(b.record(true, true, Instant::now(), &budget), None);
         }
         tokio::time::advance(Duration::from_secs(11)).await;
         for _ in 0..4 {
-            b.record(false, Instant::now(), &budget);
+            b.record(false, true, Instant::now(), &budget);
         }
-        assert_eq!(b.record(true, Instant::now(), &budget), None, "80% of 5");
+        assert_eq!(
+            b.record(true, true, Instant::now(), &budget),
+            None,
+            "80% of 5"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -501,7 +529,7 @@ mod tests {
         };
         let mut b = Breaker::new(&config, Some(&OutlierConfig::default()), Instant::now());
         for _ in 0..100 {
-            assert_eq!(b.record(true, Instant::now(), &budget), None);
+            assert_eq!(b.record(true, true, Instant::now(), &budget), None);
         }
         assert!(b.is_available());
     }

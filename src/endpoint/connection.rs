@@ -319,16 +319,31 @@ impl Inner {
     /// Drops the pool's handles to connection `attempt`, if it is still the
     /// pooled one. Returns whether it was.
     fn unpool(&self, attempt: u64) -> bool {
-        let current = self.ready.load().as_ref().map(|p| p.attempt);
-        if current != Some(attempt) {
+        let current = self.ready.load_full();
+        if current.as_ref().map(|p| p.attempt) != Some(attempt) {
             return false;
         }
-        self.ready.store(None);
+        // Only if no newer connection took its place meanwhile.
+        let previous = self.ready.compare_and_swap(&current, None);
+        if !previous
+            .as_ref()
+            .zip(current.as_ref())
+            .is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            return false;
+        }
         let mut slot = self
             .connecting
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        *slot = None;
+        // A dial of the next connection may be under way: leave it be.
+        if slot
+            .as_ref()
+            .and_then(|c| c.peek())
+            .is_some_and(|r| matches!(r, Ok(p) if p.attempt == attempt))
+        {
+            *slot = None;
+        }
         true
     }
 }

@@ -194,7 +194,7 @@ impl Endpoint {
         if self.breaker_closed.load(Ordering::Acquire) {
             return;
         }
-        let t = lock(&self.breaker).poll(now);
+        let t = self.with_breaker(|b| b.poll(now));
         self.apply(t);
     }
 
@@ -209,7 +209,7 @@ impl Endpoint {
         let probe = if self.breaker_closed.load(Ordering::Acquire) {
             false
         } else {
-            match lock(&self.breaker).admit() {
+            match self.with_breaker(Breaker::admit) {
                 Some(probe) => probe,
                 None => {
                     self.load.leave();
@@ -242,15 +242,27 @@ impl Endpoint {
             .fetch_max(error.attempt, Ordering::AcqRel)
             < error.attempt
         {
-            self.record(Outcome::Connect, Instant::now());
+            self.record(Outcome::Connect, true, Instant::now());
         }
     }
 
-    /// Feeds an outcome to the breaker.
-    fn record(&self, outcome: Outcome, now: Instant) {
+    /// Feeds an outcome to the breaker; only `settles` outcomes (a probe's,
+    /// a connect's) may end a half-open state.
+    fn record(&self, outcome: Outcome, settles: bool, now: Instant) {
         let failed = self.failures_count.contains(outcome);
-        let t = lock(&self.breaker).record(failed, now, &self.budget);
+        let t = self.with_breaker(|b| b.record(failed, settles, now, &self.budget));
         self.apply(t);
+    }
+
+    /// Runs `f` on the breaker and publishes whether it is closed, under
+    /// one lock, so that the flag the hot path reads never disagrees with
+    /// the state.
+    fn with_breaker<R>(&self, f: impl FnOnce(&mut Breaker) -> R) -> R {
+        let mut breaker = lock(&self.breaker);
+        let out = f(&mut breaker);
+        self.breaker_closed
+            .store(breaker.state() == breaker::State::Closed, Ordering::Release);
+        out
     }
 
     /// The health checker's verdict changed.
@@ -262,7 +274,7 @@ impl Endpoint {
             tracing::info!(endpoint = %self.address, reason, "endpoint healthy again");
             // Envoy's `successful_active_health_check_uneject_host`: an
             // endpoint that passes its checks again starts afresh.
-            let t = lock(&self.breaker).reset(Instant::now(), &self.budget);
+            let t = self.with_breaker(|b| b.reset(Instant::now(), &self.budget));
             self.apply(t);
             self.connection.forget_failures();
         } else {
@@ -291,8 +303,6 @@ impl Endpoint {
                 tracing::info!(endpoint = %self.address, "circuit breaker closed; the endpoint is back")
             }
         }
-        let closed = lock(&self.breaker).state() == breaker::State::Closed;
-        self.breaker_closed.store(closed, Ordering::Release);
         if !matches!(t, Transition::Spared { .. }) {
             self.changed.notify_one();
         }
@@ -377,10 +387,16 @@ impl InFlight {
         }
     }
 
-    /// The response started (headers arrived).
-    pub fn responded(&self) {
+    /// The response started (headers arrived). A probe that gets as far as
+    /// response headers has shown the endpoint answers: it closes the
+    /// breaker now, rather than when a long stream ends.
+    pub fn responded(&mut self) {
         let now = Instant::now();
         self.endpoint.load.observe_rtt(now - self.sent, now);
+        if std::mem::replace(&mut self.probe, false) {
+            self.endpoint
+                .record(Outcome::Status(tonic::Code::Ok), true, now);
+        }
     }
 
     /// The call ended with `outcome`: fed to the load estimates (see
@@ -401,7 +417,7 @@ impl InFlight {
         self.endpoint
             .load
             .observe_outcome(failed, now - self.sent, now);
-        self.endpoint.record(outcome, now);
+        self.endpoint.record(outcome, self.probe, now);
     }
 }
 
@@ -409,7 +425,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.load.leave();
         if self.probe && !self.recorded {
-            lock(&self.endpoint.breaker).probe_abandoned();
+            self.endpoint.with_breaker(Breaker::probe_abandoned);
             self.endpoint.changed.notify_one();
         }
     }
