@@ -232,13 +232,18 @@ async fn without_a_retry_policy_only_calls_in_flight_on_the_killed_agent_fail() 
         let victim = children.pop().unwrap();
         let (shots, killed) = load_and_signal(
             client,
-            Duration::from_secs(6),
+            Duration::from_secs(10),
             victim,
             "-KILL",
             Duration::from_secs(3),
         )
         .await;
         let failed: Vec<&Shot> = shots.iter().filter(|s| s.result.is_err()).collect();
+        eprintln!(
+            "{} of {} calls failed, all sent to the killed agent before it died",
+            failed.len(),
+            shots.len()
+        );
         // At 300 calls/s over three agents that take 20 ms, about two calls
         // are in flight on the victim when it dies.
         assert!(failed.len() <= 10, "{} failed: {failed:?}", failed.len());
