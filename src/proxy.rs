@@ -495,8 +495,44 @@ struct Replay {
     /// The source is done (ended, or broke).
     ended: bool,
     broke: bool,
+    /// A frame read ahead of its turn (see [`Replay::look_ahead`]).
+    ahead: Option<Frame<Bytes>>,
     /// The attempt whose body may read; older attempts' bodies fail.
     attempt: u32,
+}
+
+impl Replay {
+    /// After a data frame, reads on if the next frame is there already: a
+    /// caller's library often ends a unary request with an empty DATA frame
+    /// of its own, and knowing the body has ended lets the last data frame
+    /// carry END_STREAM (one frame and one write fewer per call upstream).
+    fn look_ahead(&mut self, cx: &mut Context<'_>) {
+        if self.ended || self.ahead.is_some() {
+            return;
+        }
+        loop {
+            match Pin::new(&mut self.source).poll_frame(cx) {
+                Poll::Pending => return,
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    return;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "caller's request stream broke; resetting upstream");
+                    self.ended = true;
+                    self.broke = true;
+                    return;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if frame.data_ref().is_some_and(|d| d.is_empty()) {
+                        continue;
+                    }
+                    self.ahead = Some(frame);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl CallShared {
@@ -513,6 +549,7 @@ impl CallShared {
                 trailers: None,
                 ended: false,
                 broke: false,
+                ahead: None,
                 attempt: 0,
             }),
         }
@@ -676,7 +713,11 @@ impl Body for RequestBody {
             }
             return Poll::Ready(None);
         }
-        match ready!(Pin::new(&mut r.source).poll_frame(cx)) {
+        let next = match r.ahead.take() {
+            Some(frame) => Some(Ok(frame)),
+            None => ready!(Pin::new(&mut r.source).poll_frame(cx)),
+        };
+        match next {
             Some(Ok(frame)) => {
                 let frame = match frame.into_data() {
                     Ok(mut data) => {
@@ -691,6 +732,7 @@ impl Body for RequestBody {
                                 *pos += 1;
                             }
                         }
+                        r.look_ahead(cx);
                         Frame::data(data)
                     }
                     Err(frame) => {
@@ -733,6 +775,7 @@ impl Body for RequestBody {
                 let r = shared.replay();
                 let replayed = r.overflowed || *pos >= r.kept.len();
                 replayed
+                    && r.ahead.is_none()
                     && if r.ended {
                         !r.broke && (*trailers_sent || r.trailers.is_none())
                     } else {
