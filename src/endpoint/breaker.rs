@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::load::Window;
 use crate::config::{BreakerConfig, OutlierConfig};
 
 /// How many endpoints of a cluster may be ejected at once.
@@ -178,7 +179,7 @@ impl Breaker {
         if !self.config.enabled {
             return None;
         }
-        self.window.record(failed, now);
+        self.window.record(failed, Duration::ZERO, now);
         match self.state {
             State::HalfOpen { .. } if !settles => None,
             State::HalfOpen { .. } if failed => {
@@ -198,8 +199,8 @@ impl Breaker {
                     return self.open(reason, now, budget);
                 }
                 let outlier = self.outlier.as_ref()?;
-                let (calls, failures) = self.window.totals(now);
-                let rate = 1.0 - failures as f64 / calls.max(1) as f64;
+                let summary = self.window.summary(now)?;
+                let (calls, rate) = (summary.calls, summary.success_rate);
                 if calls >= u64::from(outlier.min_calls) && rate < outlier.min_success_rate {
                     let reason = format!(
                         "success rate {:.0}% over {:?} ({calls} calls) is below {:.0}%",
@@ -216,9 +217,9 @@ impl Breaker {
 
     /// Closes the breaker whatever its state (the health checker saw the
     /// endpoint come back): the endpoint starts afresh.
-    pub fn reset(&mut self, now: Instant, budget: &EjectionBudget) -> Option<Transition> {
+    pub fn reset(&mut self, budget: &EjectionBudget) -> Option<Transition> {
         let was_closed = self.state == State::Closed;
-        self.window = Window::new(self.window.span, now);
+        self.window.clear();
         self.consecutive = 0;
         if was_closed {
             self.reopens = 0;
@@ -237,7 +238,7 @@ impl Breaker {
         let holds_slot = matches!(self.state, State::HalfOpen { .. });
         if !holds_slot && !budget.try_take() {
             self.consecutive = 0;
-            self.window = Window::new(self.window.span, now);
+            self.window.clear();
             return Some(Transition::Spared { reason });
         }
         let open_for = self
@@ -260,54 +261,6 @@ impl Breaker {
         self.reopens = 0;
         self.window.clear();
         Transition::Closed
-    }
-}
-
-const BUCKETS: usize = 10;
-
-/// Calls and failures over a sliding span, in ten buckets.
-struct Window {
-    epoch: Instant,
-    span: Duration,
-    bucket: Duration,
-    /// (tick, calls, failures); a bucket is live while its tick is recent.
-    buckets: [(u64, u64, u64); BUCKETS],
-}
-
-impl Window {
-    fn new(span: Duration, now: Instant) -> Window {
-        Window {
-            epoch: now,
-            span,
-            bucket: (span / BUCKETS as u32).max(Duration::from_millis(1)),
-            buckets: [(0, 0, 0); BUCKETS],
-        }
-    }
-
-    fn clear(&mut self) {
-        self.buckets = [(0, 0, 0); BUCKETS];
-    }
-
-    fn tick(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.epoch).as_nanos() / self.bucket.as_nanos()) as u64 + 1
-    }
-
-    fn record(&mut self, failed: bool, now: Instant) {
-        let tick = self.tick(now);
-        let b = &mut self.buckets[tick as usize % BUCKETS];
-        if b.0 != tick {
-            *b = (tick, 0, 0);
-        }
-        b.1 += 1;
-        b.2 += u64::from(failed);
-    }
-
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let tick = self.tick(now);
-        self.buckets
-            .iter()
-            .filter(|b| b.0 + BUCKETS as u64 > tick && b.0 <= tick)
-            .fold((0, 0), |(c, f), b| (c + b.1, f + b.2))
     }
 }
 

@@ -140,7 +140,9 @@ struct Bucket {
     latency_ns: u128,
 }
 
-struct Window {
+/// Calls, failures and latency over a sliding span, in ten buckets: the
+/// performance strategy's window, and the breaker's for error rates.
+pub(super) struct Window {
     epoch: Instant,
     bucket: Duration,
     buckets: [Bucket; BUCKETS],
@@ -155,7 +157,7 @@ pub struct WindowSummary {
 }
 
 impl Window {
-    fn new(window: Duration, now: Instant) -> Window {
+    pub(super) fn new(window: Duration, now: Instant) -> Window {
         Window {
             epoch: now,
             bucket: (window / BUCKETS as u32).max(Duration::from_millis(1)),
@@ -168,7 +170,12 @@ impl Window {
         (now.saturating_duration_since(self.epoch).as_nanos() / self.bucket.as_nanos()) as u64 + 1
     }
 
-    fn record(&mut self, failed: bool, elapsed: Duration, now: Instant) {
+    /// Forgets every call.
+    pub(super) fn clear(&mut self) {
+        self.buckets = [Bucket::default(); BUCKETS];
+    }
+
+    pub(super) fn record(&mut self, failed: bool, elapsed: Duration, now: Instant) {
         let tick = self.tick(now);
         let b = &mut self.buckets[tick as usize % BUCKETS];
         if b.tick != tick {
@@ -182,7 +189,7 @@ impl Window {
         b.latency_ns += elapsed.as_nanos();
     }
 
-    fn summary(&self, now: Instant) -> Option<WindowSummary> {
+    pub(super) fn summary(&self, now: Instant) -> Option<WindowSummary> {
         let tick = self.tick(now);
         let live = self
             .buckets

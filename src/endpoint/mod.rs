@@ -274,7 +274,7 @@ impl Endpoint {
             tracing::info!(endpoint = %self.address, reason, "endpoint healthy again");
             // Envoy's `successful_active_health_check_uneject_host`: an
             // endpoint that passes its checks again starts afresh.
-            let t = self.with_breaker(|b| b.reset(Instant::now(), &self.budget));
+            let t = self.with_breaker(|b| b.reset(&self.budget));
             self.apply(t);
             self.connection.forget_failures();
         } else {
