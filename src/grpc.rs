@@ -76,26 +76,34 @@ pub fn counts_as_failure(code: tonic::Code) -> bool {
 /// UNAVAILABLE, CANCEL CANCELLED, ENHANCE_YOUR_CALM RESOURCE_EXHAUSTED,
 /// INADEQUATE_SECURITY PERMISSION_DENIED, any other code INTERNAL.
 pub fn code_for_upstream_error(error: &hyper::Error) -> tonic::Code {
-    use std::error::Error as _;
     use tonic::Code;
+    let Some(h2) = h2_error(error) else {
+        return Code::Unavailable;
+    };
+    if h2.is_io() || h2.is_go_away() {
+        return Code::Unavailable;
+    }
+    match h2.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
+        Some(h2::Reason::CANCEL) => Code::Cancelled,
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+        Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
+        Some(_) => Code::Internal,
+        None => Code::Unavailable,
+    }
+}
+
+/// The HTTP/2 error among `error`'s causes, if any.
+fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
+    use std::error::Error as _;
     let mut source = error.source();
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            if h2.is_io() || h2.is_go_away() {
-                return Code::Unavailable;
-            }
-            return match h2.reason() {
-                Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
-                Some(h2::Reason::CANCEL) => Code::Cancelled,
-                Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
-                Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
-                Some(_) => Code::Internal,
-                None => Code::Unavailable,
-            };
+            return Some(h2);
         }
         source = e.source();
     }
-    Code::Unavailable
+    None
 }
 
 /// `error` with its chain of causes (`connection error: Connection reset
@@ -118,16 +126,9 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 /// `error`: it refused the stream (REFUSED_STREAM), or its GOAWAY named a
 /// last stream below this one. Such a call is safe to send elsewhere.
 pub fn is_unprocessed(error: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
-        }
-        source = e.source();
-    }
-    false
+    h2_error(error).is_some_and(|h2| {
+        h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
 }
 
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::lock;
 use crate::io::PeerSignals;
 use crate::proxy::RequestBody;
 
@@ -182,11 +183,7 @@ impl Connection {
 
     async fn connect(&self) -> Result<Arc<Pooled>, ConnectError> {
         let attempt = {
-            let mut slot = self
-                .inner
-                .connecting
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
+            let mut slot = lock(&self.inner.connecting);
             let reusable = slot.as_ref().is_some_and(|c| match c.peek() {
                 None => true,
                 Some(Ok(pooled)) => pooled.is_usable(),
@@ -332,10 +329,7 @@ impl Inner {
         {
             return false;
         }
-        let mut slot = self
-            .connecting
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut slot = lock(&self.connecting);
         // A dial of the next connection may be under way: leave it be.
         if slot
             .as_ref()

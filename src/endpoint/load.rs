@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::lock;
 use crate::config::{LatencyConfig, PerformanceConfig};
 
 const BUCKETS: usize = 10;
@@ -91,10 +92,6 @@ impl Load {
     pub fn window_summary(&self, now: Instant) -> Option<WindowSummary> {
         lock(&self.window).summary(now)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// Each faster answer is blended in with at least this weight (see the

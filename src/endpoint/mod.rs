@@ -349,6 +349,8 @@ pub enum Refused {
     Breaker,
 }
 
+/// Locks `m`; a panic elsewhere while it was held leaves data that is
+/// still whole (counters, estimates), so the lock is taken anyway.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poison| poison.into_inner())
 }
