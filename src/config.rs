@@ -1141,6 +1141,17 @@ fn count(p: &mut Problems, key: String, value: Option<i64>, default: u32, max: u
     }
 }
 
+/// [`count`], for settings whose type says they are never 0.
+fn nonzero(
+    p: &mut Problems,
+    key: String,
+    value: Option<i64>,
+    default: NonZeroU32,
+    max: u32,
+) -> NonZeroU32 {
+    NonZeroU32::new(count(p, key, value, default.get(), max)).unwrap_or(default)
+}
+
 /// Durations are at most this long: far beyond any use, and clear of
 /// overflow when added to a clock reading.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -1236,16 +1247,15 @@ fn validate_breaker(p: &mut Problems, at: &str, raw: Option<RawBreaker>) -> Brea
             d.failures
         }),
     };
-    let threshold = count(
-        p,
-        format!("{at}.failure_threshold"),
-        raw.failure_threshold,
-        d.failure_threshold.get(),
-        1_000_000,
-    );
     let out = BreakerConfig {
         enabled: raw.enabled.unwrap_or(true),
-        failure_threshold: NonZeroU32::new(threshold).unwrap_or(d.failure_threshold),
+        failure_threshold: nonzero(
+            p,
+            format!("{at}.failure_threshold"),
+            raw.failure_threshold,
+            d.failure_threshold,
+            1_000_000,
+        ),
         open_for: positive(p, format!("{at}.open_for"), raw.open_for, d.open_for),
         max_open_for: at_most_a_year(
             p,
@@ -1310,25 +1320,23 @@ fn validate_health_check(
     let raw = raw?;
     let d = HealthCheckConfig::default();
     let at = format!("{at}.health_check");
-    let unhealthy = count(
-        p,
-        format!("{at}.unhealthy_threshold"),
-        raw.unhealthy_threshold,
-        d.unhealthy_threshold.get(),
-        1000,
-    );
-    let healthy = count(
-        p,
-        format!("{at}.healthy_threshold"),
-        raw.healthy_threshold,
-        d.healthy_threshold.get(),
-        1000,
-    );
     let out = HealthCheckConfig {
+        unhealthy_threshold: nonzero(
+            p,
+            format!("{at}.unhealthy_threshold"),
+            raw.unhealthy_threshold,
+            d.unhealthy_threshold,
+            1000,
+        ),
+        healthy_threshold: nonzero(
+            p,
+            format!("{at}.healthy_threshold"),
+            raw.healthy_threshold,
+            d.healthy_threshold,
+            1000,
+        ),
         interval: positive(p, format!("{at}.interval"), raw.interval, d.interval),
         timeout: positive(p, format!("{at}.timeout"), raw.timeout, d.timeout),
-        unhealthy_threshold: NonZeroU32::new(unhealthy).unwrap_or(d.unhealthy_threshold),
-        healthy_threshold: NonZeroU32::new(healthy).unwrap_or(d.healthy_threshold),
         service: raw.service.unwrap_or_default(),
     };
     raw.enabled.unwrap_or(true).then_some(out)
@@ -1366,17 +1374,16 @@ fn validate_retry(p: &mut Problems, at: &str, raw: RawRetry) -> RetryConfig {
             })
             .collect(),
     };
-    let attempts = count(
-        p,
-        format!("{at}.max_attempts"),
-        raw.max_attempts,
-        d.max_attempts.get(),
-        10,
-    );
     let out = RetryConfig {
         methods: raw.methods,
         on,
-        max_attempts: NonZeroU32::new(attempts).unwrap_or(d.max_attempts),
+        max_attempts: nonzero(
+            p,
+            format!("{at}.max_attempts"),
+            raw.max_attempts,
+            d.max_attempts,
+            10,
+        ),
         backoff: at_most_a_year(p, format!("{at}.backoff"), raw.backoff, d.backoff),
         max_backoff: at_most_a_year(
             p,

@@ -282,6 +282,14 @@ mod tests {
         Breaker::new(&config(), outlier.as_ref(), Instant::now())
     }
 
+    /// Five failures in a row, the threshold; the last one's transition.
+    fn fail_five(b: &mut Breaker, budget: &EjectionBudget) -> Option<Transition> {
+        (0..5)
+            .map(|_| b.record(true, true, Instant::now(), budget))
+            .last()
+            .flatten()
+    }
+
     fn opened_for(t: Option<Transition>) -> Duration {
         match t {
             Some(Transition::Opened { open_for, .. }) => open_for,
@@ -313,9 +321,7 @@ mod tests {
     async fn half_open_admits_one_probe_and_its_success_closes() {
         let budget = EjectionBudget::new(3, 0.5);
         let mut b = breaker(None);
-        for _ in 0..5 {
-            b.record(true, true, Instant::now(), &budget);
-        }
+        fail_five(&mut b, &budget);
         tokio::time::advance(Duration::from_secs(29)).await;
         assert_eq!(b.poll(Instant::now()), None, "still open at 29s");
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -336,10 +342,7 @@ mod tests {
     async fn each_reopen_doubles_the_open_interval_up_to_the_cap() {
         let budget = EjectionBudget::new(3, 0.5);
         let mut b = breaker(None);
-        let mut t = None;
-        for _ in 0..5 {
-            t = b.record(true, true, Instant::now(), &budget);
-        }
+        let t = fail_five(&mut b, &budget);
         let mut intervals = vec![opened_for(t)];
         for _ in 0..3 {
             let wait = intervals[intervals.len() - 1];
@@ -356,10 +359,7 @@ mod tests {
         b.poll(Instant::now());
         b.admit();
         b.record(false, true, Instant::now(), &budget);
-        let mut t = None;
-        for _ in 0..5 {
-            t = b.record(true, true, Instant::now(), &budget);
-        }
+        let t = fail_five(&mut b, &budget);
         assert_eq!(opened_for(t), Duration::from_secs(30));
     }
 
@@ -367,9 +367,7 @@ mod tests {
     async fn only_the_probe_settles_a_half_open_breaker() {
         let budget = EjectionBudget::new(3, 0.5);
         let mut b = breaker(None);
-        for _ in 0..5 {
-            b.record(true, true, Instant::now(), &budget);
-        }
+        fail_five(&mut b, &budget);
         tokio::time::advance(Duration::from_secs(30)).await;
         b.poll(Instant::now());
         assert_eq!(b.admit(), Some(true));
@@ -387,9 +385,7 @@ mod tests {
     async fn an_abandoned_probe_lets_the_next_call_probe() {
         let budget = EjectionBudget::new(1, 0.5);
         let mut b = breaker(None);
-        for _ in 0..5 {
-            b.record(true, true, Instant::now(), &budget);
-        }
+        fail_five(&mut b, &budget);
         tokio::time::advance(Duration::from_secs(30)).await;
         b.poll(Instant::now());
         assert_eq!(b.admit(), Some(true));
@@ -404,10 +400,7 @@ mod tests {
         let mut breakers: Vec<Breaker> = (0..4).map(|_| breaker(None)).collect();
         let mut outcomes = Vec::new();
         for b in &mut breakers {
-            let mut last = None;
-            for _ in 0..5 {
-                last = b.record(true, true, Instant::now(), &budget);
-            }
+            let last = fail_five(b, &budget);
             outcomes.push(matches!(last, Some(Transition::Opened { .. })));
         }
         assert_eq!(outcomes, [true, true, false, false]);
@@ -418,10 +411,7 @@ mod tests {
         breakers[0].poll(Instant::now());
         breakers[0].admit();
         breakers[0].record(false, true, Instant::now(), &budget);
-        let mut last = None;
-        for _ in 0..5 {
-            last = breakers[2].record(true, true, Instant::now(), &budget);
-        }
+        let last = fail_five(&mut breakers[2], &budget);
         assert!(matches!(last, Some(Transition::Opened { .. })), "{last:?}");
         // A cluster of one may always eject its one endpoint.
         assert_eq!(EjectionBudget::new(1, 0.1).max(), 1);
