@@ -429,15 +429,13 @@ fn give_up(
         Failed::Answered(response) => Ok(*response),
         Failed::Broke(error) => Err(error),
         Failed::Nothing(_) if full > 0 && full == tried.len() => {
-            cluster
-                .stats()
-                .endpoints_full
-                .fetch_add(1, Ordering::Relaxed);
-            Err(ProxyError::EndpointsFull {
+            let error = ProxyError::EndpointsFull {
                 cluster: cluster.name().to_string(),
                 max: cluster.config().max_in_flight_per_endpoint,
                 full,
-            })
+            };
+            cluster.refused(&cluster.stats().endpoints_full, &error);
+            Err(error)
         }
         Failed::Nothing(last) => Err(ProxyError::NoEndpointReachable {
             cluster: cluster.name().to_string(),
