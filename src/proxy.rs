@@ -296,31 +296,27 @@ async fn send(
                     Some(code) => in_flight.finished(Outcome::Status(code)),
                     None => in_flight.responded(),
                 }
-                let response = Response::from_parts(
-                    parts,
-                    ResponseBody {
-                        inner: Some(body),
-                        deadline: Some(DeadlineTimer::At(deadline.at)),
-                        guard: None,
-                    },
-                );
                 answered += 1;
                 let retry = trailers_only
                     .is_some_and(|code| wants_retry(policy, code, answered) && shared.can_replay());
+                let mut body = ResponseBody {
+                    inner: Some(body),
+                    deadline: Some(DeadlineTimer::At(deadline.at)),
+                    guard: None,
+                };
                 if !retry {
-                    return Ok(attach(
-                        response,
-                        CallGuard {
-                            state: shared,
-                            in_flight,
-                            admitted,
-                            cluster: cluster.clone(),
-                            deadline,
-                            finished: false,
-                            recorded: trailers_only.is_some(),
-                        },
-                    ));
+                    body.guard = Some(CallGuard {
+                        state: shared,
+                        in_flight,
+                        admitted,
+                        cluster: cluster.clone(),
+                        deadline,
+                        finished: false,
+                        recorded: trailers_only.is_some(),
+                    });
+                    return Ok(Response::from_parts(parts, body));
                 }
+                let response = Response::from_parts(parts, body);
                 failed = Failed::Answered(Box::new(response));
             }
             Err(error) => {
@@ -444,12 +440,6 @@ fn give_up(
             last: last.into_owned(),
         }),
     }
-}
-
-fn attach(response: Response<ResponseBody>, guard: CallGuard) -> Response<ResponseBody> {
-    let (parts, mut body) = response.into_parts();
-    body.guard = Some(guard);
-    Response::from_parts(parts, body)
 }
 
 /// Runs `f` until `deadline`; `None` if the deadline came first. When both
