@@ -158,14 +158,12 @@ impl Cluster {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts a call against `max_in_flight`, or refuses it.
+    /// Counts a call against `max_in_flight`, or refuses it (the caller
+    /// reports the refusal through [`Cluster::refused`]).
     pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let max = u64::from(self.config.max_in_flight);
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.stats
-                .over_max_in_flight
-                .fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(Admitted {

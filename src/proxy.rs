@@ -134,10 +134,12 @@ async fn send(
         }
     }
     let Some(admitted) = cluster.admit() else {
-        return Err(ProxyError::ClusterFull {
+        let error = ProxyError::ClusterFull {
             cluster: name(),
             max: config.max_in_flight,
-        });
+        };
+        cluster.refused(&cluster.stats().over_max_in_flight, &error);
+        return Err(error);
     };
     let policy = config.retry.as_ref().filter(|r| r.covers(req.uri().path()));
     if policy.is_some() {
