@@ -107,7 +107,7 @@ impl Cluster {
                 RetryBudget::new(RetryBudgetConfig {
                     percent: r.budget_percent,
                     min_per_second: r.min_retries_per_second,
-                    ttl: std::time::Duration::from_secs(10),
+                    ..RetryBudgetConfig::default()
                 })
             }),
             stats: ClusterStats::default(),

@@ -146,11 +146,9 @@ impl Snapshot {
         // panic threshold). Endpoints sitting out a failed connect stay out
         // while any other remains, since a call to them costs a connect
         // timeout.
-        let mut all: Vec<bool> = endpoints.iter().map(|e| e.is_reachable(now)).collect();
-        if !all.iter().any(|&r| r) {
-            all.iter_mut().for_each(|r| *r = true);
-        }
-        Self::with_readiness(config, local_zone, endpoints, all, true)
+        // (When none is reachable either, `with_readiness` takes them all.)
+        let reachable = endpoints.iter().map(|e| e.is_reachable(now)).collect();
+        Self::with_readiness(config, local_zone, endpoints, reachable, true)
     }
 
     /// Builds the snapshot with `ready[i]` saying whether `endpoints[i]` is
