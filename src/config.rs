@@ -80,6 +80,10 @@ pub struct ClusterConfig {
     pub request_timeout: Duration,
     /// An upstream connection that carries nothing this long is closed.
     pub idle_timeout: Duration,
+    /// A PING goes out on each upstream connection this often...
+    pub keepalive_interval: Duration,
+    /// ...and a connection whose PING is unanswered this long is dropped.
+    pub keepalive_timeout: Duration,
     /// Calls in flight over the whole cluster; more are refused.
     pub max_in_flight: u32,
     /// Calls in flight on one endpoint; a full endpoint is passed over.
@@ -422,6 +426,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_OVERPROVISIONING: f64 = 1.4;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 1000;
 pub const DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT: u32 = 100;
 pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
@@ -562,6 +568,8 @@ impl ClusterConfig {
             overprovisioning: DEFAULT_OVERPROVISIONING,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_in_flight_per_endpoint: DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT,
             panic_threshold: DEFAULT_PANIC_THRESHOLD,
@@ -746,6 +754,10 @@ struct RawCluster {
     request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keepalive_timeout: Option<Duration>,
     max_in_flight: Option<i64>,
     max_in_flight_per_endpoint: Option<i64>,
     panic_threshold: Option<f64>,
@@ -1070,6 +1082,8 @@ impl RawConfig {
             clusters.push(ClusterConfig {
                 request_timeout: limits.request_timeout,
                 idle_timeout: limits.idle_timeout,
+                keepalive_interval: limits.keepalive_interval,
+                keepalive_timeout: limits.keepalive_timeout,
                 max_in_flight: limits.max_in_flight,
                 max_in_flight_per_endpoint: limits.max_in_flight_per_endpoint,
                 panic_threshold: limits.panic_threshold,
@@ -1124,6 +1138,8 @@ impl RawConfig {
 struct Limits {
     request_timeout: Duration,
     idle_timeout: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
     max_in_flight: u32,
     max_in_flight_per_endpoint: u32,
     panic_threshold: f64,
@@ -1209,6 +1225,18 @@ fn validate_limits(p: &mut Problems, at: &str, c: &RawCluster) -> Limits {
             format!("{at}.idle_timeout"),
             c.idle_timeout,
             DEFAULT_IDLE_TIMEOUT,
+        ),
+        keepalive_interval: positive(
+            p,
+            format!("{at}.keepalive_interval"),
+            c.keepalive_interval,
+            DEFAULT_KEEPALIVE_INTERVAL,
+        ),
+        keepalive_timeout: positive(
+            p,
+            format!("{at}.keepalive_timeout"),
+            c.keepalive_timeout,
+            DEFAULT_KEEPALIVE_TIMEOUT,
         ),
         max_in_flight: count(
             p,
@@ -1793,6 +1821,8 @@ mod tests {
         name = "a"
         request_timeout = "5s"
         idle_timeout = "1m"
+        keepalive_interval = "5s"
+        keepalive_timeout = "2s"
         max_in_flight = 10
         max_in_flight_per_endpoint = 3
         panic_threshold = 30
@@ -1828,6 +1858,10 @@ mod tests {
         let cl = &c.clusters[0];
         assert_eq!(cl.request_timeout, Duration::from_secs(5));
         assert_eq!(cl.idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            (cl.keepalive_interval, cl.keepalive_timeout),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
         assert_eq!((cl.max_in_flight, cl.max_in_flight_per_endpoint), (10, 3));
         assert_eq!(cl.panic_threshold, 0.3);
         let b = &cl.breaker;
@@ -1922,6 +1956,12 @@ mod tests {
                 "request_timeout = \"5s\"",
                 "request_timeout = \"0s\"",
                 "cluster[0].request_timeout",
+                "must be more than 0",
+            ),
+            (
+                "keepalive_timeout = \"2s\"",
+                "keepalive_timeout = \"0s\"",
+                "cluster[0].keepalive_timeout",
                 "must be more than 0",
             ),
             (

@@ -75,15 +75,12 @@ pub fn counts_as_failure(code: tonic::Code) -> bool {
 /// UNAVAILABLE (the call may not have run), RST_STREAM with REFUSED_STREAM
 /// UNAVAILABLE, CANCEL CANCELLED, ENHANCE_YOUR_CALM RESOURCE_EXHAUSTED,
 /// INADEQUATE_SECURITY PERMISSION_DENIED, any other code INTERNAL.
-pub fn code_for_upstream_error(error: &hyper::Error) -> tonic::Code {
+pub fn code_for_upstream_error(error: &h2::Error) -> tonic::Code {
     use tonic::Code;
-    let Some(h2) = h2_error(error) else {
-        return Code::Unavailable;
-    };
-    if h2.is_io() || h2.is_go_away() {
+    if error.is_io() || error.is_go_away() {
         return Code::Unavailable;
     }
-    match h2.reason() {
+    match error.reason() {
         Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
         Some(h2::Reason::CANCEL) => Code::Cancelled,
         Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
@@ -91,19 +88,6 @@ pub fn code_for_upstream_error(error: &hyper::Error) -> tonic::Code {
         Some(_) => Code::Internal,
         None => Code::Unavailable,
     }
-}
-
-/// The HTTP/2 error among `error`'s causes, if any.
-fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
-    use std::error::Error as _;
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        source = e.source();
-    }
-    None
 }
 
 /// `error` with its chain of causes (`connection error: Connection reset
@@ -125,10 +109,8 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 /// Whether the endpoint certainly did not process a call that failed with
 /// `error`: it refused the stream (REFUSED_STREAM), or its GOAWAY named a
 /// last stream below this one. Such a call is safe to send elsewhere.
-pub fn is_unprocessed(error: &hyper::Error) -> bool {
-    h2_error(error).is_some_and(|h2| {
-        h2.is_remote() && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
-    })
+pub fn is_unprocessed(error: &h2::Error) -> bool {
+    error.is_remote() && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded

@@ -20,14 +20,12 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Request};
-use http_body_util::BodyExt;
 use prost::Message;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::config::HealthCheckConfig;
 use crate::endpoint::Endpoint;
-use crate::proxy::RequestBody;
 
 /// Consecutive passes and failures, and the verdict they add up to.
 #[derive(Debug)]
@@ -103,6 +101,9 @@ pub async fn run(endpoint: Arc<Endpoint>, config: HealthCheckConfig) {
     }
 }
 
+/// A health answer is a few bytes; one larger than this is not one.
+const MAX_ANSWER: usize = 64 * 1024;
+
 /// One `grpc.health.v1.Health/Check`; `Err` says why it did not pass.
 pub async fn check(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(), String> {
     match tokio::time::timeout(config.timeout, check_once(endpoint, config)).await {
@@ -137,10 +138,15 @@ async fn check_once(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(
         "grpc-timeout",
         HeaderValue::from_str(&format!("{timeout_ms}m")).map_err(|e| e.to_string())?,
     )
-    .body(RequestBody::full(framed.freeze()))
+    .body(())
     .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
+    let (response, mut stream) = sender
+        .send_request(request, false)
+        .map_err(|e| format!("the check could not be sent: {e}"))?;
+    stream
+        .send_data(framed.freeze(), true)
+        .map_err(|e| format!("the check could not be sent: {e}"))?;
+    let response = response
         .await
         .map_err(|e| format!("the check failed: {e}"))?;
     if !response.status().is_success() {
@@ -151,20 +157,26 @@ async fn check_once(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(
             return Err(describe(&status));
         }
     }
-    let collected = response
-        .into_body()
-        .collect()
+    let mut body = response.into_body();
+    let mut answer = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| format!("the answer broke off: {e}"))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if answer.len() + chunk.len() > MAX_ANSWER {
+            return Err(format!("the answer is over {MAX_ANSWER} bytes"));
+        }
+        answer.extend_from_slice(&chunk);
+    }
+    let trailers = body
+        .trailers()
         .await
         .map_err(|e| format!("the answer broke off: {e}"))?;
-    if let Some(status) = collected
-        .trailers()
-        .and_then(tonic::Status::from_header_map)
-    {
+    if let Some(status) = trailers.as_ref().and_then(tonic::Status::from_header_map) {
         if status.code() != tonic::Code::Ok {
             return Err(describe(&status));
         }
     }
-    let serving = decode(collected.to_bytes())?;
+    let serving = decode(answer.freeze())?;
     match serving {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("the endpoint says {}", other.as_str_name())),

@@ -116,6 +116,8 @@ pub struct PeerSignals {
     pub heard: AtomicBool,
     /// A GOAWAY arrived: the peer is shutting the connection down.
     pub going_away: AtomicBool,
+    /// The connection has ended.
+    pub closed: AtomicBool,
     /// Rung when `heard` is first set, or when the connection ends.
     pub changed: Notify,
 }

@@ -39,7 +39,7 @@ use tokio::time::{Instant, Sleep};
 use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
 use crate::config::{Outcome, RetryConfig};
-use crate::endpoint::{Endpoint, InFlight, Refused};
+use crate::endpoint::{Endpoint, InFlight, Refused, Sender};
 use crate::error::ProxyError;
 use crate::grpc;
 
@@ -259,9 +259,9 @@ async fn send(
                     deadline.own,
                 );
             }
-            // Dropping the send future (deadline, caller gone) resets the
+            // Dropping the exchange (deadline, caller gone) resets the
             // upstream stream; the in-flight count ends with it.
-            match within(deadline.at, sender.try_send_request(req)).await {
+            match within(deadline.at, exchange(&mut sender, req)).await {
                 None => {
                     in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
                     shared.cancel();
@@ -270,23 +270,25 @@ async fn send(
                         endpoint.address()
                     )));
                 }
-                Some(Ok(response)) => break Some(Ok(response)),
-                Some(Err(mut e)) => match e.take_message() {
-                    Some(unsent) if !handed_back => {
+                Some(Exchange::Answered(response)) => break Some(Ok(response)),
+                Some(Exchange::Broke(e)) => break Some(Err(e)),
+                Some(Exchange::Unsent(body, e)) => {
+                    // The connection closed (or went away) before the
+                    // stream opened: nothing was sent.
+                    let unsent = template.request(body);
+                    if !handed_back {
                         handed_back = true;
-                        tracing::debug!(cluster = cluster.name(), endpoint = endpoint.address(), error = %e.error(), "call handed back unsent; one more try");
+                        tracing::debug!(cluster = cluster.name(), endpoint = endpoint.address(), error = %e, "call handed back unsent; one more try");
                         req = unsent;
-                    }
-                    Some(unsent) => {
+                    } else {
                         in_flight.not_sent();
                         failed = Failed::Nothing(
-                            format!("{}: {}", endpoint.address(), e.error()).into(),
+                            format!("{}: {}", endpoint.address(), grpc::describe(&e)).into(),
                         );
                         next = Some(unsent);
                         break None;
                     }
-                    None => break Some(Err(e.into_error())),
-                },
+                }
             }
         };
         let Some(outcome) = outcome else { continue };
@@ -302,7 +304,10 @@ async fn send(
                 let retry = trailers_only
                     .is_some_and(|code| wants_retry(policy, code, answered) && shared.can_replay());
                 let mut body = ResponseBody {
-                    inner: Some(body),
+                    inner: Some(Upstream {
+                        recv: body,
+                        data_done: false,
+                    }),
                     deadline: Some(DeadlineTimer::At(deadline.at)),
                     guard: None,
                 };
@@ -462,6 +467,128 @@ async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
     }
 }
 
+/// How one attempt's request went.
+enum Exchange {
+    /// The response headers came (the request body may still be on its way).
+    Answered(Response<h2::RecvStream>),
+    /// The stream broke before the response headers.
+    Broke(h2::Error),
+    /// The stream never opened (the connection had closed): the endpoint
+    /// saw nothing. The body is handed back for the next try.
+    Unsent(RequestBody, h2::Error),
+}
+
+/// Opens a stream for `req` on `sender` and sends its body while waiting
+/// for the response headers. A body still being sent when they come (a
+/// client or bidirectional stream) goes on in a task of its own; a unary
+/// request is sent whole before its answer and needs none.
+async fn exchange(sender: &mut Sender, req: Request<RequestBody>) -> Exchange {
+    let (parts, body) = req.into_parts();
+    let end = body.is_end_stream();
+    let (mut response, stream) = match sender.send_request(Request::from_parts(parts, ()), end) {
+        Ok(opened) => opened,
+        Err(e) => return Exchange::Unsent(body, e),
+    };
+    let mut pump = (!end).then(|| Pump {
+        body,
+        stream,
+        held: None,
+    });
+    let answer = std::future::poll_fn(|cx| {
+        if let Some(p) = pump.as_mut() {
+            if p.poll(cx).is_ready() {
+                pump = None;
+            }
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    match answer {
+        Ok(response) => {
+            if let Some(mut pump) = pump {
+                tokio::spawn(std::future::poll_fn(move |cx| pump.poll(cx)));
+            }
+            Exchange::Answered(response)
+        }
+        Err(e) => Exchange::Broke(e),
+    }
+}
+
+/// Sends a request body into its upstream stream, one frame at a time as
+/// the stream's flow-control window allows.
+struct Pump {
+    body: RequestBody,
+    stream: h2::SendStream<Bytes>,
+    /// A data frame waiting for window, and whether it ends the body.
+    held: Option<(Bytes, bool)>,
+}
+
+impl Pump {
+    /// Ready once the body is sent, or the stream is over (reset by the
+    /// endpoint, or given up by the proxy).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            // The endpoint may reset the stream (it answered early, or
+            // broke) while this waits for the body or for window.
+            if self.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if let Some((data, end)) = self.held.take() {
+                while self.stream.capacity() == 0 {
+                    match self.stream.poll_capacity(cx) {
+                        Poll::Pending => {
+                            self.held = Some((data, end));
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    }
+                }
+                if self.stream.send_data(data, end).is_err() || end {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = self.body.is_end_stream();
+                        if data.is_empty() {
+                            if end {
+                                let _ = self.stream.send_data(data, true);
+                                return Poll::Ready(());
+                            }
+                        } else {
+                            // Ask for window only with data in hand: a
+                            // claim held while the body is quiet would pin
+                            // the connection's window.
+                            self.stream.reserve_capacity(1);
+                            self.held = Some((data, end));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.stream.reserve_capacity(0);
+                            let _ = self.stream.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    self.stream
+                        .send_reset(e.reason().unwrap_or(h2::Reason::CANCEL));
+                    return Poll::Ready(());
+                }
+                None => {
+                    let _ = self.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
 /// What the attempts of one call share: the caller's request body and what
 /// has been read of it, and whether the call was given up, so that the
 /// request half stops and resets the upstream stream.
@@ -617,42 +744,26 @@ impl Kept {
     }
 }
 
-/// A request body on its way to the endpoint: the caller's (replayed for a
-/// later attempt), or one the sidecar made (a health check).
+/// A request body on its way to the endpoint: the caller's, replayed for a
+/// later attempt.
 ///
-/// Fails with `CANCEL` once the call is given up, which makes the HTTP/2
-/// client reset the upstream stream even while the caller is still sending.
+/// Fails with `CANCEL` once the call is given up, which resets the upstream
+/// stream even while the caller is still sending.
 pub struct RequestBody {
-    inner: Source,
-}
-
-enum Source {
-    Call {
-        shared: Arc<CallShared>,
-        attempt: u32,
-        /// The next kept frame to replay.
-        pos: usize,
-        trailers_sent: bool,
-    },
-    Full(Option<Bytes>),
+    shared: Arc<CallShared>,
+    attempt: u32,
+    /// The next kept frame to replay.
+    pos: usize,
+    trailers_sent: bool,
 }
 
 impl RequestBody {
     fn call(shared: Arc<CallShared>, attempt: u32) -> RequestBody {
         RequestBody {
-            inner: Source::Call {
-                shared,
-                attempt,
-                pos: 0,
-                trailers_sent: false,
-            },
-        }
-    }
-
-    /// A body of one buffer.
-    pub fn full(data: Bytes) -> RequestBody {
-        RequestBody {
-            inner: Source::Full(Some(data)),
+            shared,
+            attempt,
+            pos: 0,
+            trailers_sent: false,
         }
     }
 }
@@ -665,15 +776,12 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let (shared, attempt, pos, trailers_sent) = match &mut self.get_mut().inner {
-            Source::Full(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Source::Call {
-                shared,
-                attempt,
-                pos,
-                trailers_sent,
-            } => (shared, *attempt, pos, trailers_sent),
-        };
+        let RequestBody {
+            shared,
+            attempt,
+            pos,
+            trailers_sent,
+        } = self.get_mut();
         let cancelled = || Poll::Ready(Some(Err(h2::Reason::CANCEL.into())));
         if shared.is_cancelled() {
             return cancelled();
@@ -683,7 +791,7 @@ impl Body for RequestBody {
             return cancelled();
         }
         let mut r = shared.replay();
-        if r.attempt != attempt {
+        if r.attempt != *attempt {
             // A later attempt owns the body now.
             return cancelled();
         }
@@ -751,35 +859,18 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Source::Full(data) => data.is_none(),
-            Source::Call {
-                shared,
-                pos,
-                trailers_sent,
-                ..
-            } => {
-                // Told right, this lets the last data frame carry
-                // END_STREAM instead of an empty frame after it (which
-                // servers count against a flood limit).
-                let r = shared.replay();
-                let replayed = r.overflowed || *pos >= r.kept.len();
-                replayed
-                    && r.ahead.is_none()
-                    && if r.ended {
-                        !r.broke && (*trailers_sent || r.trailers.is_none())
-                    } else {
-                        r.source.is_end_stream()
-                    }
+        // Told right, this lets the last data frame carry END_STREAM
+        // instead of an empty frame after it (which servers count against
+        // a flood limit).
+        let r = self.shared.replay();
+        let replayed = r.overflowed || self.pos >= r.kept.len();
+        replayed
+            && r.ahead.is_none()
+            && if r.ended {
+                !r.broke && (self.trailers_sent || r.trailers.is_none())
+            } else {
+                r.source.is_end_stream()
             }
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Source::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Source::Call { .. } => SizeHint::default(),
-        }
     }
 }
 
@@ -823,9 +914,39 @@ impl Drop for CallGuard {
 /// The endpoint's response body on its way to the caller, or nothing for a
 /// status the proxy answers itself.
 pub struct ResponseBody {
-    inner: Option<Incoming>,
+    inner: Option<Upstream>,
     deadline: Option<DeadlineTimer>,
     guard: Option<CallGuard>,
+}
+
+/// The endpoint's side of a response: its data, then its trailers.
+struct Upstream {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Upstream {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Handed on: the endpoint may send as much again.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
 }
 
 /// The call's deadline: a plain instant until the body first has to wait,
@@ -924,7 +1045,7 @@ impl Body for ResponseBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match inner.poll_frame(cx) {
             Poll::Pending => {
                 if this.arm(cx) {
                     return Poll::Ready(Some(Ok(this.deadline_exceeded())));
@@ -978,12 +1099,13 @@ impl Body for ResponseBody {
         if self.guard.as_ref().is_some_and(|g| !g.recorded) {
             return false;
         }
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.as_ref().is_none_or(|u| u.recv.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match self.inner {
+            None => SizeHint::with_exact(0),
+            Some(_) => SizeHint::default(),
+        }
     }
 }

@@ -742,3 +742,43 @@ async fn a_deadline_that_passed_before_sending_does_not_count_against_the_endpoi
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_ping_goes_unanswered_is_dropped_and_its_calls_fail_fast() {
+    bounded(Duration::from_secs(30), async {
+        let port = closed_port();
+        let agent = agent_process(port, "agent-0", 0).await;
+        let mut cluster = planner(&[port]);
+        cluster.keepalive_interval = Duration::from_millis(200);
+        cluster.keepalive_timeout = Duration::from_millis(300);
+        let sidecar = sidecar(vec![cluster]).await;
+        let mut client = planner_client(Way::Connect, &sidecar).await;
+        client.invoke(request(b"x")).await.unwrap();
+        let endpoint = sidecar.router().clusters()[0].endpoints()[0].clone();
+        // Answered PINGs keep the connection: 1 s is five of them.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(endpoint.connection().closed(), 0);
+        assert!(endpoint.connection().is_open());
+        // The agent hangs with the connection open: its kernel still takes
+        // the bytes, nothing answers.
+        signal(&agent, "-STOP");
+        let stopped = Instant::now();
+        let call = tokio::spawn(async move { client.invoke(request(b"y")).await });
+        assert!(
+            eventually(Duration::from_secs(5), || endpoint.connection().closed()
+                == 1)
+            .await,
+            "the connection was not dropped"
+        );
+        // At most one interval before the PING and its timeout after it.
+        let took = stopped.elapsed();
+        assert!(took <= Duration::from_millis(1500), "{took:?}");
+        assert!(!endpoint.connection().is_open());
+        // The call on it fails with the loss, long before its 60 s limit.
+        let status = call.await.unwrap().expect_err("the agent never answered");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(&port.to_string()), "{status:?}");
+        signal(&agent, "-CONT");
+    })
+    .await;
+}

@@ -13,19 +13,33 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::lock;
 use crate::io::PeerSignals;
-use crate::proxy::RequestBody;
 
-pub type Sender = http2::SendRequest<RequestBody>;
+/// A handle that opens streams on a pooled connection (cheap to clone).
+pub type Sender = h2::client::SendRequest<Bytes>;
+
+/// An upstream connection's time limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// For the TCP connect and the endpoint's first HTTP/2 frame.
+    pub connect: Duration,
+    /// A connection that carries no new call this long is closed.
+    pub idle: Duration,
+    /// A PING goes out this often on every connection, busy or idle...
+    pub keepalive_interval: Duration,
+    /// ...and a connection whose PING is not answered this soon is
+    /// dropped: it died quietly (a NAT or conntrack entry went, the host
+    /// hangs), and calls written into it would wait for their deadline.
+    pub keepalive_timeout: Duration,
+}
 
 type Connecting = Shared<BoxFuture<'static, Result<Arc<Pooled>, ConnectError>>>;
 
@@ -46,9 +60,7 @@ pub struct Connection {
 
 struct Inner {
     address: Arc<str>,
-    connect_timeout: Duration,
-    /// A connection that carries no new call this long is closed.
-    idle_timeout: Duration,
+    timeouts: Timeouts,
     /// Calls handed a sender; the idle check compares it over time.
     uses: AtomicU64,
     attempts: AtomicU64,
@@ -69,17 +81,11 @@ struct Inner {
 }
 
 impl Connection {
-    pub fn new(
-        address: Arc<str>,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        changed: Arc<Notify>,
-    ) -> Connection {
+    pub fn new(address: Arc<str>, timeouts: Timeouts, changed: Arc<Notify>) -> Connection {
         Connection {
             inner: Arc::new(Inner {
                 address,
-                connect_timeout,
-                idle_timeout,
+                timeouts,
                 uses: AtomicU64::new(0),
                 attempts: AtomicU64::new(0),
                 closed: AtomicU64::new(0),
@@ -228,19 +234,19 @@ impl Inner {
             attempt,
         };
         let started = Instant::now();
-        let tcp = tokio::time::timeout(self.connect_timeout, connect_tcp(&self.address))
+        let tcp = tokio::time::timeout(self.timeouts.connect, connect_tcp(&self.address))
             .await
             .map_err(|_| {
                 fail(format!(
                     "connect timed out after {:?}",
-                    self.connect_timeout
+                    self.timeouts.connect
                 ))
             })?
             .map_err(|e| fail(e.to_string()))?;
         let signals = Arc::new(PeerSignals::default());
         let io = crate::io::Batched::watching(tcp, signals.clone());
         let (sender, conn) = client_builder()
-            .handshake(TokioIo::new(io))
+            .handshake(io)
             .await
             .map_err(|e| fail(format!("HTTP/2 handshake failed: {e}")))?;
         tokio::spawn(self.clone().drive(conn, attempt, signals.clone()));
@@ -248,15 +254,16 @@ impl Inner {
         // that the kernel accepted for a server that is going away (or is
         // hung) would swallow them.
         let spoke = async {
-            while !signals.heard.load(Ordering::Acquire) && !sender.is_closed() {
+            while !signals.heard.load(Ordering::Acquire) && !signals.closed.load(Ordering::Acquire)
+            {
                 signals.changed.notified().await;
             }
         };
-        let left = self.connect_timeout.saturating_sub(started.elapsed());
+        let left = self.timeouts.connect.saturating_sub(started.elapsed());
         if tokio::time::timeout(left, spoke).await.is_err() {
             return Err(fail(format!(
                 "connected, but no HTTP/2 settings came within {:?}",
-                self.connect_timeout
+                self.timeouts.connect
             )));
         }
         if !signals.heard.load(Ordering::Acquire) {
@@ -276,39 +283,68 @@ impl Inner {
     }
 
     /// Runs connection `attempt` until it ends, and takes it out of the
-    /// pool once no new call has used it for `idle_timeout`: hyper then
-    /// closes it when its last stream ends.
+    /// pool once no new call has used it for `idle_timeout`: the HTTP/2
+    /// client then closes it when its last stream ends. Sends a PING every
+    /// `keepalive_interval` and drops the connection if one goes
+    /// unanswered for `keepalive_timeout`.
     async fn drive(
         self: Arc<Self>,
-        conn: ClientConnection,
+        mut conn: ClientConnection,
         attempt: u64,
         signals: Arc<PeerSignals>,
     ) {
+        let mut pings = conn.ping_pong();
         let mut conn = std::pin::pin!(conn);
-        let every = (self.idle_timeout / 4).max(Duration::from_millis(1));
+        let every = (self.timeouts.idle / 4).max(Duration::from_millis(1));
         let mut check = tokio::time::interval_at(Instant::now() + every, every);
         let mut last_uses = self.uses.load(Ordering::Relaxed);
         let mut quiet = Duration::ZERO;
-        let result = loop {
+        let mut keepalive = std::pin::pin!(tokio::time::sleep(self.timeouts.keepalive_interval));
+        // A PING is out and unanswered.
+        let mut pinging = false;
+        let result: Result<(), String> = loop {
             tokio::select! {
-                result = &mut conn => break result,
+                result = &mut conn => break result.map_err(|e| crate::grpc::describe(&e)),
                 _ = check.tick() => {
                     let uses = self.uses.load(Ordering::Relaxed);
                     quiet = if uses == last_uses { quiet + every } else { Duration::ZERO };
                     last_uses = uses;
-                    if quiet >= self.idle_timeout && self.unpool(attempt) {
-                        tracing::debug!(endpoint = %self.address, idle = ?self.idle_timeout, "closing an idle upstream connection");
+                    if quiet >= self.timeouts.idle && self.unpool(attempt) {
+                        tracing::debug!(endpoint = %self.address, idle = ?self.timeouts.idle, "closing an idle upstream connection");
+                    }
+                }
+                _ = keepalive.as_mut() => {
+                    if pinging {
+                        break Err(format!("no answer to a PING within {:?}", self.timeouts.keepalive_timeout));
+                    }
+                    let sent = pings.as_mut().is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
+                    pinging = sent;
+                    let next = if sent {
+                        self.timeouts.keepalive_timeout
+                    } else {
+                        self.timeouts.keepalive_interval
+                    };
+                    keepalive.as_mut().reset(Instant::now() + next);
+                }
+                pong = std::future::poll_fn(|cx| match pings.as_mut() {
+                    Some(p) => p.poll_pong(cx),
+                    None => std::task::Poll::Pending,
+                }), if pinging => {
+                    pinging = false;
+                    if pong.is_ok() {
+                        keepalive.as_mut().reset(Instant::now() + self.timeouts.keepalive_interval);
                     }
                 }
             }
         };
+        signals.closed.store(true, Ordering::Release);
         self.unpool(attempt);
         self.closed.fetch_add(1, Ordering::Relaxed);
         signals.changed.notify_one();
         match result {
             Ok(()) => tracing::debug!(endpoint = %self.address, "upstream connection closed"),
             Err(e) => {
-                tracing::info!(endpoint = %self.address, error = ?e, "upstream connection lost")
+                tracing::info!(endpoint = %self.address, error = %e, "upstream connection lost")
             }
         }
     }
@@ -353,12 +389,12 @@ struct Pooled {
 
 impl Pooled {
     fn is_usable(&self) -> bool {
-        !self.sender.is_closed() && !self.signals.going_away.load(Ordering::Acquire)
+        !self.signals.closed.load(Ordering::Acquire)
+            && !self.signals.going_away.load(Ordering::Acquire)
     }
 }
 
-type ClientConnection =
-    http2::Connection<TokioIo<crate::io::Batched<TcpStream>>, RequestBody, TokioExecutor>;
+type ClientConnection = h2::client::Connection<crate::io::Batched<TcpStream>, Bytes>;
 
 async fn connect_tcp(address: &str) -> std::io::Result<TcpStream> {
     let tcp = match address.parse::<SocketAddr>() {
@@ -426,16 +462,11 @@ impl Reachability {
     }
 }
 
-fn client_builder() -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
+fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        // Pings find a connection that died quietly (a NAT or conntrack
-        // entry dropped) before calls are written into it.
-        .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
+        .enable_push(false);
     b
 }
 

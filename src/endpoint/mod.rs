@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use breaker::EjectionBudget;
-pub use connection::{ConnectError, Connection, Sender};
+pub use connection::{ConnectError, Connection, Sender, Timeouts};
 pub use load::{Load, WindowSummary};
 
 use crate::config::{ClusterConfig, EndpointConfig, FailureClasses, Outcome};
@@ -91,8 +91,12 @@ impl Endpoint {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             connection: Connection::new(
                 address.clone(),
-                cluster.connect_timeout,
-                cluster.idle_timeout,
+                Timeouts {
+                    connect: cluster.connect_timeout,
+                    idle: cluster.idle_timeout,
+                    keepalive_interval: cluster.keepalive_interval,
+                    keepalive_timeout: cluster.keepalive_timeout,
+                },
                 changed.clone(),
             ),
             breaker: Mutex::new(Breaker::new(
