@@ -25,6 +25,7 @@ pub mod listener;
 pub mod load;
 pub mod proxy;
 pub mod sidecar;
+pub mod stream;
 
 /// The demo agent's protocol, `proto/agentmesh/demo/v1/agent.proto`.
 pub mod pb {

@@ -33,7 +33,6 @@ use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::balance::{Call, Snapshot, Tried};
@@ -42,6 +41,7 @@ use crate::config::{Outcome, RetryConfig};
 use crate::endpoint::{Endpoint, InFlight, Refused, Sender};
 use crate::error::ProxyError;
 use crate::grpc;
+use crate::stream::{Pump, Received};
 
 /// How much of a request body is kept for re-sending a call that never
 /// reached an endpoint, when no retry policy names a larger bound.
@@ -60,7 +60,10 @@ struct Deadline {
 
 /// Proxies `req` to an endpoint of `cluster`. Never fails: what goes wrong
 /// becomes a gRPC status for the caller.
-pub async fn forward(cluster: Arc<Cluster>, req: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn forward(
+    cluster: Arc<Cluster>,
+    req: Request<h2::RecvStream>,
+) -> Response<ResponseBody> {
     let own = grpc::timeout(req.headers());
     let limit = cluster.config().request_timeout;
     let (timeout, source) = match own {
@@ -114,7 +117,7 @@ enum Failed {
 
 async fn send(
     cluster: &Arc<Cluster>,
-    req: Request<Incoming>,
+    req: Request<h2::RecvStream>,
     deadline: Deadline,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config = cluster.config();
@@ -156,7 +159,7 @@ async fn send(
         headers: parts.headers.clone(),
     };
     let limit = policy.map_or(REPLAY_LIMIT, |p| p.buffer_limit);
-    let shared = Arc::new(CallShared::new(body, limit));
+    let shared = Arc::new(CallShared::new(Received::new(body), limit));
     let mut next = Some(Request::from_parts(
         parts,
         RequestBody::call(shared.clone(), 0),
@@ -304,10 +307,7 @@ async fn send(
                 let retry = trailers_only
                     .is_some_and(|code| wants_retry(policy, code, answered) && shared.can_replay());
                 let mut body = ResponseBody {
-                    inner: Some(Upstream {
-                        recv: body,
-                        data_done: false,
-                    }),
+                    inner: Some(Received::new(body)),
                     deadline: Some(DeadlineTimer::At(deadline.at)),
                     guard: None,
                 };
@@ -489,11 +489,7 @@ async fn exchange(sender: &mut Sender, req: Request<RequestBody>) -> Exchange {
         Ok(opened) => opened,
         Err(e) => return Exchange::Unsent(body, e),
     };
-    let mut pump = (!end).then(|| Pump {
-        body,
-        stream,
-        held: None,
-    });
+    let mut pump = (!end).then(|| Pump::new(body, stream));
     let answer = std::future::poll_fn(|cx| {
         if let Some(p) = pump.as_mut() {
             if p.poll(cx).is_ready() {
@@ -505,87 +501,12 @@ async fn exchange(sender: &mut Sender, req: Request<RequestBody>) -> Exchange {
     .await;
     match answer {
         Ok(response) => {
-            if let Some(mut pump) = pump {
-                tokio::spawn(std::future::poll_fn(move |cx| pump.poll(cx)));
+            if let Some(pump) = pump {
+                tokio::spawn(pump.run());
             }
             Exchange::Answered(response)
         }
         Err(e) => Exchange::Broke(e),
-    }
-}
-
-/// Sends a request body into its upstream stream, one frame at a time as
-/// the stream's flow-control window allows.
-struct Pump {
-    body: RequestBody,
-    stream: h2::SendStream<Bytes>,
-    /// A data frame waiting for window, and whether it ends the body.
-    held: Option<(Bytes, bool)>,
-}
-
-impl Pump {
-    /// Ready once the body is sent, or the stream is over (reset by the
-    /// endpoint, or given up by the proxy).
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            // The endpoint may reset the stream (it answered early, or
-            // broke) while this waits for the body or for window.
-            if self.stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
-            if let Some((data, end)) = self.held.take() {
-                while self.stream.capacity() == 0 {
-                    match self.stream.poll_capacity(cx) {
-                        Poll::Pending => {
-                            self.held = Some((data, end));
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Some(Ok(0))) => {}
-                        Poll::Ready(Some(Ok(_))) => break,
-                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                    }
-                }
-                if self.stream.send_data(data, end).is_err() || end {
-                    return Poll::Ready(());
-                }
-                continue;
-            }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let end = self.body.is_end_stream();
-                        if data.is_empty() {
-                            if end {
-                                let _ = self.stream.send_data(data, true);
-                                return Poll::Ready(());
-                            }
-                        } else {
-                            // Ask for window only with data in hand: a
-                            // claim held while the body is quiet would pin
-                            // the connection's window.
-                            self.stream.reserve_capacity(1);
-                            self.held = Some((data, end));
-                        }
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            self.stream.reserve_capacity(0);
-                            let _ = self.stream.send_trailers(trailers);
-                            return Poll::Ready(());
-                        }
-                    }
-                },
-                Some(Err(e)) => {
-                    self.stream
-                        .send_reset(e.reason().unwrap_or(h2::Reason::CANCEL));
-                    return Poll::Ready(());
-                }
-                None => {
-                    let _ = self.stream.send_data(Bytes::new(), true);
-                    return Poll::Ready(());
-                }
-            }
-        }
     }
 }
 
@@ -601,7 +522,7 @@ struct CallShared {
 /// The caller's body, read once and kept (up to `limit`) for the next
 /// attempt, as Linkerd's `ReplayBody` does.
 struct Replay {
-    source: Incoming,
+    source: Received,
     /// Data frames read so far, while they fit in `limit`.
     kept: Kept,
     kept_len: usize,
@@ -653,7 +574,7 @@ impl Replay {
 }
 
 impl CallShared {
-    fn new(source: Incoming, limit: usize) -> CallShared {
+    fn new(source: Received, limit: usize) -> CallShared {
         CallShared {
             cancelled: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -914,39 +835,9 @@ impl Drop for CallGuard {
 /// The endpoint's response body on its way to the caller, or nothing for a
 /// status the proxy answers itself.
 pub struct ResponseBody {
-    inner: Option<Upstream>,
+    inner: Option<Received>,
     deadline: Option<DeadlineTimer>,
     guard: Option<CallGuard>,
-}
-
-/// The endpoint's side of a response: its data, then its trailers.
-struct Upstream {
-    recv: h2::RecvStream,
-    data_done: bool,
-}
-
-impl Upstream {
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Handed on: the endpoint may send as much again.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
 }
 
 /// The call's deadline: a plain instant until the body first has to wait,
@@ -1045,7 +936,7 @@ impl Body for ResponseBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match inner.poll_frame(cx) {
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => {
                 if this.arm(cx) {
                     return Poll::Ready(Some(Ok(this.deadline_exceeded())));
@@ -1099,7 +990,7 @@ impl Body for ResponseBody {
         if self.guard.as_ref().is_some_and(|g| !g.recorded) {
             return false;
         }
-        self.inner.as_ref().is_none_or(|u| u.recv.is_end_stream())
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -11,39 +11,42 @@
 mod connect;
 mod prefixed;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use crate::cluster::{Cluster, Router};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::grpc;
 use crate::proxy::{self, ResponseBody};
+use crate::stream::Pump;
+
+/// A PING goes to each caller connection this often...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// ...and a caller that does not answer one this soon is gone.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What every connection handler needs.
 pub struct Context {
     pub router: Arc<Router>,
     pub refuse_unknown: bool,
-    h2: http2::Builder<TokioExecutor>,
+    h2: h2::server::Builder,
 }
 
 impl Context {
     pub fn new(router: Arc<Router>, refuse_unknown: bool) -> Context {
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .initial_stream_window_size(1 << 20)
+        let mut h2 = h2::server::Builder::new();
+        h2.initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .max_concurrent_streams(10_000)
-            .keep_alive_interval(Duration::from_secs(60))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .max_header_list_size(16 << 10);
         Context {
             router,
             refuse_unknown,
@@ -62,7 +65,7 @@ enum Route {
 }
 
 impl Route {
-    async fn call(self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn call(self, req: Request<h2::RecvStream>) -> Response<ResponseBody> {
         let cluster = match self {
             Route::Cluster(cluster) => cluster,
             Route::Authority(router) => {
@@ -84,8 +87,9 @@ impl Route {
                 }
             }
         };
-        // Boxed: the forwarding state is large, and hyper moves the service
-        // future into a task of its own per call; a pointer moves cheaply.
+        // Boxed: the forwarding state is large, and the call's task would
+        // otherwise copy all of it each time it is moved (into the task and
+        // the runtime's task cell); a pointer moves cheaply.
         Box::pin(proxy::forward(cluster, req)).await
     }
 }
@@ -139,27 +143,90 @@ where
 }
 
 /// Serves HTTP/2 (prior knowledge) on `io` until the caller closes it or
-/// draining ends it with a GOAWAY.
+/// draining ends it with a GOAWAY (calls in flight finish first). Each call
+/// runs in a task of its own. A PING goes out every
+/// [`KEEPALIVE_INTERVAL`]; a caller that leaves one unanswered for
+/// [`KEEPALIVE_TIMEOUT`] is gone, and its connection is dropped.
 async fn serve_h2<I>(io: I, route: Route, ctx: &Context, mut drain: drain::Watch)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
-        let route = route.clone();
-        async move { Ok::<_, Infallible>(route.call(req).await) }
-    });
-    let conn = ctx
-        .h2
-        .serve_connection(TokioIo::new(crate::io::Batched::new(io)), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut conn = match ctx.h2.handshake(crate::io::Batched::new(io)).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(error = %e, "caller's HTTP/2 handshake failed");
+            return;
         }
     };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "caller connection ended with an error");
+    let mut pings = conn.ping_pong();
+    let mut keepalive = std::pin::pin!(tokio::time::sleep(KEEPALIVE_INTERVAL));
+    let mut pinging = false;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    tokio::spawn(serve_call(route.clone(), req, respond));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "caller connection ended with an error");
+                    return;
+                }
+                None => return,
+            },
+            _ = drain.signaled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            _ = keepalive.as_mut() => {
+                if pinging {
+                    tracing::debug!(timeout = ?KEEPALIVE_TIMEOUT, "caller left a PING unanswered; dropping its connection");
+                    return;
+                }
+                pinging = pings.as_mut().is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
+                let next = if pinging { KEEPALIVE_TIMEOUT } else { KEEPALIVE_INTERVAL };
+                keepalive.as_mut().reset(Instant::now() + next);
+            }
+            _ = std::future::poll_fn(|cx| match pings.as_mut() {
+                Some(p) => p.poll_pong(cx),
+                None => std::task::Poll::Pending,
+            }), if pinging => {
+                pinging = false;
+                keepalive.as_mut().reset(Instant::now() + KEEPALIVE_INTERVAL);
+            }
+        }
+    }
+}
+
+/// One call: forwards it, then sends the answer back on `respond`. A
+/// caller that resets the stream while the call is under way ends it (the
+/// upstream stream is reset too).
+async fn serve_call(
+    route: Route,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let call = std::pin::pin!(route.call(req));
+    let mut call = Some(call);
+    let response = std::future::poll_fn(|cx| {
+        if respond.poll_reset(cx).is_ready() {
+            call = None;
+            return std::task::Poll::Ready(None);
+        }
+        match call.as_mut() {
+            Some(c) => c.as_mut().poll(cx).map(Some),
+            None => std::task::Poll::Ready(None),
+        }
+    })
+    .await;
+    let Some(response) = response else {
+        return;
+    };
+    let (parts, body) = response.into_parts();
+    let end = body.is_end_stream();
+    match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(stream) if !end => Pump::new(body, stream).run().await,
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "the answer could not be sent to the caller"),
     }
 }
