@@ -41,7 +41,7 @@ use crate::config::{Outcome, RetryConfig};
 use crate::endpoint::{Endpoint, InFlight, Refused, Sender};
 use crate::error::ProxyError;
 use crate::grpc;
-use crate::stream::{Pump, Received};
+use crate::stream::{Abandon, Pump, Received};
 
 /// How much of a request body is kept for re-sending a call that never
 /// reached an endpoint, when no retry policy names a larger bound.
@@ -689,6 +689,19 @@ impl RequestBody {
     }
 }
 
+impl Abandon for RequestBody {
+    /// The call was given up (deadline, caller gone) or a later attempt
+    /// took the body over.
+    fn poll_abandoned(&mut self, cx: &mut Context<'_>) -> bool {
+        let shared = &self.shared;
+        if shared.is_cancelled() {
+            return true;
+        }
+        shared.waker.register(cx.waker());
+        shared.is_cancelled() || shared.replay().attempt != self.attempt
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = h2::Error;
@@ -917,6 +930,9 @@ impl ResponseBody {
         })
     }
 }
+
+/// The caller giving up shows as a reset of its stream.
+impl Abandon for ResponseBody {}
 
 impl Body for ResponseBody {
     type Data = Bytes;

@@ -11,8 +11,19 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+/// A body whose sender may give it up while it waits: the pump then resets
+/// the stream at once, even while it waits for window (the peer may not be
+/// reading).
+pub trait Abandon {
+    /// Whether the body was given up; registers for the news if not.
+    fn poll_abandoned(&mut self, _cx: &mut Context<'_>) -> bool {
+        false
+    }
+}
+
 /// Sends a body into an HTTP/2 stream, one frame at a time as the stream's
-/// window allows. A body that fails resets the stream with `CANCEL`.
+/// window allows. A body that fails, or is given up, resets the stream with
+/// `CANCEL`.
 pub struct Pump<B> {
     body: B,
     stream: h2::SendStream<Bytes>,
@@ -20,7 +31,7 @@ pub struct Pump<B> {
     held: Option<(Bytes, bool)>,
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Pump<B> {
+impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
     pub fn new(body: B, stream: h2::SendStream<Bytes>) -> Pump<B> {
         Pump {
             body,
@@ -36,6 +47,10 @@ impl<B: Body<Data = Bytes> + Unpin> Pump<B> {
             // The peer may reset the stream (it answered early, gave up,
             // or broke) while this waits for the body or for window.
             if self.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if self.body.poll_abandoned(cx) {
+                self.stream.send_reset(h2::Reason::CANCEL);
                 return Poll::Ready(());
             }
             if let Some((data, end)) = self.held.take() {
