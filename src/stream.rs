@@ -1,6 +1,7 @@
 //! Moving message bodies between HTTP/2 streams: [`Pump`] sends a body into
 //! a stream as its flow-control window allows, and [`Received`] reads a
 //! stream's data and trailers as a body, handing the window back as it goes.
+//! [`Keepalive`] PINGs a connection of either side.
 //!
 //! The proxy works on the HTTP/2 library's streams directly, on both sides:
 //! a call costs no task, channel or header conversion beyond its own.
@@ -165,5 +166,77 @@ impl Body for Received {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// HTTP/2 keepalive for one connection: a PING every `interval`, and the
+/// peer counts as gone when one is unanswered for `timeout`.
+pub struct Keepalive {
+    pings: Option<h2::PingPong>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    /// A PING is out and unanswered.
+    pinging: bool,
+}
+
+impl Keepalive {
+    /// `pings` is the connection's PING handle (`ping_pong()`); without
+    /// one, no PING is sent and the peer is never found gone.
+    pub fn new(
+        pings: Option<h2::PingPong>,
+        interval: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Keepalive {
+        Keepalive {
+            pings,
+            timer: Box::pin(tokio::time::sleep(interval)),
+            interval,
+            timeout,
+            pinging: false,
+        }
+    }
+
+    /// The timeout, for messages.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    /// Sends the PINGs and reads their answers; completes only when a PING
+    /// went unanswered for the timeout. Polled beside the connection.
+    pub async fn lost(&mut self) {
+        std::future::poll_fn(|cx| self.poll_lost(cx)).await
+    }
+
+    fn poll_lost(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.pinging {
+                if let Some(pings) = self.pings.as_mut() {
+                    if pings.poll_pong(cx).is_ready() {
+                        self.pinging = false;
+                        self.rearm(self.interval);
+                    }
+                }
+            }
+            ready!(self.timer.as_mut().poll(cx));
+            if self.pinging {
+                return Poll::Ready(());
+            }
+            self.pinging = self
+                .pings
+                .as_mut()
+                .is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
+            self.rearm(if self.pinging {
+                self.timeout
+            } else {
+                self.interval
+            });
+        }
+    }
+
+    fn rearm(&mut self, after: std::time::Duration) {
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + after);
     }
 }

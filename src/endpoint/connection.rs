@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::lock;
 use crate::io::PeerSignals;
+use crate::stream::Keepalive;
 
 /// A handle that opens streams on a pooled connection (cheap to clone).
 pub type Sender = h2::client::SendRequest<Bytes>;
@@ -293,15 +294,17 @@ impl Inner {
         attempt: u64,
         signals: Arc<PeerSignals>,
     ) {
-        let mut pings = conn.ping_pong();
+        let pings = conn.ping_pong();
         let mut conn = std::pin::pin!(conn);
         let every = (self.timeouts.idle / 4).max(Duration::from_millis(1));
         let mut check = tokio::time::interval_at(Instant::now() + every, every);
         let mut last_uses = self.uses.load(Ordering::Relaxed);
         let mut quiet = Duration::ZERO;
-        let mut keepalive = std::pin::pin!(tokio::time::sleep(self.timeouts.keepalive_interval));
-        // A PING is out and unanswered.
-        let mut pinging = false;
+        let mut keepalive = Keepalive::new(
+            pings,
+            self.timeouts.keepalive_interval,
+            self.timeouts.keepalive_timeout,
+        );
         let result: Result<(), String> = loop {
             tokio::select! {
                 result = &mut conn => break result.map_err(|e| crate::grpc::describe(&e)),
@@ -313,27 +316,8 @@ impl Inner {
                         tracing::debug!(endpoint = %self.address, idle = ?self.timeouts.idle, "closing an idle upstream connection");
                     }
                 }
-                _ = keepalive.as_mut() => {
-                    if pinging {
-                        break Err(format!("no answer to a PING within {:?}", self.timeouts.keepalive_timeout));
-                    }
-                    let sent = pings.as_mut().is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
-                    pinging = sent;
-                    let next = if sent {
-                        self.timeouts.keepalive_timeout
-                    } else {
-                        self.timeouts.keepalive_interval
-                    };
-                    keepalive.as_mut().reset(Instant::now() + next);
-                }
-                pong = std::future::poll_fn(|cx| match pings.as_mut() {
-                    Some(p) => p.poll_pong(cx),
-                    None => std::task::Poll::Pending,
-                }), if pinging => {
-                    pinging = false;
-                    if pong.is_ok() {
-                        keepalive.as_mut().reset(Instant::now() + self.timeouts.keepalive_interval);
-                    }
+                _ = keepalive.lost() => {
+                    break Err(format!("no answer to a PING within {:?}", keepalive.timeout()));
                 }
             }
         };

@@ -19,14 +19,13 @@ use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 
 use crate::cluster::{Cluster, Router};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::grpc;
 use crate::proxy::{self, ResponseBody};
-use crate::stream::Pump;
+use crate::stream::{Keepalive, Pump};
 
 /// A PING goes to each caller connection this often...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -158,9 +157,7 @@ where
             return;
         }
     };
-    let mut pings = conn.ping_pong();
-    let mut keepalive = std::pin::pin!(tokio::time::sleep(KEEPALIVE_INTERVAL));
-    let mut pinging = false;
+    let mut keepalive = Keepalive::new(conn.ping_pong(), KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
     let mut draining = false;
     loop {
         tokio::select! {
@@ -178,21 +175,9 @@ where
                 draining = true;
                 conn.graceful_shutdown();
             }
-            _ = keepalive.as_mut() => {
-                if pinging {
-                    tracing::debug!(timeout = ?KEEPALIVE_TIMEOUT, "caller left a PING unanswered; dropping its connection");
-                    return;
-                }
-                pinging = pings.as_mut().is_some_and(|p| p.send_ping(h2::Ping::opaque()).is_ok());
-                let next = if pinging { KEEPALIVE_TIMEOUT } else { KEEPALIVE_INTERVAL };
-                keepalive.as_mut().reset(Instant::now() + next);
-            }
-            _ = std::future::poll_fn(|cx| match pings.as_mut() {
-                Some(p) => p.poll_pong(cx),
-                None => std::task::Poll::Pending,
-            }), if pinging => {
-                pinging = false;
-                keepalive.as_mut().reset(Instant::now() + KEEPALIVE_INTERVAL);
+            _ = keepalive.lost() => {
+                tracing::debug!(timeout = ?KEEPALIVE_TIMEOUT, "caller left a PING unanswered; dropping its connection");
+                return;
             }
         }
     }
