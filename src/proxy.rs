@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -593,7 +593,7 @@ impl CallShared {
         }
     }
 
-    fn replay(&self) -> std::sync::MutexGuard<'_, Replay> {
+    fn replay(&self) -> MutexGuard<'_, Replay> {
         self.body.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -610,6 +610,21 @@ impl CallShared {
     fn can_replay(&self) -> bool {
         let r = self.replay();
         !r.overflowed && !r.broke && !self.is_cancelled()
+    }
+
+    /// The body, locked, if `attempt` still owns it: the call was not given
+    /// up and no later attempt took the body over. Registers `cx` to be
+    /// woken when either happens.
+    fn owned_by(&self, attempt: u32, cx: &mut Context<'_>) -> Option<MutexGuard<'_, Replay>> {
+        if self.is_cancelled() {
+            return None;
+        }
+        self.waker.register(cx.waker());
+        if self.is_cancelled() {
+            return None;
+        }
+        let r = self.replay();
+        (r.attempt == attempt).then_some(r)
     }
 
     /// Starts the next attempt, if the body can be sent again.
@@ -693,12 +708,7 @@ impl Abandon for RequestBody {
     /// The call was given up (deadline, caller gone) or a later attempt
     /// took the body over.
     fn poll_abandoned(&mut self, cx: &mut Context<'_>) -> bool {
-        let shared = &self.shared;
-        if shared.is_cancelled() {
-            return true;
-        }
-        shared.waker.register(cx.waker());
-        shared.is_cancelled() || shared.replay().attempt != self.attempt
+        self.shared.owned_by(self.attempt, cx).is_none()
     }
 }
 
@@ -717,18 +727,9 @@ impl Body for RequestBody {
             trailers_sent,
         } = self.get_mut();
         let cancelled = || Poll::Ready(Some(Err(h2::Reason::CANCEL.into())));
-        if shared.is_cancelled() {
+        let Some(mut r) = shared.owned_by(*attempt, cx) else {
             return cancelled();
-        }
-        shared.waker.register(cx.waker());
-        if shared.is_cancelled() {
-            return cancelled();
-        }
-        let mut r = shared.replay();
-        if r.attempt != *attempt {
-            // A later attempt owns the body now.
-            return cancelled();
-        }
+        };
         if !r.overflowed && *pos < r.kept.len() {
             *pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(r.kept.get(*pos - 1)))));

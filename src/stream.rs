@@ -50,14 +50,16 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
             if self.stream.poll_reset(cx).is_ready() {
                 return Poll::Ready(());
             }
-            if self.body.poll_abandoned(cx) {
-                self.stream.send_reset(h2::Reason::CANCEL);
-                return Poll::Ready(());
-            }
             if let Some((data, end)) = self.held.take() {
                 while self.stream.capacity() == 0 {
                     match self.stream.poll_capacity(cx) {
                         Poll::Pending => {
+                            // The body is not polled while this waits: ask
+                            // it whether it was given up meanwhile.
+                            if self.body.poll_abandoned(cx) {
+                                self.stream.send_reset(h2::Reason::CANCEL);
+                                return Poll::Ready(());
+                            }
                             self.held = Some((data, end));
                             return Poll::Pending;
                         }
