@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -753,8 +753,7 @@ impl Body for RequestBody {
         match next {
             Some(Ok(frame)) => {
                 let frame = match frame.into_data() {
-                    Ok(mut data) => {
-                        let data = data.copy_to_bytes(data.remaining());
+                    Ok(data) => {
                         if !r.overflowed {
                             r.kept_len += data.len();
                             if r.kept_len > r.limit {
