@@ -112,11 +112,6 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
     pub async fn run(mut self) {
         std::future::poll_fn(|cx| self.poll(cx)).await
     }
-
-    /// Whether the peer reset the stream; registers for the reset if not.
-    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> bool {
-        self.stream.poll_reset(cx).is_ready()
-    }
 }
 
 /// An HTTP/2 stream's incoming side as a body: its data, then its trailers.

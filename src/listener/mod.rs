@@ -191,17 +191,13 @@ async fn serve_call(
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
 ) {
-    let call = std::pin::pin!(route.call(req));
-    let mut call = Some(call);
+    let mut call = std::pin::pin!(route.call(req));
     let response = std::future::poll_fn(|cx| {
         if respond.poll_reset(cx).is_ready() {
-            call = None;
+            // Returning drops the call.
             return std::task::Poll::Ready(None);
         }
-        match call.as_mut() {
-            Some(c) => c.as_mut().poll(cx).map(Some),
-            None => std::task::Poll::Ready(None),
-        }
+        call.as_mut().poll(cx).map(Some)
     })
     .await;
     let Some(response) = response else {
