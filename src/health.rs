@@ -20,12 +20,14 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Request};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use prost::Message;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::config::HealthCheckConfig;
 use crate::endpoint::Endpoint;
+use crate::stream::Received;
 
 /// Consecutive passes and failures, and the verdict they add up to.
 #[derive(Debug)]
@@ -157,26 +159,25 @@ async fn check_once(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(
             return Err(describe(&status));
         }
     }
-    let mut body = response.into_body();
-    let mut answer = BytesMut::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| format!("the answer broke off: {e}"))?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if answer.len() + chunk.len() > MAX_ANSWER {
-            return Err(format!("the answer is over {MAX_ANSWER} bytes"));
-        }
-        answer.extend_from_slice(&chunk);
-    }
-    let trailers = body
-        .trailers()
+    let collected = Limited::new(Received::new(response.into_body()), MAX_ANSWER)
+        .collect()
         .await
-        .map_err(|e| format!("the answer broke off: {e}"))?;
-    if let Some(status) = trailers.as_ref().and_then(tonic::Status::from_header_map) {
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                format!("the answer is over {MAX_ANSWER} bytes")
+            } else {
+                format!("the answer broke off: {e}")
+            }
+        })?;
+    if let Some(status) = collected
+        .trailers()
+        .and_then(tonic::Status::from_header_map)
+    {
         if status.code() != tonic::Code::Ok {
             return Err(describe(&status));
         }
     }
-    let serving = decode(answer.freeze())?;
+    let serving = decode(collected.to_bytes())?;
     match serving {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("the endpoint says {}", other.as_str_name())),
