@@ -540,6 +540,14 @@ struct Replay {
 }
 
 impl Replay {
+    /// The caller's request stream failed: every attempt's body fails, and
+    /// the upstream stream is reset.
+    fn broke_off(&mut self, error: &h2::Error) {
+        tracing::debug!(%error, "caller's request stream broke; resetting upstream");
+        self.ended = true;
+        self.broke = true;
+    }
+
     /// After a data frame, reads on if the next frame is there already: a
     /// caller's library often ends a unary request with an empty DATA frame
     /// of its own, and knowing the body has ended lets the last data frame
@@ -556,9 +564,7 @@ impl Replay {
                     return;
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "caller's request stream broke; resetting upstream");
-                    self.ended = true;
-                    self.broke = true;
+                    self.broke_off(&e);
                     return;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
@@ -780,9 +786,7 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
-                tracing::debug!(error = %e, "caller's request stream broke; resetting upstream");
-                r.ended = true;
-                r.broke = true;
+                r.broke_off(&e);
                 cancelled()
             }
             None => {
