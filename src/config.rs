@@ -67,6 +67,9 @@ pub struct ClusterConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// How many random candidates the load-aware strategies compare.
     pub choices: Choices,
+    /// Whether the previous pick's runner-up is compared again, beside the
+    /// random candidates (with `choices` below all).
+    pub remember_runner_up: bool,
     pub latency: LatencyConfig,
     pub performance: PerformanceConfig,
     pub affinity: Option<AffinityConfig>,
@@ -561,6 +564,7 @@ impl ClusterConfig {
                 })
                 .collect(),
             choices: Choices::default(),
+            remember_runner_up: true,
             latency: LatencyConfig::default(),
             performance: PerformanceConfig::default(),
             affinity: None,
@@ -742,6 +746,8 @@ struct RawCluster {
     #[serde(default)]
     endpoints: Vec<RawEndpoint>,
     choices: Option<RawChoices>,
+    #[serde(default = "yes")]
+    remember_runner_up: bool,
     #[serde(default)]
     latency: RawLatency,
     #[serde(default)]
@@ -887,6 +893,10 @@ fn default_admin() -> String {
 fn default_drain() -> Duration {
     DEFAULT_DRAIN_TIMEOUT
 }
+fn yes() -> bool {
+    true
+}
+
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -1099,6 +1109,7 @@ impl RawConfig {
                 connect_timeout: c.connect_timeout,
                 endpoints,
                 choices,
+                remember_runner_up: c.remember_runner_up,
                 latency,
                 performance,
                 affinity,
@@ -1720,6 +1731,29 @@ mod tests {
         assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN);
         assert_eq!(c.clusters[0].strategy, Strategy::RoundRobin);
         assert_eq!(c.clusters[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.clusters[0].choices, Choices::default());
+        assert!(c.clusters[0].remember_runner_up);
+    }
+
+    #[test]
+    fn choices_and_the_runner_up_are_read_and_checked() {
+        let base = "[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]\n";
+        let c = parse(&format!(
+            "{base}choices = \"all\"\nremember_runner_up = false"
+        ))
+        .unwrap();
+        assert_eq!(c.clusters[0].choices, Choices::All);
+        assert!(!c.clusters[0].remember_runner_up);
+        let e = first_error(&format!("{base}remember_runner_up = \"yes\""));
+        assert!(
+            e.starts_with("mesh.toml: cluster[0].remember_runner_up: invalid type"),
+            "{e}"
+        );
+        let e = first_error(&format!("{base}choices = 0"));
+        assert!(
+            e.starts_with("mesh.toml: cluster[0].choices: must be"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -14,42 +14,41 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Call, Picker, cheapest};
-use crate::config::Choices;
+use super::{Call, Draw, Picker};
 use crate::endpoint::Endpoint;
 
 pub struct LeastConnections {
-    choices: Choices,
+    draw: Draw,
 }
 
 impl LeastConnections {
-    pub fn new(choices: Choices) -> LeastConnections {
-        LeastConnections { choices }
+    pub fn new(draw: Draw) -> LeastConnections {
+        LeastConnections { draw }
     }
 }
 
 impl Picker for LeastConnections {
     fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
-        cheapest(ready, self.choices, |e| {
+        self.draw.cheapest(ready, |e| {
             e.in_flight() as f64 / f64::from(e.weight().get())
         })
     }
 }
 
 pub struct Latency {
-    choices: Choices,
+    draw: Draw,
 }
 
 impl Latency {
-    pub fn new(choices: Choices) -> Latency {
-        Latency { choices }
+    pub fn new(draw: Draw) -> Latency {
+        Latency { draw }
     }
 }
 
 impl Picker for Latency {
     fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
         let now = Instant::now();
-        cheapest(ready, self.choices, |e| {
+        self.draw.cheapest(ready, |e| {
             e.load().rtt_estimate(now) * (e.in_flight() + 1) as f64 / f64::from(e.weight().get())
         })
     }
@@ -62,6 +61,7 @@ mod tests {
 
     use super::*;
     use crate::balance::test_support::endpoints;
+    use crate::config::Choices;
 
     fn call_on<'a>(headers: &'a http::HeaderMap) -> Call<'a> {
         Call { path: "/", headers }
@@ -74,13 +74,16 @@ mod tests {
         // Endpoint 0 has 5 calls in flight, endpoint 2 has 8 (but weight 4).
         let _busy: Vec<_> = (0..5).map(|_| ready[0].start_call()).collect();
         let _heavy: Vec<_> = (0..8).map(|_| ready[2].start_call()).collect();
-        let all = LeastConnections::new(Choices::All);
+        let all = LeastConnections::new(Draw::new(Choices::All, false));
         assert_eq!(
             all.pick(&call_on(&headers), &ready),
             1,
             "0 in flight beats 5/1 and 8/4"
         );
-        let p2c = LeastConnections::new(Choices::Random(NonZeroUsize::new(2).unwrap()));
+        let p2c = LeastConnections::new(Draw::new(
+            Choices::Random(NonZeroUsize::new(2).unwrap()),
+            false,
+        ));
         let mut hits = [0; 3];
         for _ in 0..3000 {
             hits[p2c.pick(&call_on(&headers), &ready)] += 1;
@@ -97,7 +100,7 @@ mod tests {
         let now = Instant::now();
         ready[0].load().observe_rtt(Duration::from_millis(5), now);
         ready[1].load().observe_rtt(Duration::from_millis(50), now);
-        let picker = Latency::new(Choices::All);
+        let picker = Latency::new(Draw::new(Choices::All, false));
         assert_eq!(picker.pick(&call_on(&headers), &ready), 0);
         // Endpoint 0 now fails fast: it must not look fast any more.
         let mut failing = ready[0].start_call();

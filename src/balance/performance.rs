@@ -16,20 +16,20 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Call, Picker, cheapest};
-use crate::config::{Choices, PerformanceConfig};
+use super::{Call, Draw, Picker};
+use crate::config::PerformanceConfig;
 use crate::endpoint::Endpoint;
 
 pub struct Performance {
-    choices: Choices,
+    draw: Draw,
     success_weight: f64,
     latency_weight: f64,
 }
 
 impl Performance {
-    pub fn new(choices: Choices, config: &PerformanceConfig) -> Performance {
+    pub fn new(draw: Draw, config: &PerformanceConfig) -> Performance {
         Performance {
-            choices,
+            draw,
             success_weight: config.success_weight,
             latency_weight: config.latency_weight,
         }
@@ -48,7 +48,7 @@ impl Picker for Performance {
             .min()
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_micros(1));
-        cheapest(ready, self.choices, |e| {
+        self.draw.cheapest(ready, |e| {
             let (success, latency) = match e.load().window_summary(now) {
                 None => (1.0, 1.0),
                 Some(s) => {
@@ -66,6 +66,7 @@ impl Picker for Performance {
 mod tests {
     use super::*;
     use crate::balance::test_support::endpoints;
+    use crate::config::Choices;
 
     #[tokio::test(start_paused = true)]
     async fn success_rate_outweighs_speed_by_default() {
@@ -86,7 +87,10 @@ mod tests {
             path: "/",
             headers: &headers,
         };
-        let p = Performance::new(Choices::All, &PerformanceConfig::default());
+        let p = Performance::new(
+            Draw::new(Choices::All, false),
+            &PerformanceConfig::default(),
+        );
         assert_eq!(p.pick(&call, &ready), 2);
         let speed_only = PerformanceConfig {
             success_weight: 0.0,
@@ -94,7 +98,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Performance::new(Choices::All, &speed_only).pick(&call, &ready),
+            Performance::new(Draw::new(Choices::All, false), &speed_only).pick(&call, &ready),
             1
         );
         let mut without_best = ready.clone();
