@@ -126,16 +126,21 @@ impl Draw {
             best.offer(i, cost(&ready[i]));
         }
         if let Some(runner_up) = &self.runner_up {
+            // May be none (usize::MAX), or stale from a larger set.
             let m = runner_up.load(Ordering::Relaxed);
-            // `m` may be none (usize::MAX), or stale from a larger set.
-            let drawn = |m: usize| {
+            if m < n {
                 let offset = (m + n - start) % n;
-                k == n || offset % stride == 0 && offset / stride < k
-            };
-            if m < n && !drawn(m) {
-                best.offer(m, cost(&ready[m]));
+                let drawn = k == n || offset % stride == 0 && offset / stride < k;
+                if !drawn {
+                    best.offer(m, cost(&ready[m]));
+                }
             }
-            runner_up.store(best.second, Ordering::Relaxed);
+            // Written only when it changes: every caller's pick reads it,
+            // and a write each time would bounce its cache line between
+            // worker threads.
+            if best.second != m {
+                runner_up.store(best.second, Ordering::Relaxed);
+            }
         }
         // No candidate had a comparable cost (NaN): any is as good.
         if best.first < n {
