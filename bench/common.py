@@ -369,5 +369,20 @@ def h2load(target, body, requests, clients=4, streams=16, authority=None):
     raise RuntimeError(f"h2load: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
+def median(items, key=lambda x: x):
+    """The middle item of `items` by `key` (the upper one of an even count)."""
+    ordered = sorted(items, key=key)
+    return ordered[len(ordered) // 2]
+
+
+def all_errors(reports):
+    """Failed calls by status code, summed over several load reports."""
+    out = {}
+    for r in reports:
+        for code, n in (r["errors"] or {}).items():
+            out[code] = out.get(code, 0) + n
+    return out
+
+
 def workdir():
     return tempfile.mkdtemp(prefix="agentmesh-bench-")
