@@ -369,6 +369,18 @@ def h2load(target, body, requests, clients=4, streams=16, authority=None):
     raise RuntimeError(f"h2load: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
+def interleaved(contenders, rounds, what, run):
+    """`run(proxy)` for every contender once per round, the rounds
+    interleaved, so that a noisy minute on the machine hits every proxy
+    alike; returns each contender's results by label, in round order."""
+    results = {}
+    for i in range(rounds):
+        for p in contenders:
+            log(f"{what}, round {i + 1} of {rounds}: {p.label}")
+            results.setdefault(p.label, []).append(run(p))
+    return results
+
+
 def median(items, key=lambda x: x):
     """The middle item of `items` by `key` (the upper one of an even count)."""
     ordered = sorted(items, key=key)
