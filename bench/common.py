@@ -107,17 +107,22 @@ def tree(pid):
     return out
 
 
-def cpu_seconds(pid):
-    """utime + stime of pid and its descendants, in seconds."""
-    total = 0
+def user_system(pid):
+    """utime and stime of pid and its descendants, in seconds."""
+    user = system = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user, system = user + int(fields[11]), system + int(fields[12])
         except (OSError, ValueError, IndexError):
             continue
-    return total / TICKS
+    return user / TICKS, system / TICKS
+
+
+def cpu_seconds(pid):
+    """utime + stime of pid and its descendants, in seconds."""
+    return sum(user_system(pid))
 
 
 def memory_kib(pid, field):
