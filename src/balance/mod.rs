@@ -143,11 +143,7 @@ impl Draw {
             }
         }
         // No candidate had a comparable cost (NaN): any is as good.
-        if best.first < n {
-            best.first
-        } else {
-            start % n
-        }
+        if best.first < n { best.first } else { start }
     }
 }
 
