@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Response, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
 use tonic::Status;
 
-const GRPC_TIMEOUT: &str = "grpc-timeout";
+// Names as values: a lookup by `&str` parses the name first.
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Reads the call's `grpc-timeout` header: 1 to 8 ASCII digits and a unit
 /// (`H`, `M`, `S`, `m`, `u`, `n`), as the gRPC HTTP/2 protocol defines it.
 /// A missing or malformed header means no deadline.
 pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
-    parse_timeout(headers.get(GRPC_TIMEOUT)?.as_bytes())
+    parse_timeout(headers.get(&GRPC_TIMEOUT)?.as_bytes())
 }
 
 fn parse_timeout(value: &[u8]) -> Option<Duration> {
@@ -47,14 +49,14 @@ pub fn set_remaining(headers: &mut HeaderMap, remaining: Duration, original: Opt
         _ => format!("{}S", remaining.as_secs().min(99_999_999)),
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(GRPC_TIMEOUT, v);
+        headers.insert(&GRPC_TIMEOUT, v);
     }
 }
 
 /// The `grpc-status` in `headers` (response headers of a trailers-only
 /// answer, or trailers).
 pub fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
-    let value = headers.get("grpc-status")?;
+    let value = headers.get(&GRPC_STATUS)?;
     Some(tonic::Code::from_bytes(value.as_bytes()))
 }
 
@@ -119,7 +121,7 @@ pub fn put_status(headers: &mut HeaderMap, status: &Status) {
     if status.add_header(headers).is_err() {
         // Percent-encoding makes every message a valid header value, so this
         // only guards against a future change in tonic.
-        headers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+        headers.insert(&GRPC_STATUS, HeaderValue::from(status.code() as i32));
     }
 }
 
@@ -171,22 +173,22 @@ mod tests {
     #[test]
     fn remaining_time_is_written_only_once_time_was_used() {
         let mut h = HeaderMap::new();
-        h.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        h.insert(&GRPC_TIMEOUT, HeaderValue::from_static("5S"));
         set_remaining(
             &mut h,
             Duration::from_micros(4_999_900),
             Some(Duration::from_secs(5)),
         );
-        assert_eq!(h[GRPC_TIMEOUT], "5S", "100us used: left alone");
+        assert_eq!(h[&GRPC_TIMEOUT], "5S", "100us used: left alone");
         set_remaining(
             &mut h,
             Duration::from_millis(3_000),
             Some(Duration::from_secs(5)),
         );
-        assert_eq!(h[GRPC_TIMEOUT], "3000m");
+        assert_eq!(h[&GRPC_TIMEOUT], "3000m");
         assert_eq!(timeout(&h), Some(Duration::from_secs(3)));
         set_remaining(&mut h, Duration::ZERO, Some(Duration::from_secs(5)));
-        assert_eq!(h[GRPC_TIMEOUT], "1m");
+        assert_eq!(h[&GRPC_TIMEOUT], "1m");
     }
 
     #[test]

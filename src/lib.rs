@@ -26,6 +26,7 @@ pub mod load;
 pub mod proxy;
 pub mod sidecar;
 pub mod stream;
+pub mod timer;
 
 /// The demo agent's protocol, `proto/agentmesh/demo/v1/agent.proto`.
 pub mod pb {

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
@@ -42,6 +42,7 @@ use crate::endpoint::{Endpoint, InFlight, Refused, Sender};
 use crate::error::ProxyError;
 use crate::grpc;
 use crate::stream::{Abandon, Pump, Received};
+use crate::timer::Timer;
 
 /// How much of a request body is kept for re-sending a call that never
 /// reached an endpoint, when no retry policy names a larger bound.
@@ -460,11 +461,14 @@ async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
     if let Poll::Ready(out) = first {
         return (Instant::now() < deadline).then_some(out);
     }
-    tokio::select! {
-        biased;
-        _ = tokio::time::sleep_until(deadline) => None,
-        out = f => Some(out),
-    }
+    let mut timer = std::pin::pin!(Timer::at(deadline));
+    std::future::poll_fn(|cx| {
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        f.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 /// How one attempt's request went.
@@ -862,7 +866,7 @@ pub struct ResponseBody {
 /// never arm one.
 enum DeadlineTimer {
     At(Instant),
-    Armed(Pin<Box<Sleep>>),
+    Armed(Pin<Box<Timer>>),
 }
 
 impl Default for ResponseBody {
@@ -915,7 +919,7 @@ impl ResponseBody {
     /// Arms the deadline's timer, now that the body waits.
     fn arm(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(DeadlineTimer::At(at)) = self.deadline {
-            let mut sleep = Box::pin(tokio::time::sleep_until(at));
+            let mut sleep = Box::pin(Timer::at(at));
             let fired = sleep.as_mut().poll(cx).is_ready();
             self.deadline = Some(DeadlineTimer::Armed(sleep));
             return fired;

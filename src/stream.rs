@@ -12,6 +12,8 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::timer::Timer;
+
 /// A body whose sender may give it up while it waits: the pump then resets
 /// the stream at once, even while it waits for window (the peer may not be
 /// reading).
@@ -170,7 +172,7 @@ impl Body for Received {
 /// peer counts as gone when one is unanswered for `timeout`.
 pub struct Keepalive {
     pings: Option<h2::PingPong>,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Pin<Box<Timer>>,
     interval: std::time::Duration,
     timeout: std::time::Duration,
     /// A PING is out and unanswered.
@@ -187,7 +189,7 @@ impl Keepalive {
     ) -> Keepalive {
         Keepalive {
             pings,
-            timer: Box::pin(tokio::time::sleep(interval)),
+            timer: Box::pin(Timer::after(interval)),
             interval,
             timeout,
             pinging: false,

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::lock;
 use crate::io::PeerSignals;
 use crate::stream::Keepalive;
+use crate::timer::Timer;
 
 /// A handle that opens streams on a pooled connection (cheap to clone).
 pub type Sender = h2::client::SendRequest<Bytes>;
@@ -297,7 +298,7 @@ impl Inner {
         let pings = conn.ping_pong();
         let mut conn = std::pin::pin!(conn);
         let every = (self.timeouts.idle / 4).max(Duration::from_millis(1));
-        let mut check = tokio::time::interval_at(Instant::now() + every, every);
+        let mut check = std::pin::pin!(Timer::after(every));
         let mut last_uses = self.uses.load(Ordering::Relaxed);
         let mut quiet = Duration::ZERO;
         let mut keepalive = Keepalive::new(
@@ -307,8 +308,10 @@ impl Inner {
         );
         let result: Result<(), String> = loop {
             tokio::select! {
+                biased;
                 result = &mut conn => break result.map_err(|e| crate::grpc::describe(&e)),
-                _ = check.tick() => {
+                _ = check.as_mut() => {
+                    check.as_mut().reset(Instant::now() + every);
                     let uses = self.uses.load(Ordering::Relaxed);
                     quiet = if uses == last_uses { quiet + every } else { Duration::ZERO };
                     last_uses = uses;

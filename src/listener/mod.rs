@@ -159,8 +159,11 @@ where
     };
     let mut keepalive = Keepalive::new(conn.ping_pong(), KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
     let mut draining = false;
+    // Made once: the loop comes round several times per call.
+    let mut signaled = std::pin::pin!(drain.signaled());
     loop {
         tokio::select! {
+            biased;
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
                     tokio::spawn(serve_call(route.clone(), req, respond));
@@ -171,7 +174,7 @@ where
                 }
                 None => return,
             },
-            _ = drain.signaled(), if !draining => {
+            _ = signaled.as_mut(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
             }
