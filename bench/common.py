@@ -18,7 +18,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The binary under test (also the agents and the load generator): set by
+# build().
 BIN = os.path.join(ROOT, "target", "release", "agentmesh")
+BUILD = "plain: cargo build --release"
 PROXY_CPU = "0"
 LOAD_CPU = "1"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -46,7 +49,20 @@ def ensure_packages(wanted=PEERS, check=True):
 
 
 def build():
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    """Builds the binary the benchmarks run: the profile-guided release
+    build of scripts/build-release (the one deploy/Dockerfile ships), or
+    with BENCH_BUILD=plain a plain `cargo build --release`."""
+    global BIN, BUILD
+    if os.environ.get("BENCH_BUILD", "pgo") == "plain":
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+        BIN = os.path.join(ROOT, "target", "release", "agentmesh")
+        BUILD = "plain: cargo build --release"
+    else:
+        out = subprocess.run([os.path.join(ROOT, "scripts", "build-release")], cwd=ROOT, check=True,
+                             stdout=subprocess.PIPE, text=True).stdout
+        BIN = out.strip().splitlines()[-1]
+        BUILD = "profile-guided: scripts/build-release"
+    log(f"agentmesh: {BIN} ({BUILD})")
 
 
 def free_port():
@@ -88,6 +104,7 @@ def machine():
         "cpu_model": model,
         "kernel": platform.release(),
         "versions": versions,
+        "agentmesh_build": BUILD,
     }
 
 

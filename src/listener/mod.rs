@@ -166,7 +166,9 @@ where
             biased;
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    tokio::spawn(serve_call(route.clone(), req, respond));
+                    // Boxed: a task's future is moved several times on its
+                    // way into the runtime, and this one is large.
+                    tokio::spawn(Box::pin(serve_call(route.clone(), req, respond)));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "caller connection ended with an error");
