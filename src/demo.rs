@@ -83,6 +83,24 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
         endpoint.weight = std::num::NonZeroU32::new(weight).expect("demo weights are positive");
     }
     let sidecar = Sidecar::start(&Config::for_test(vec![cluster])).await?;
+    // The sidecar connects to each agent on its first call, and a call
+    // passes over an agent still connecting: on a busy machine the first
+    // calls would then skew the spread the demo is there to show.
+    let connects = sidecar
+        .router()
+        .clusters()
+        .iter()
+        .flat_map(|c| c.endpoints())
+        .map(|e| e.connection().get());
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join_all(connects),
+    )
+    .await
+    .context("connecting the sidecar to the demo agents took over 5 s")?
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .context("connecting the sidecar to a demo agent")?;
     let channel = crate::client::via_connect(sidecar.proxy_addr(), TARGET)
         .await
         .context("connecting to the sidecar in proxy mode")?;

@@ -912,16 +912,16 @@ impl ResponseBody {
         match &mut self.deadline {
             None => false,
             Some(DeadlineTimer::At(at)) => Instant::now() >= *at,
-            Some(DeadlineTimer::Armed(sleep)) => sleep.as_mut().poll(cx).is_ready(),
+            Some(DeadlineTimer::Armed(timer)) => timer.as_mut().poll(cx).is_ready(),
         }
     }
 
     /// Arms the deadline's timer, now that the body waits.
     fn arm(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(DeadlineTimer::At(at)) = self.deadline {
-            let mut sleep = Box::pin(Timer::at(at));
-            let fired = sleep.as_mut().poll(cx).is_ready();
-            self.deadline = Some(DeadlineTimer::Armed(sleep));
+            let mut timer = Box::pin(Timer::at(at));
+            let fired = timer.as_mut().poll(cx).is_ready();
+            self.deadline = Some(DeadlineTimer::Armed(timer));
             return fired;
         }
         false

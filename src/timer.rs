@@ -40,10 +40,6 @@ impl Timer {
         this.sleep.reset(deadline);
         *this.registered = None;
     }
-
-    pub fn deadline(&self) -> Instant {
-        self.sleep.deadline()
-    }
 }
 
 impl Future for Timer {
