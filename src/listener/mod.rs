@@ -86,10 +86,9 @@ impl Route {
                 }
             }
         };
-        // Boxed: the forwarding state is large, and the call's task would
-        // otherwise copy all of it each time it is moved (into the task and
-        // the runtime's task cell); a pointer moves cheaply.
-        Box::pin(proxy::forward(cluster, req)).await
+        // Not boxed here: the whole call is boxed once where its task is
+        // spawned.
+        proxy::forward(cluster, req).await
     }
 }
 
