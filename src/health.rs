@@ -1,6 +1,7 @@
 //! Active health checks: every `interval`, each endpoint of a cluster with
 //! `[cluster.health_check]` is sent `grpc.health.v1.Health/Check` (the
-//! standard gRPC health protocol) over its pooled connection. An answer of
+//! standard gRPC health protocol) over a connection of the checker's own,
+//! apart from the one that carries calls. An answer of
 //! SERVING within `timeout` passes; anything else (NOT_SERVING, an error
 //! status, a timeout, a failed connect) fails. `unhealthy_threshold`
 //! failures in a row take the endpoint out; `healthy_threshold` passes in
@@ -12,6 +13,13 @@
 //! breaker and forgets its connect failures (Envoy's
 //! `successful_active_health_check_uneject_host`).
 //!
+//! A check that times out drops its connection, and the next one dials
+//! anew, as Envoy's checker does. Checks left unanswered on one connection
+//! would each leave a reset stream behind, and an endpoint that wakes from
+//! a hang to a backlog of those may close the whole connection (the HTTP/2
+//! guard against reset floods). On the calls' connection that would fail
+//! the calls in flight; on the checker's own it costs one check at most.
+//!
 //! [`Verdicts`] is the plain state machine; [`run`] is the task that feeds
 //! it, one per endpoint, under the sidecar's supervision.
 
@@ -22,11 +30,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use prost::Message;
+use tokio::sync::Notify;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::config::HealthCheckConfig;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Connection, Endpoint};
 use crate::stream::Received;
 
 /// Consecutive passes and failures, and the verdict they add up to.
@@ -75,11 +84,16 @@ impl Verdicts {
 
 /// Checks `endpoint` every `config.interval`, for as long as the task runs.
 pub async fn run(endpoint: Arc<Endpoint>, config: HealthCheckConfig) {
+    let connection = Connection::new(
+        endpoint.address().into(),
+        endpoint.connection().timeouts(),
+        Arc::new(Notify::new()),
+    );
     let mut verdicts = Verdicts::default();
     let mut last_failure = String::new();
     tokio::time::sleep(first_delay(config.interval)).await;
     loop {
-        let result = check(&endpoint, &config).await;
+        let result = check(&connection, &config).await;
         let passed = result.is_ok();
         if let Err(reason) = result {
             tracing::debug!(endpoint = endpoint.address(), %reason, "health check failed");
@@ -106,20 +120,20 @@ pub async fn run(endpoint: Arc<Endpoint>, config: HealthCheckConfig) {
 /// A health answer is a few bytes; one larger than this is not one.
 const MAX_ANSWER: usize = 64 * 1024;
 
-/// One `grpc.health.v1.Health/Check`; `Err` says why it did not pass.
-pub async fn check(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(), String> {
-    match tokio::time::timeout(config.timeout, check_once(endpoint, config)).await {
+/// One `grpc.health.v1.Health/Check` over `connection`; `Err` says why it
+/// did not pass.
+pub async fn check(connection: &Connection, config: &HealthCheckConfig) -> Result<(), String> {
+    match tokio::time::timeout(config.timeout, check_once(connection, config)).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer within {:?}", config.timeout)),
+        Err(_) => {
+            connection.close();
+            Err(format!("no answer within {:?}", config.timeout))
+        }
     }
 }
 
-async fn check_once(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(), String> {
-    let mut sender = endpoint
-        .connection()
-        .get()
-        .await
-        .map_err(|e| e.reason.to_string())?;
+async fn check_once(connection: &Connection, config: &HealthCheckConfig) -> Result<(), String> {
+    let mut sender = connection.get().await.map_err(|e| e.reason.to_string())?;
     let message = HealthCheckRequest {
         service: config.service.clone(),
     }
@@ -131,7 +145,7 @@ async fn check_once(endpoint: &Endpoint, config: &HealthCheckConfig) -> Result<(
     let timeout_ms = config.timeout.as_millis().clamp(1, 99_999_999);
     let request = Request::post(format!(
         "http://{}/grpc.health.v1.Health/Check",
-        endpoint.address()
+        connection.address()
     ))
     .header("content-type", "application/grpc")
     .header("te", "trailers")

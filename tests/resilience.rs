@@ -405,6 +405,8 @@ async fn a_hung_agent_fails_its_health_checks_and_comes_back() {
             counts.get("agent-2").copied().unwrap_or(0) >= 8,
             "{counts:?}"
         );
+        let calls_connection = endpoint.connection();
+        let (opened, closed) = (calls_connection.opened(), calls_connection.closed());
         // SIGSTOP: the process holds its sockets but answers nothing.
         signal(&children[2], "-STOP");
         let stopped = Instant::now();
@@ -424,6 +426,10 @@ async fn a_hung_agent_fails_its_health_checks_and_comes_back() {
         assert_eq!(endpoint.stats().marked_unhealthy, 1);
         let counts = spread(&client, 30, 3).await;
         assert_eq!(counts.get("agent-2"), None, "{counts:?}");
+        // Long enough for more than 20 checks to go unanswered: were they on
+        // the calls' connection, the agent would wake to more reset streams
+        // than its HTTP/2 server allows and close that connection.
+        tokio::time::sleep_until(stopped + Duration::from_secs(5)).await;
         signal(&children[2], "-CONT");
         assert!(
             eventually(Duration::from_secs(5), || endpoint.stats().state == "ready").await,
@@ -434,6 +440,11 @@ async fn a_hung_agent_fails_its_health_checks_and_comes_back() {
         assert!(
             counts.get("agent-2").copied().unwrap_or(0) >= 8,
             "{counts:?}"
+        );
+        assert_eq!(
+            (calls_connection.opened(), calls_connection.closed()),
+            (opened, closed),
+            "the calls' connection outlived the hang"
         );
     })
     .await;

@@ -123,6 +123,28 @@ impl Connection {
         self.inner.opened.load(Ordering::Relaxed)
     }
 
+    /// The endpoint's address.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// The time limits this connection was made with.
+    pub fn timeouts(&self) -> Timeouts {
+        self.inner.timeouts
+    }
+
+    /// Drops the live connection at once, with whatever it carries: the
+    /// next `get` dials a new one. For a connection that has stopped
+    /// answering and should not be written to any more.
+    pub fn close(&self) {
+        if let Some(pooled) = self.inner.ready.load_full() {
+            self.inner.unpool(pooled.attempt);
+            if let Some(abandon) = lock(&pooled.abandon).take() {
+                let _ = abandon.send(());
+            }
+        }
+    }
+
     /// Connections that have ended so far.
     pub fn closed(&self) -> u64 {
         self.inner.closed.load(Ordering::Relaxed)
@@ -251,7 +273,11 @@ impl Inner {
             .handshake(io)
             .await
             .map_err(|e| fail(format!("HTTP/2 handshake failed: {e}")))?;
-        tokio::spawn(self.clone().drive(conn, attempt, signals.clone()));
+        let (abandon, abandoned) = tokio::sync::oneshot::channel();
+        tokio::spawn(
+            self.clone()
+                .drive(conn, attempt, signals.clone(), abandoned),
+        );
         // The connection carries calls once the server has spoken: a socket
         // that the kernel accepted for a server that is going away (or is
         // hung) would swallow them.
@@ -279,6 +305,7 @@ impl Inner {
             attempt,
             sender,
             signals,
+            abandon: Mutex::new(Some(abandon)),
         });
         self.ready.store(Some(pooled.clone()));
         Ok(pooled)
@@ -288,14 +315,19 @@ impl Inner {
     /// pool once no new call has used it for `idle_timeout`: the HTTP/2
     /// client then closes it when its last stream ends. Sends a PING every
     /// `keepalive_interval` and drops the connection if one goes
-    /// unanswered for `keepalive_timeout`.
+    /// unanswered for `keepalive_timeout`. Ends at once when told to by
+    /// `abandoned`.
     async fn drive(
         self: Arc<Self>,
         mut conn: ClientConnection,
         attempt: u64,
         signals: Arc<PeerSignals>,
+        abandoned: tokio::sync::oneshot::Receiver<()>,
     ) {
         let pings = conn.ping_pong();
+        // Pending for good once the pool's handle is dropped without a word
+        // (the connection then runs until its last stream ends).
+        let mut abandoned = abandoned.fuse();
         let mut conn = std::pin::pin!(conn);
         let every = (self.timeouts.idle / 4).max(Duration::from_millis(1));
         let mut check = std::pin::pin!(Timer::after(every));
@@ -321,6 +353,10 @@ impl Inner {
                 }
                 _ = keepalive.lost() => {
                     break Err(format!("no answer to a PING within {:?}", keepalive.timeout()));
+                }
+                Ok(()) = &mut abandoned => {
+                    tracing::debug!(endpoint = %self.address, "dropping an upstream connection that stopped answering");
+                    break Ok(());
                 }
             }
         };
@@ -372,6 +408,8 @@ struct Pooled {
     /// Once the endpoint sent GOAWAY it is shutting down: no new call goes
     /// on this connection (those in flight finish).
     signals: Arc<PeerSignals>,
+    /// Tells the connection's task to drop it at once.
+    abandon: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Pooled {
@@ -460,6 +498,49 @@ fn client_builder() -> h2::client::Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn close_drops_the_live_connection_and_the_next_get_dials_anew() {
+        use crate::agent::{AgentOptions, AgentStats, spawn};
+        let stats = Arc::new(AgentStats::default());
+        let loopback = "127.0.0.1:0".parse().unwrap();
+        let (addr, _agent) = spawn(loopback, AgentOptions::named("a"), stats.clone())
+            .await
+            .unwrap();
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+        };
+        let connection = Connection::new(addr.to_string().into(), timeouts, Default::default());
+        let mut first = connection.get().await.unwrap();
+        assert!(connection.is_open());
+        connection.close();
+        assert!(!connection.is_open(), "out of the pool at once");
+        // Its task drops it without waiting for the handle still held here.
+        let ended = async {
+            while connection.closed() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the connection ends");
+        let request = http::Request::post(format!("http://{addr}/"))
+            .body(())
+            .unwrap();
+        assert!(
+            first.send_request(request, true).is_err(),
+            "the old handle's connection is gone"
+        );
+        connection.get().await.unwrap();
+        assert_eq!((connection.opened(), connection.closed()), (2, 1));
+        assert_eq!(stats.get(&stats.connections), 2);
+        connection.close();
+        connection.close();
+        assert!(!connection.is_open(), "closing twice is harmless");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_connect_sits_the_endpoint_out_with_a_growing_backoff() {
