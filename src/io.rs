@@ -38,6 +38,10 @@ use tokio::sync::Notify;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// A read into less room than this goes through a buffer of our own.
+const READ_ROOM: usize = 4 * 1024;
+/// That buffer's size.
+const READ_BUF: usize = 16 * 1024;
 /// Writes at least this large skip the buffer when it is empty.
 const DIRECT: usize = 16 * 1024;
 /// The buffer is written out before it grows past this.
@@ -49,6 +53,10 @@ pub struct Batched<S> {
     /// How much of `buf` has been written.
     sent: usize,
     yielded: bool,
+    /// Bytes read but not yet handed to the reader: `read_buf[unread..read]`.
+    read_buf: Box<[u8]>,
+    unread: usize,
+    read: usize,
     watch: Option<FrameWatch>,
 }
 
@@ -59,6 +67,9 @@ impl<S> Batched<S> {
             buf: Vec::new(),
             sent: 0,
             yielded: false,
+            read_buf: Box::default(),
+            unread: 0,
+            read: 0,
             watch: None,
         }
     }
@@ -101,7 +112,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.unread == this.read && (1..READ_ROOM).contains(&buf.remaining()) {
+            // The HTTP/2 codec reads into whatever room its buffer has left,
+            // often a few hundred bytes, and a message then takes two system
+            // calls. Take what the socket has into a buffer of our own.
+            if this.read_buf.is_empty() {
+                this.read_buf = vec![0; READ_BUF].into_boxed_slice();
+            }
+            let mut staging = ReadBuf::new(&mut this.read_buf);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut staging))?;
+            (this.unread, this.read) = (0, staging.filled().len());
+        }
+        if this.unread < this.read {
+            let n = buf.remaining().min(this.read - this.unread);
+            buf.put_slice(&this.read_buf[this.unread..this.unread + n]);
+            this.unread += n;
+        } else {
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        }
         if let Some(watch) = &mut this.watch {
             watch.scan(&buf.filled()[before..]);
         }
@@ -250,6 +278,49 @@ mod tests {
         assert_eq!(&out[..6], b"hello ");
         assert_eq!(&out[6..100_006], &big[..]);
         assert_eq!(&out[100_006..], b" world");
+    }
+
+    /// Counts the reads that reach the stream below.
+    struct Counted<S> {
+        inner: S,
+        reads: usize,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.reads += 1;
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_into_little_room_takes_the_whole_message_in_one_read() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let message: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        a.write_all(&message).await.unwrap();
+        let mut r = Batched::new(Counted { inner: b, reads: 0 });
+        // As the HTTP/2 codec does when its buffer has 600 bytes left.
+        let mut out = Vec::new();
+        let mut room = [0u8; 600];
+        while out.len() < message.len() {
+            let n = r.read(&mut room).await.unwrap();
+            assert!(n > 0);
+            out.extend_from_slice(&room[..n]);
+        }
+        assert_eq!(out, message, "whole and in order");
+        assert_eq!(r.inner.reads, 1, "one read of the stream below");
+        // With room enough, reads go straight through.
+        a.write_all(&message).await.unwrap();
+        let mut big = vec![0u8; 8192];
+        assert_eq!(r.read(&mut big).await.unwrap(), 3000);
+        assert_eq!(&big[..3000], &message[..]);
+        assert_eq!(r.inner.reads, 2);
+        drop(a);
+        assert_eq!(r.read(&mut room).await.unwrap(), 0, "the end shows");
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct LoadOptions {
     /// Closed loop: stop after this many calls (or at `duration`, whichever
     /// comes first).
     pub calls: Option<u64>,
+    /// Also report the whole latency histogram (the report's `histogram`),
+    /// so that the runs of several reports can be merged.
+    pub histogram: bool,
 }
 
 impl Default for LoadOptions {
@@ -78,6 +81,7 @@ impl Default for LoadOptions {
             max_in_flight: 20_000,
             timeline: None,
             calls: None,
+            histogram: false,
         }
     }
 }
@@ -104,6 +108,11 @@ pub struct LoadReport {
     pub timeline: Vec<BTreeMap<String, u64>>,
     /// Wall-clock time (Unix, milliseconds) when the measured part began.
     pub started_unix_ms: u64,
+    /// With `histogram`: every latency recorded, as `[microseconds, calls]`
+    /// pairs in rising order; each value stands for its histogram bucket
+    /// (the highest value the bucket holds, 3 significant figures).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub histogram: Vec<[u64; 2]>,
 }
 
 struct Outcome {
@@ -262,6 +271,14 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
     };
     let (histogram, errors, by_agent, calls, ok, timeline) = collector.await?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let buckets = if options.histogram {
+        histogram
+            .iter_recorded()
+            .map(|v| [v.value_iterated_to(), v.count_at_value()])
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(LoadReport {
         mode: format!(
             "{mode}, {} connection(s), {}",
@@ -288,6 +305,7 @@ pub async fn run(options: &LoadOptions) -> anyhow::Result<LoadReport> {
         by_agent,
         timeline,
         started_unix_ms,
+        histogram: buckets,
     })
 }
 

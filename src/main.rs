@@ -98,6 +98,10 @@ enum Command {
         /// Closed loop: stop after this many calls.
         #[arg(long)]
         calls: Option<u64>,
+        /// JSON: also give every latency recorded (`histogram`), so that
+        /// several runs can be merged.
+        #[arg(long)]
+        histogram: bool,
     },
     /// Start three local agents and the sidecar, send calls, show where they went.
     Demo {
@@ -210,6 +214,7 @@ fn main() -> ExitCode {
             json,
             timeline,
             calls,
+            histogram,
         } => {
             init_logging("warn");
             let options = agentmesh::load::LoadOptions {
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
                 timeout,
                 timeline,
                 calls,
+                histogram,
                 ..Default::default()
             };
             match runtime(0).block_on(agentmesh::load::run(&options)) {
