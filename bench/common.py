@@ -7,6 +7,7 @@ on 127.0.0.1 only, and every run is bounded in time.
 """
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -337,13 +338,17 @@ backend be
 
 
 def load(targets, duration, concurrency=None, rate=None, connections=4, payload=1024,
-         stream=0, delay_ms=0, timeout="30s", sample=None, timeline=None):
+         stream=0, delay_ms=0, timeout="30s", sample=None, timeline=None, warmup=0.0,
+         histogram=False):
     """Runs `agentmesh load` on the load CPU; returns its JSON report. With
     `sample` (a callable), calls it every 50 ms during the run and returns
-    the samples too."""
+    the samples too. `warmup` seconds of calls go first, uncounted; with
+    `histogram` the report has every latency (`[us, calls]` pairs)."""
     cmd = ["taskset", "-c", LOAD_CPU, BIN, "load", "--json", "--duration", f"{max(1, int(duration * 1000))}ms",
            "--connections", str(connections), "--payload", str(payload), "--stream", str(stream),
-           "--delay-ms", str(delay_ms), "--timeout", timeout]
+           "--delay-ms", str(delay_ms), "--timeout", timeout, "--warmup", f"{int(warmup * 1000)}ms"]
+    if histogram:
+        cmd.append("--histogram")
     for t in targets:
         cmd += ["--target", t]
     if timeline is not None:
@@ -354,7 +359,7 @@ def load(targets, duration, concurrency=None, rate=None, connections=4, payload=
         cmd += ["--concurrency", str(concurrency)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples = []
-    limit = time.monotonic() + duration + 60
+    limit = time.monotonic() + warmup + duration + 60
     while p.poll() is None:
         if sample is not None:
             samples.append(sample())
@@ -409,6 +414,31 @@ def interleaved(contenders, rounds, what, run):
             log(f"{what}, round {i + 1} of {rounds}: {p.label}")
             results.setdefault(p.label, []).append(run(p))
     return results
+
+
+def merge_histograms(histograms):
+    """One histogram of several (`[us, calls]` pairs from `load`)."""
+    out = {}
+    for h in histograms:
+        for value, count in h:
+            out[value] = out.get(value, 0) + count
+    return sorted([v, c] for v, c in out.items())
+
+
+def quantile_ms(histogram, q):
+    """The latency (ms) at quantile q of a histogram of `[us, calls]` pairs,
+    as the HDR histogram reports it: the first value that q of all calls
+    are at or below."""
+    total = sum(c for _, c in histogram)
+    if total == 0:
+        return 0.0
+    want = max(1, math.ceil(q * total))
+    seen = 0
+    for value, count in histogram:
+        seen += count
+        if seen >= want:
+            return value / 1000
+    return histogram[-1][0] / 1000
 
 
 def median(items, key=lambda x: x):
