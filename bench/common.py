@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -439,6 +440,50 @@ def quantile_ms(histogram, q):
         if seen >= want:
             return value / 1000
     return histogram[-1][0] / 1000
+
+
+def lower_share(ours, theirs, q=0.99, resamples=1000, seed=1):
+    """How sure it is that `ours` has the lower merged q-quantile: the share
+    of paired bootstrap resamples in which it does (ties count half).
+
+    `ours` and `theirs` are per-slice histograms (`[us, calls]` pairs),
+    slice i of each run back to back. Each resample draws slice indices
+    with replacement, the same indices for both, and merges each side's
+    drawn slices, as the run itself merges all of them."""
+    rng = random.Random(seed)
+    a, b = _tails(ours, q), _tails(theirs, q)
+    n = len(a)
+    score = 0.0
+    for _ in range(resamples):
+        drawn = [rng.randrange(n) for _ in range(n)]
+        x, y = _merged_quantile(a, drawn, q), _merged_quantile(b, drawn, q)
+        score += 1.0 if x < y else 0.5 if x == y else 0.0
+    return score / resamples
+
+
+def _tails(slices, q):
+    """Each slice as (its calls, its `[us, calls]` pairs at or above the
+    lowest q-quantile of all the slices). No merge of these slices has its
+    q-quantile below that floor, so the calls under it only count."""
+    floor = min(quantile_ms(h, q) for h in slices) * 1000
+    return [(sum(c for _, c in h), [(v, c) for v, c in h if v >= floor]) for h in slices]
+
+
+def _merged_quantile(tails, drawn, q):
+    """The q-quantile (us) of the drawn slices merged, from their tails."""
+    total, counts = 0, {}
+    for i in drawn:
+        calls, tail = tails[i]
+        total += calls
+        for v, c in tail:
+            counts[v] = counts.get(v, 0) + c
+    above = total - max(1, math.ceil(q * total))
+    seen = 0
+    for v in sorted(counts, reverse=True):
+        seen += counts[v]
+        if seen > above:
+            return v
+    return min(counts) if counts else 0
 
 
 def median(items, key=lambda x: x):
