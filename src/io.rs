@@ -122,6 +122,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
             let mut staging = ReadBuf::new(&mut this.read_buf);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut staging))?;
             (this.unread, this.read) = (0, staging.filled().len());
+            if this.read == 0 {
+                // End of stream: nothing to hand over, and no need to ask again.
+                return Poll::Ready(Ok(()));
+            }
         }
         if this.unread < this.read {
             let n = buf.remaining().min(this.read - this.unread);
@@ -321,6 +325,10 @@ mod tests {
         assert_eq!(r.inner.reads, 2);
         drop(a);
         assert_eq!(r.read(&mut room).await.unwrap(), 0, "the end shows");
+        assert_eq!(
+            r.inner.reads, 3,
+            "the end takes one read of the stream below"
+        );
     }
 
     #[test]
