@@ -71,19 +71,37 @@ def build():
     log(f"agentmesh: {BIN} ({BUILD})")
 
 
+_given = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before in this run: the
+    kernel may hand a just-closed port back at once, and a proxy's config
+    then names one port twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
-def wait_port(port, timeout=10.0):
+def wait_port(port, timeout=10.0, proc=None):
+    """Waits until something listens on `port`; fails at once, with the end
+    of its log, if `proc` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
+            if proc is not None and proc.p.poll() is not None:
+                proc.log.flush()
+                with open(proc.log.name) as f:
+                    tail = f.read()[-2000:]
+                raise RuntimeError(f"{proc.cmd[0]} exited ({proc.p.returncode}) before listening "
+                                   f"on 127.0.0.1:{port}: {tail.strip()}")
             time.sleep(0.02)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
@@ -208,8 +226,8 @@ class Agents:
                                    env={"RUST_LOG": "warn"}))
             self.ports.append(port)
             self.names.append(spec["name"])
-        for port in self.ports:
-            wait_port(port)
+        for port, proc in zip(self.ports, self.procs):
+            wait_port(port, proc=proc)
 
     def stop(self):
         for p in self.procs:
@@ -323,7 +341,7 @@ backend be
             self.proc = Proc(["haproxy", "-f", path], PROXY_CPU, os.path.join(workdir, f"{name}.log"))
         else:
             raise ValueError(self.kind)
-        wait_port(self.port)
+        wait_port(self.port, proc=self.proc)
         time.sleep(0.2)
 
     def cpu(self):
