@@ -1,32 +1,28 @@
 //! agentmesh: a gRPC sidecar that picks an endpoint for every call.
 //!
 //! A call flows one way through the modules:
-//! [`listener`] (accept, find the cluster) -> [`proxy`] (deadline, retry
-//! where safe) -> [`balance`] (pick an endpoint) -> [`endpoint`] (pooled
-//! connection, load counters). [`config`], [`admin`] and [`drain`] sit
-//! beside that line; [`agent`], [`client`] and [`demo`] are the demo agent
-//! and its callers.
+//! [`listener`] (accept, find the cluster) -> [`proxy`] (deadline, attempts,
+//! retries where safe) -> [`cluster`] (admission limits, retry budget, the
+//! live endpoint set) -> [`balance`] (pick an endpoint) -> [`endpoint`]
+//! (pooled connection, load, breaker, health). [`app`] starts, supervises
+//! and drains it all; [`config`] and [`admin`] sit beside the line; [`wire`]
+//! holds the HTTP/2 and gRPC plumbing and [`util`] the small mechanisms
+//! several modules share. [`tools`] are the demo agent and its callers, not
+//! part of the sidecar.
+
+#![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod agent;
+pub mod app;
 pub mod balance;
-pub mod client;
 pub mod cluster;
 pub mod config;
-pub mod demo;
-pub mod drain;
 pub mod endpoint;
-pub mod error;
-pub mod grpc;
-pub mod health;
-pub mod io;
-pub mod limit;
 pub mod listener;
-pub mod load;
 pub mod proxy;
-pub mod sidecar;
-pub mod stream;
-pub mod timer;
+pub mod tools;
+pub mod util;
+pub mod wire;
 
 /// The demo agent's protocol, `proto/agentmesh/demo/v1/agent.proto`.
 pub mod pb {

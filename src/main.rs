@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use agentmesh::agent::{self, AgentOptions, AgentStats};
+use agentmesh::app::Sidecar;
 use agentmesh::config::{Config, Strategy};
-use agentmesh::demo::{self, DemoOptions};
-use agentmesh::sidecar::Sidecar;
+use agentmesh::tools::agent::{self, AgentOptions, AgentStats};
+use agentmesh::tools::demo::{self, DemoOptions};
 
 #[derive(Parser)]
 #[command(
@@ -217,7 +217,7 @@ fn main() -> ExitCode {
             histogram,
         } => {
             init_logging("warn");
-            let options = agentmesh::load::LoadOptions {
+            let options = agentmesh::tools::load::LoadOptions {
                 targets: target,
                 authority,
                 rate,
@@ -234,7 +234,7 @@ fn main() -> ExitCode {
                 histogram,
                 ..Default::default()
             };
-            match runtime(0).block_on(agentmesh::load::run(&options)) {
+            match runtime(0).block_on(agentmesh::tools::load::run(&options)) {
                 Ok(report) if json => {
                     println!("{}", serde_json::to_string(&report).unwrap_or_default());
                     ExitCode::SUCCESS

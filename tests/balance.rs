@@ -83,7 +83,7 @@ async fn a_thousand_calls_open_one_upstream_connection_per_endpoint() {
                 "agent-{i} saw more than one connection from the sidecar"
             );
         }
-        for e in sidecar.router().clusters()[0].endpoints() {
+        for e in sidecar.router().clusters()[0].endpoints().iter() {
             assert_eq!(e.stats().connections_opened, 1, "{}", e.address());
         }
     })

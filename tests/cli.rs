@@ -132,7 +132,7 @@ async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() {
             .unwrap();
         assert!(eventually(Duration::from_secs(10), || std::net::TcpStream::connect(proxy).is_ok()).await);
 
-        let channel = agentmesh::client::via_connect(proxy, TARGET).await.unwrap();
+        let channel = agentmesh::tools::client::via_connect(proxy, TARGET).await.unwrap();
         let mut client = AgentClient::new(channel);
         let slow = tokio::spawn(async move {
             client.invoke(InvokeRequest { delay_ms: 1_500, payload: b"late".to_vec(), ..Default::default() }).await

@@ -6,10 +6,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use agentmesh::client;
+use agentmesh::app::Sidecar;
 use agentmesh::config::{ClusterConfig, Config};
 use agentmesh::pb::agent_client::AgentClient;
-use agentmesh::sidecar::Sidecar;
+use agentmesh::tools::client;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;

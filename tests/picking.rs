@@ -9,10 +9,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentmesh::agent::AgentOptions;
+use agentmesh::app::Sidecar;
 use agentmesh::config::{AffinityConfig, Config, Strategy};
 use agentmesh::pb::agent_client::AgentClient;
-use agentmesh::sidecar::Sidecar;
+use agentmesh::tools::agent::AgentOptions;
 use support::*;
 use tonic::transport::Channel;
 

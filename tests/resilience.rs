@@ -11,8 +11,8 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentmesh::cluster::limit::RateLimitConfig;
 use agentmesh::config::{ClusterConfig, HealthCheckConfig, OutlierConfig, RetryConfig};
-use agentmesh::limit::RateLimitConfig;
 use agentmesh::pb::InvokeRequest;
 use agentmesh::pb::agent_client::AgentClient;
 use support::*;

@@ -20,17 +20,17 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use http::{HeaderMap, HeaderName};
-use tokio::time::Instant;
 
 use super::Tried;
 use crate::config::AffinityConfig;
 use crate::endpoint::Endpoint;
+use crate::util::Clock;
 
 pub struct Affinity {
     header: HeaderName,
     ttl_ms: u64,
     max_sessions: usize,
-    epoch: Instant,
+    clock: Clock,
     table: DashMap<Box<str>, Pin>,
 }
 
@@ -45,7 +45,7 @@ impl Affinity {
             header: config.header.clone(),
             ttl_ms: config.ttl.as_millis() as u64,
             max_sessions: config.max_sessions,
-            epoch: Instant::now(),
+            clock: Clock::new(),
             table: DashMap::new(),
         }
     }
@@ -63,9 +63,7 @@ impl Affinity {
     }
 
     fn now_ms(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_millis() as u64
+        self.clock.now_ms()
     }
 
     /// The index in `ready` for session `key`: its pinned endpoint while
@@ -99,6 +97,12 @@ impl Affinity {
             self.evict_oldest();
         }
         Some(i)
+    }
+
+    /// Forgets the sessions pinned to endpoint `id` (it left the cluster):
+    /// they are placed again on their next call, and no other moves.
+    pub fn forget(&self, id: u64) {
+        self.table.retain(|_, pin| pin.endpoint != id);
     }
 
     /// Forgets sessions unused for longer than the TTL.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{Call, Picker};
 use crate::endpoint::Endpoint;
+use crate::util::lock;
 
 pub struct Weighted {
     weights: Vec<i64>,
@@ -34,7 +35,7 @@ impl Picker for Weighted {
             // Built for another set; cannot happen through `Snapshot`.
             return fastrand::usize(..ready.len());
         }
-        let mut scores = self.scores.lock().unwrap_or_else(|p| p.into_inner());
+        let mut scores = lock(&self.scores);
         let mut best = 0;
         for i in 0..scores.len() {
             scores[i] += self.weights[i];

@@ -24,13 +24,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::load::Window;
+use super::load::CallWindow;
 use crate::config::{BreakerConfig, OutlierConfig};
 
-/// How many endpoints of a cluster may be ejected at once.
+/// How many endpoints of a cluster may be ejected at once. The maximum
+/// follows the live endpoint set ([`EjectionBudget::resize`]); endpoints
+/// ejected when it shrinks stay ejected, and no more are until the count
+/// is under the new maximum.
 #[derive(Debug)]
 pub struct EjectionBudget {
-    max: usize,
+    share: f64,
+    max: AtomicUsize,
     ejected: AtomicUsize,
 }
 
@@ -38,15 +42,27 @@ impl EjectionBudget {
     /// `share` (0.0 to 1.0) of `endpoints`, rounded down, but at least one.
     pub fn new(endpoints: usize, share: f64) -> EjectionBudget {
         EjectionBudget {
-            max: ((endpoints as f64 * share).floor() as usize).max(1),
+            share,
+            max: AtomicUsize::new(Self::max_for(endpoints, share)),
             ejected: AtomicUsize::new(0),
         }
     }
 
+    fn max_for(endpoints: usize, share: f64) -> usize {
+        ((endpoints as f64 * share).floor() as usize).max(1)
+    }
+
+    /// The cluster now has `endpoints` endpoints.
+    pub fn resize(&self, endpoints: usize) {
+        self.max
+            .store(Self::max_for(endpoints, self.share), Ordering::Release);
+    }
+
     fn try_take(&self) -> bool {
+        let max = self.max();
         self.ejected
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .is_ok()
     }
@@ -62,7 +78,7 @@ impl EjectionBudget {
     }
 
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Acquire)
     }
 }
 
@@ -96,7 +112,7 @@ pub struct Breaker {
     consecutive: u32,
     /// Opens since the breaker was last closed by a success.
     reopens: u32,
-    window: Window,
+    window: CallWindow,
 }
 
 impl Breaker {
@@ -108,7 +124,7 @@ impl Breaker {
             state: State::Closed,
             consecutive: 0,
             reopens: 0,
-            window: Window::new(span, now),
+            window: CallWindow::new(span, now),
         }
     }
 
@@ -417,6 +433,41 @@ mod tests {
         assert_eq!(EjectionBudget::new(1, 0.1).max(), 1);
         assert_eq!(EjectionBudget::new(10, 0.1).max(), 1);
         assert_eq!(EjectionBudget::new(10, 0.35).max(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_follows_the_live_set() {
+        let budget = EjectionBudget::new(2, 0.5);
+        let mut breakers: Vec<Breaker> = (0..4).map(|_| breaker(None)).collect();
+        assert!(matches!(
+            fail_five(&mut breakers[0], &budget),
+            Some(Transition::Opened { .. })
+        ));
+        assert!(matches!(
+            fail_five(&mut breakers[1], &budget),
+            Some(Transition::Spared { .. })
+        ));
+        // Two endpoints more: half of four may be out.
+        budget.resize(4);
+        assert_eq!(budget.max(), 2);
+        assert!(matches!(
+            fail_five(&mut breakers[1], &budget),
+            Some(Transition::Opened { .. })
+        ));
+        // Back to two: both stay out, and no third is ejected.
+        budget.resize(2);
+        assert_eq!((budget.ejected(), budget.max()), (2, 1));
+        assert!(matches!(
+            fail_five(&mut breakers[2], &budget),
+            Some(Transition::Spared { .. })
+        ));
+        breakers[0].reset(&budget);
+        breakers[1].reset(&budget);
+        assert_eq!(budget.ejected(), 0);
+        assert!(matches!(
+            fail_five(&mut breakers[3], &budget),
+            Some(Transition::Opened { .. })
+        ));
     }
 
     #[tokio::test(start_paused = true)]

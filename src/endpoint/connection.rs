@@ -20,10 +20,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lock;
-use crate::io::PeerSignals;
-use crate::stream::Keepalive;
-use crate::timer::Timer;
+use crate::util::{Clock, lock};
+use crate::wire::io::PeerSignals;
+use crate::wire::stream::Keepalive;
+use crate::wire::timer::Timer;
 
 /// A handle that opens streams on a pooled connection (cheap to clone).
 pub type Sender = h2::client::SendRequest<Bytes>;
@@ -80,6 +80,8 @@ struct Inner {
     opened: AtomicU64,
     /// A background connect is running.
     warming: AtomicBool,
+    /// Shut for good ([`Connection::shut_down`]): no new connection is made.
+    shut: AtomicBool,
 }
 
 impl Connection {
@@ -98,6 +100,7 @@ impl Connection {
                 connecting: Mutex::new(None),
                 opened: Default::default(),
                 warming: AtomicBool::new(false),
+                shut: AtomicBool::new(false),
             }),
         }
     }
@@ -145,6 +148,19 @@ impl Connection {
         }
     }
 
+    /// Drops the live connection and makes no new one: the endpoint left
+    /// its cluster (or the checker that owned the connection stopped).
+    /// Connects under way fail, and a connection they open is dropped.
+    pub fn shut_down(&self) {
+        self.inner.shut.store(true, Ordering::Release);
+        self.close();
+    }
+
+    /// Whether [`Connection::shut_down`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shut.load(Ordering::Acquire)
+    }
+
     /// Connections that have ended so far.
     pub fn closed(&self) -> u64 {
         self.inner.closed.load(Ordering::Relaxed)
@@ -170,7 +186,8 @@ impl Connection {
     /// Starts connecting in the background, unless a connection is open or
     /// a background connect runs already. Calls go elsewhere meanwhile.
     pub fn warm(&self) {
-        if self.is_open() || self.inner.warming.swap(true, Ordering::AcqRel) {
+        if self.is_open() || self.is_shut_down() || self.inner.warming.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let connection = Connection {
@@ -239,6 +256,8 @@ impl Inner {
                     self.changed.notify_one();
                 }
             }
+            // Shut down on purpose: nothing to learn of the endpoint.
+            Err(_) if self.shut.load(Ordering::Acquire) => {}
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 if self.reach.fail(now) {
@@ -257,6 +276,10 @@ impl Inner {
             reason: reason.into(),
             attempt,
         };
+        let shut = || fail("the endpoint was removed from its cluster".into());
+        if self.shut.load(Ordering::Acquire) {
+            return Err(shut());
+        }
         let started = Instant::now();
         let tcp = tokio::time::timeout(self.timeouts.connect, connect_tcp(&self.address))
             .await
@@ -268,7 +291,7 @@ impl Inner {
             })?
             .map_err(|e| fail(e.to_string()))?;
         let signals = Arc::new(PeerSignals::default());
-        let io = crate::io::Batched::watching(tcp, signals.clone());
+        let io = crate::wire::io::Batched::watching(tcp, signals.clone());
         let (sender, conn) = client_builder()
             .handshake(io)
             .await
@@ -308,6 +331,14 @@ impl Inner {
             abandon: Mutex::new(Some(abandon)),
         });
         self.ready.store(Some(pooled.clone()));
+        if self.shut.load(Ordering::Acquire) {
+            // Shut down while this connect was under way.
+            self.unpool(attempt);
+            if let Some(abandon) = lock(&pooled.abandon).take() {
+                let _ = abandon.send(());
+            }
+            return Err(shut());
+        }
         Ok(pooled)
     }
 
@@ -341,7 +372,7 @@ impl Inner {
         let result: Result<(), String> = loop {
             tokio::select! {
                 biased;
-                result = &mut conn => break result.map_err(|e| crate::grpc::describe(&e)),
+                result = &mut conn => break result.map_err(|e| crate::wire::grpc::describe(&e)),
                 _ = check.as_mut() => {
                     check.as_mut().reset(Instant::now() + every);
                     let uses = self.uses.load(Ordering::Relaxed);
@@ -419,7 +450,7 @@ impl Pooled {
     }
 }
 
-type ClientConnection = h2::client::Connection<crate::io::Batched<TcpStream>, Bytes>;
+type ClientConnection = h2::client::Connection<crate::wire::io::Batched<TcpStream>, Bytes>;
 
 async fn connect_tcp(address: &str) -> std::io::Result<TcpStream> {
     let tcp = match address.parse::<SocketAddr>() {
@@ -437,8 +468,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Whether connecting to the endpoint works, learned from real connects.
 struct Reachability {
-    epoch: Instant,
-    /// Milliseconds since `epoch` until which the endpoint sits out; 0 when up.
+    clock: Clock,
+    /// Milliseconds on `clock` until which the endpoint sits out; 0 when up.
     down_until_ms: AtomicU64,
     backoff_ms: AtomicU64,
 }
@@ -446,7 +477,7 @@ struct Reachability {
 impl Default for Reachability {
     fn default() -> Self {
         Reachability {
-            epoch: Instant::now(),
+            clock: Clock::new(),
             down_until_ms: AtomicU64::new(0),
             backoff_ms: AtomicU64::new(0),
         }
@@ -456,13 +487,13 @@ impl Default for Reachability {
 impl Reachability {
     fn is_up(&self, now: Instant) -> bool {
         let until = self.down_until_ms.load(Ordering::Relaxed);
-        until == 0 || now.saturating_duration_since(self.epoch).as_millis() as u64 >= until
+        until == 0 || self.clock.ms(now) >= until
     }
 
     fn down_until(&self) -> Option<Instant> {
         match self.down_until_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(self.epoch + Duration::from_millis(ms)),
+            ms => Some(self.clock.instant(ms)),
         }
     }
 
@@ -474,7 +505,7 @@ impl Reachability {
             b => (b * 2).min(MAX_BACKOFF.as_millis() as u64),
         };
         self.backoff_ms.store(backoff, Ordering::Relaxed);
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let now_ms = self.clock.ms(now);
         self.down_until_ms
             .store(now_ms + backoff.max(1), Ordering::Relaxed);
         was_up
@@ -501,7 +532,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_drops_the_live_connection_and_the_next_get_dials_anew() {
-        use crate::agent::{AgentOptions, AgentStats, spawn};
+        use crate::tools::agent::{AgentOptions, AgentStats, spawn};
         let stats = Arc::new(AgentStats::default());
         let loopback = "127.0.0.1:0".parse().unwrap();
         let (addr, _agent) = spawn(loopback, AgentOptions::named("a"), stats.clone())

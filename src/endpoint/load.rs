@@ -17,7 +17,7 @@
 //!   as cheap as the busy fast ones (measured in `bench/quality`: the 10x
 //!   slower agent's share fell from 0.7% to about 0.1%).
 //! - A sliding window of calls, failures and latency (performance strategy),
-//!   kept in ten buckets that each cover a tenth of the window.
+//!   kept in [`crate::util::Window`]'s ten buckets.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,16 +25,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::lock;
 use crate::config::{LatencyConfig, PerformanceConfig};
-
-const BUCKETS: usize = 10;
+use crate::util::{Window, lock};
 
 pub struct Load {
     in_flight: AtomicU64,
     latency: LatencyConfig,
     ewma: Mutex<PeakEwma>,
-    window: Mutex<Window>,
+    window: Mutex<CallWindow>,
 }
 
 impl Load {
@@ -47,7 +45,7 @@ impl Load {
                 stamp: now,
             }),
             latency: latency.clone(),
-            window: Mutex::new(Window::new(performance.window, now)),
+            window: Mutex::new(CallWindow::new(performance.window, now)),
         }
     }
 
@@ -64,8 +62,9 @@ impl Load {
         true
     }
 
-    pub(super) fn leave(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    /// Counts a call finished; returns the calls still in flight.
+    pub(super) fn leave(&self) -> u64 {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1
     }
 
     /// The round-trip estimate now, in nanoseconds.
@@ -129,21 +128,17 @@ impl PeakEwma {
     }
 }
 
+/// One bucket of the call window.
 #[derive(Clone, Copy, Default)]
-struct Bucket {
-    tick: u64,
+struct Calls {
     calls: u64,
     failures: u64,
     latency_ns: u128,
 }
 
-/// Calls, failures and latency over a sliding span, in ten buckets: the
-/// performance strategy's window, and the breaker's for error rates.
-pub(super) struct Window {
-    epoch: Instant,
-    bucket: Duration,
-    buckets: [Bucket; BUCKETS],
-}
+/// Calls, failures and latency over a sliding span: the performance
+/// strategy's window, and the breaker's for error rates.
+pub(super) struct CallWindow(Window<Calls>);
 
 /// What the window says of an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -153,46 +148,26 @@ pub struct WindowSummary {
     pub mean_latency: Duration,
 }
 
-impl Window {
-    pub(super) fn new(window: Duration, now: Instant) -> Window {
-        Window {
-            epoch: now,
-            bucket: (window / BUCKETS as u32).max(Duration::from_millis(1)),
-            buckets: [Bucket::default(); BUCKETS],
-        }
-    }
-
-    fn tick(&self, now: Instant) -> u64 {
-        // Ticks start at 1 so that an empty bucket (tick 0) never counts.
-        (now.saturating_duration_since(self.epoch).as_nanos() / self.bucket.as_nanos()) as u64 + 1
+impl CallWindow {
+    pub(super) fn new(span: Duration, now: Instant) -> CallWindow {
+        // Buckets of at least a millisecond.
+        CallWindow(Window::new(span.max(Duration::from_millis(10)), now))
     }
 
     /// Forgets every call.
     pub(super) fn clear(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS];
+        self.0.clear();
     }
 
     pub(super) fn record(&mut self, failed: bool, elapsed: Duration, now: Instant) {
-        let tick = self.tick(now);
-        let b = &mut self.buckets[tick as usize % BUCKETS];
-        if b.tick != tick {
-            *b = Bucket {
-                tick,
-                ..Bucket::default()
-            };
-        }
+        let b = self.0.slot(now);
         b.calls += 1;
         b.failures += u64::from(failed);
         b.latency_ns += elapsed.as_nanos();
     }
 
     pub(super) fn summary(&self, now: Instant) -> Option<WindowSummary> {
-        let tick = self.tick(now);
-        let live = self
-            .buckets
-            .iter()
-            .filter(|b| b.tick + (BUCKETS as u64) > tick && b.tick <= tick);
-        let (calls, failures, latency) = live.fold((0, 0, 0u128), |(c, f, l), b| {
+        let (calls, failures, latency) = self.0.live(now).fold((0, 0, 0u128), |(c, f, l), b| {
             (c + b.calls, f + b.failures, l + b.latency_ns)
         });
         (calls > 0).then(|| WindowSummary {

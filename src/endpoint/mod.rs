@@ -3,14 +3,17 @@
 //!
 //! An `Endpoint` lives as long as the address stays in its cluster. Pickers
 //! see endpoints through short-lived snapshots, so the counters and
-//! estimates here survive every rebuild of a picker.
+//! estimates here survive every rebuild of a picker. When its cluster drops
+//! the address, the endpoint is *retired*: it takes no new call, its calls
+//! in flight finish ([`Endpoint::drained`]), then its connection is shut.
 
 pub mod breaker;
 mod connection;
+pub mod health;
 mod load;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -21,6 +24,7 @@ pub use connection::{ConnectError, Connection, Sender, Timeouts};
 pub use load::{Load, WindowSummary};
 
 use crate::config::{ClusterConfig, EndpointConfig, FailureClasses, Outcome};
+use crate::util::lock;
 use breaker::{Breaker, Transition};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -28,7 +32,9 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Endpoint {
     id: u64,
     address: Arc<str>,
-    weight: NonZeroU32,
+    /// Never 0; changes in place when an update gives the address a new
+    /// weight.
+    weight: AtomicU32,
     zone: Option<Arc<str>>,
     priority: u32,
     version: Option<Arc<str>>,
@@ -46,6 +52,14 @@ pub struct Endpoint {
     connect_failure_seen: AtomicU64,
     /// Rung on every change of readiness, so the cluster rebuilds its picker.
     changed: Arc<Notify>,
+    /// Taken out of its cluster: no new call, and its outcomes no longer
+    /// count against the cluster's ejection budget.
+    retired: AtomicBool,
+    /// In the picker's set. An endpoint added to a running cluster joins
+    /// once its first connect attempt has ended.
+    joined: AtomicBool,
+    /// Rung when a retired endpoint's last call ends.
+    idle: Notify,
 }
 
 /// Counters kept for display; all relaxed atomics.
@@ -75,7 +89,8 @@ pub struct StatsSnapshot {
     pub marked_unhealthy: u64,
     /// Calls that passed the endpoint over because it was at its limit.
     pub full: u64,
-    /// `ready`, `unhealthy`, `ejected`, `probing` or `unreachable`.
+    /// `ready`, `unhealthy`, `ejected`, `probing`, `unreachable`,
+    /// `joining` or `removed`.
     pub state: &'static str,
 }
 
@@ -111,7 +126,10 @@ impl Endpoint {
             connect_failure_seen: AtomicU64::new(0),
             changed,
             address,
-            weight: config.weight,
+            weight: AtomicU32::new(config.weight.get()),
+            retired: AtomicBool::new(false),
+            joined: AtomicBool::new(true),
+            idle: Notify::new(),
             zone: config.zone.as_deref().map(Arc::from),
             priority: config.priority,
             version: config.version.as_deref().map(Arc::from),
@@ -130,7 +148,84 @@ impl Endpoint {
     }
 
     pub fn weight(&self) -> NonZeroU32 {
-        self.weight
+        NonZeroU32::new(self.weight.load(Ordering::Relaxed)).unwrap_or(NonZeroU32::MIN)
+    }
+
+    /// Gives the endpoint a new weight; returns whether it changed.
+    pub fn set_weight(&self, weight: NonZeroU32) -> bool {
+        self.weight.swap(weight.get(), Ordering::Relaxed) != weight.get()
+    }
+
+    /// Whether `config` names this endpoint in the same place (zone,
+    /// priority, version): an update that moves it makes a new endpoint.
+    pub fn is_placed_as(&self, config: &EndpointConfig) -> bool {
+        *self.address == *config.address
+            && self.zone.as_deref() == config.zone.as_deref()
+            && self.priority == config.priority
+            && self.version.as_deref() == config.version.as_deref()
+    }
+
+    /// The endpoint as config describes it.
+    pub fn config(&self) -> EndpointConfig {
+        EndpointConfig {
+            address: self.address.to_string(),
+            weight: self.weight(),
+            zone: self.zone.as_deref().map(String::from),
+            priority: self.priority,
+            version: self.version.as_deref().map(String::from),
+        }
+    }
+
+    /// Whether the endpoint is in the picker's set (see [`Endpoint::join`]).
+    pub fn has_joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
+    }
+
+    /// Keeps a new endpoint out of the picker until [`Endpoint::join`].
+    pub fn hold_back(&self) {
+        self.joined.store(false, Ordering::Release);
+    }
+
+    /// Puts a held-back endpoint in the picker's set.
+    pub fn join(&self) {
+        if !self.joined.swap(true, Ordering::AcqRel) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Takes the endpoint out of its cluster: it takes no new call, gives
+    /// back any ejection it held, and its outcomes no longer feed its
+    /// breaker. Returns false if it was retired already.
+    pub fn retire(&self) -> bool {
+        if self.retired.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.with_breaker(|b| b.reset(&self.budget));
+        if self.in_flight() == 0 {
+            self.idle.notify_one();
+        }
+        true
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Waits until a retired endpoint carries no call, or `deadline`
+    /// passes; returns the calls still in flight (0: drained).
+    pub async fn drained(&self, deadline: Instant) -> u64 {
+        loop {
+            let left = self.in_flight();
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, self.idle.notified())
+                .await
+                .is_err()
+            {
+                return self.in_flight();
+            }
+        }
     }
 
     pub fn zone(&self) -> Option<&str> {
@@ -206,6 +301,9 @@ impl Endpoint {
     /// calls or its breaker admits none now; the returned guard counts the
     /// call finished on drop.
     pub fn try_start_call(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
+        if self.retired.load(Ordering::Relaxed) {
+            return Err(Refused::Removed);
+        }
         if !self.load.try_enter(u64::from(max)) {
             self.stats.full.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Full);
@@ -253,6 +351,9 @@ impl Endpoint {
     /// Feeds an outcome to the breaker; only `settles` outcomes (a probe's,
     /// a connect's) may end a half-open state.
     fn record(&self, outcome: Outcome, settles: bool, now: Instant) {
+        if self.is_retired() {
+            return;
+        }
         let failed = self.failures_count.contains(outcome);
         let t = self.with_breaker(|b| b.record(failed, settles, now, &self.budget));
         self.apply(t);
@@ -314,7 +415,11 @@ impl Endpoint {
 
     /// What the endpoint's state is now, in a word.
     pub fn state(&self, now: Instant) -> &'static str {
-        if !self.is_healthy() {
+        if self.is_retired() {
+            "removed"
+        } else if !self.has_joined() {
+            "joining"
+        } else if !self.is_healthy() {
             "unhealthy"
         } else if !self.breaker_closed.load(Ordering::Acquire) {
             match lock(&self.breaker).state() {
@@ -351,19 +456,15 @@ pub enum Refused {
     Full,
     /// Its breaker is open, or half-open with a probe in flight.
     Breaker,
-}
-
-/// Locks `m`; a panic elsewhere while it was held leaves data that is
-/// still whole (counters, estimates), so the lock is taken anyway.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poison| poison.into_inner())
+    /// It was taken out of its cluster.
+    Removed,
 }
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
             .field("address", &self.address)
-            .field("weight", &self.weight)
+            .field("weight", &self.weight())
             .field("zone", &self.zone)
             .field("priority", &self.priority)
             .field("version", &self.version)
@@ -406,7 +507,7 @@ impl InFlight {
     }
 
     /// The call ended with `outcome`: fed to the load estimates (see
-    /// [`crate::grpc::counts_as_failure`]) and to the breaker (its own
+    /// [`crate::wire::grpc::counts_as_failure`]) and to the breaker (its own
     /// `failures` list). Counted once.
     pub fn finished(&mut self, outcome: Outcome) {
         if std::mem::replace(&mut self.recorded, true) {
@@ -414,7 +515,7 @@ impl InFlight {
         }
         let now = Instant::now();
         let failed = match outcome {
-            Outcome::Status(code) => crate::grpc::counts_as_failure(code),
+            Outcome::Status(code) => crate::wire::grpc::counts_as_failure(code),
             Outcome::Reset | Outcome::Connect => true,
         };
         if failed {
@@ -429,7 +530,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.endpoint.load.leave();
+        if self.endpoint.load.leave() == 0 && self.endpoint.is_retired() {
+            self.endpoint.idle.notify_one();
+        }
         if self.probe && !self.recorded {
             self.endpoint.with_breaker(Breaker::probe_abandoned);
             self.endpoint.changed.notify_one();

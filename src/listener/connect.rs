@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::prefixed::Prefixed;
 use super::{Context, Route, serve_h2};
-use crate::drain;
+use crate::app::drain;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_HEAD: usize = 8 * 1024;

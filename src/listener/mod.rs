@@ -20,12 +20,12 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
+use crate::app::drain;
 use crate::cluster::{Cluster, Router};
-use crate::drain;
-use crate::error::ProxyError;
-use crate::grpc;
+use crate::proxy::error::ProxyError;
 use crate::proxy::{self, ResponseBody};
-use crate::stream::{Keepalive, Pump};
+use crate::wire::grpc;
+use crate::wire::stream::{Keepalive, Pump};
 
 /// A PING goes to each caller connection this often...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -149,7 +149,7 @@ async fn serve_h2<I>(io: I, route: Route, ctx: &Context, mut drain: drain::Watch
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = match ctx.h2.handshake(crate::io::Batched::new(io)).await {
+    let mut conn = match ctx.h2.handshake(crate::wire::io::Batched::new(io)).await {
         Ok(conn) => conn,
         Err(e) => {
             tracing::debug!(error = %e, "caller's HTTP/2 handshake failed");

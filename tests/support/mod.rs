@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentmesh::agent::{self, AgentOptions, AgentStats};
-use agentmesh::client;
+use agentmesh::app::Sidecar;
 use agentmesh::config::{ClusterConfig, Config};
 use agentmesh::pb::agent_client::AgentClient;
 use agentmesh::pb::{InvokeReply, InvokeRequest};
-use agentmesh::sidecar::Sidecar;
+use agentmesh::tools::agent::{self, AgentOptions, AgentStats};
+use agentmesh::tools::client;
 use tonic::transport::Channel;
 
 pub const TARGET: &str = "planner.agents:50051";
@@ -108,7 +108,7 @@ pub async fn warmed(sidecar: &Sidecar) {
         router
             .clusters()
             .iter()
-            .flat_map(|c| c.endpoints())
+            .flat_map(|c| c.endpoints().to_vec())
             .all(|e| e.connection().is_open() || !e.is_reachable(now))
     })
     .await;
@@ -258,4 +258,28 @@ pub async fn raw_unary(
     }
     let collected = response.into_body().collect().await.unwrap();
     collected.trailers().cloned().unwrap_or_default()
+}
+
+/// TCP connections established to `port` on this host, counted from the
+/// server's side in `/proc/net/tcp` and `/proc/net/tcp6`: the connections
+/// an in-process agent on that port still has open.
+pub fn established_to(port: u16) -> usize {
+    let port = format!("{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    // local_address is "ADDR:PORT" in hex; state 01 is ESTABLISHED.
+                    fields.len() > 3
+                        && fields[1].rsplit(':').next() == Some(port.as_str())
+                        && fields[3] == "01"
+                })
+                .count()
+        })
+        .sum()
 }

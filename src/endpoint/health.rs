@@ -36,7 +36,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use crate::config::HealthCheckConfig;
 use crate::endpoint::{Connection, Endpoint};
-use crate::stream::Received;
+use crate::wire::stream::Received;
 
 /// Consecutive passes and failures, and the verdict they add up to.
 #[derive(Debug)]
@@ -82,18 +82,30 @@ impl Verdicts {
     }
 }
 
-/// Checks `endpoint` every `config.interval`, for as long as the task runs.
+/// The checker's own connection, shut when the checker stops, so that a
+/// removed endpoint keeps no connection of its checker.
+struct Own(Connection);
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        self.0.shut_down();
+    }
+}
+
+/// Checks `endpoint` every `config.interval`, for as long as the task runs
+/// (its owner, the endpoint's place in the cluster, aborts it).
 pub async fn run(endpoint: Arc<Endpoint>, config: HealthCheckConfig) {
-    let connection = Connection::new(
+    let own = Own(Connection::new(
         endpoint.address().into(),
         endpoint.connection().timeouts(),
         Arc::new(Notify::new()),
-    );
+    ));
+    let connection = &own.0;
     let mut verdicts = Verdicts::default();
     let mut last_failure = String::new();
     tokio::time::sleep(first_delay(config.interval)).await;
     loop {
-        let result = check(&connection, &config).await;
+        let result = check(connection, &config).await;
         let passed = result.is_ok();
         if let Err(reason) = result {
             tracing::debug!(endpoint = endpoint.address(), %reason, "health check failed");

@@ -13,11 +13,11 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 
-use crate::agent::{self, AgentOptions, AgentStats};
+use crate::app::Sidecar;
 use crate::config::{ClusterConfig, Config, Strategy};
 use crate::pb::InvokeRequest;
 use crate::pb::agent_client::AgentClient;
-use crate::sidecar::Sidecar;
+use crate::tools::agent::{self, AgentOptions, AgentStats};
 
 pub const CLUSTER: &str = "planner.agents";
 const TARGET: &str = "planner.agents:50051";
@@ -86,12 +86,13 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     // The sidecar connects to each agent on its first call, and a call
     // passes over an agent still connecting: on a busy machine the first
     // calls would then skew the spread the demo is there to show.
-    let connects = sidecar
+    let endpoints: Vec<_> = sidecar
         .router()
         .clusters()
         .iter()
-        .flat_map(|c| c.endpoints())
-        .map(|e| e.connection().get());
+        .flat_map(|c| c.endpoints().to_vec())
+        .collect();
+    let connects = endpoints.iter().map(|e| e.connection().get());
     tokio::time::timeout(
         Duration::from_secs(5),
         futures_util::future::join_all(connects),
@@ -101,7 +102,7 @@ pub async fn run(options: &DemoOptions) -> anyhow::Result<DemoReport> {
     .into_iter()
     .collect::<Result<Vec<_>, _>>()
     .context("connecting the sidecar to a demo agent")?;
-    let channel = crate::client::via_connect(sidecar.proxy_addr(), TARGET)
+    let channel = crate::tools::client::via_connect(sidecar.proxy_addr(), TARGET)
         .await
         .context("connecting to the sidecar in proxy mode")?;
 

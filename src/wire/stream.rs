@@ -12,7 +12,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::timer::Timer;
+use crate::wire::timer::Timer;
 
 /// A body whose sender may give it up while it waits: the pump then resets
 /// the stream at once, even while it waits for window (the peer may not be

@@ -20,8 +20,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::app::drain;
 use crate::cluster::Router;
-use crate::drain;
 
 pub async fn serve(listener: Arc<TcpListener>, router: Arc<Router>, mut drain: drain::Watch) {
     loop {
@@ -74,7 +74,7 @@ pub fn stats(router: &Router) -> String {
         "cluster\tendpoint\tweight\tstate\tin_flight\tcalls\tfailures\tconnect_failures\tconnections\tejections\tspared\tunhealthy\tfull\n",
     );
     for cluster in router.clusters() {
-        for e in cluster.endpoints() {
+        for e in cluster.endpoints().iter() {
             let s = e.stats();
             let _ = writeln!(
                 out,

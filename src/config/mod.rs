@@ -98,7 +98,7 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     pub health_check: Option<HealthCheckConfig>,
     pub retry: Option<RetryConfig>,
-    pub rate_limits: Vec<crate::limit::RateLimitConfig>,
+    pub rate_limits: Vec<crate::cluster::limit::RateLimitConfig>,
 }
 
 /// `[cluster.circuit_breaker]`: per-endpoint breaking on consecutive failures.
@@ -1469,7 +1469,7 @@ fn validate_rate_limit(
     p: &mut Problems,
     at: &str,
     raw: RawRateLimit,
-) -> Option<crate::limit::RateLimitConfig> {
+) -> Option<crate::cluster::limit::RateLimitConfig> {
     let calls = u32::try_from(raw.calls).ok().and_then(NonZeroU32::new);
     if calls.is_none() {
         p.add(
@@ -1499,7 +1499,7 @@ fn validate_rate_limit(
         10_000,
         10_000_000,
     );
-    Some(crate::limit::RateLimitConfig {
+    Some(crate::cluster::limit::RateLimitConfig {
         calls: calls?,
         window: raw.window,
         key,

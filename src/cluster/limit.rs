@@ -63,6 +63,9 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
+use crate::util::lock;
+use crate::util::window::{BUCKETS, Window};
+
 /// How many characters of a header value a [`Refusal`] repeats: enough to
 /// recognise a tenant, not enough to echo a huge header back into logs.
 const REFUSAL_VALUE_CHARS: usize = 64;
@@ -212,10 +215,7 @@ impl RateLimit {
         let calls = self.config.calls;
         match &self.counters {
             Counters::Shared(counter) => {
-                let admitted = counter
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .admit(at, calls, now);
+                let admitted = lock(counter).admit(at, calls, now);
                 if admitted {
                     Ok(())
                 } else {
@@ -235,7 +235,7 @@ impl RateLimit {
                 // makes the limit stricter for them.
                 let key = String::from_utf8_lossy(value.as_bytes());
                 let admitted = {
-                    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut map = lock(map);
                     match map.get_mut(key.as_ref()) {
                         Some(counter) => counter.admit(at, calls, now),
                         None => {
@@ -263,7 +263,7 @@ impl RateLimit {
     pub fn keys(&self) -> usize {
         match &self.counters {
             Counters::Shared(_) => 0,
-            Counters::Keyed(map) => map.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            Counters::Keyed(map) => lock(map).len(),
         }
     }
 
@@ -345,59 +345,20 @@ impl Default for RetryBudgetConfig {
     }
 }
 
-const BUCKETS: usize = 10;
-
 /// Retries allowed as a share of recent calls plus a floor.
 #[derive(Debug)]
 pub struct RetryBudget {
     config: RetryBudgetConfig,
-    origin: Instant,
-    bucket: Duration,
     /// `min_per_second * ttl`, worked out once.
     reserve: f64,
-    state: Mutex<Buckets>,
+    window: Mutex<Window<Counts>>,
 }
 
-#[derive(Debug)]
-struct Buckets {
-    /// The newest bucket number seen; a caller with an older `now` counts
-    /// in it rather than overwriting a slot that has been reused.
-    latest: u64,
-    slots: [Bucket; BUCKETS],
-}
-
+/// Calls and retries in one bucket of `ttl / 10`.
 #[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    /// Which bucket of `ttl / 10` since `origin` this slot holds.
-    number: u64,
+struct Counts {
     calls: u64,
     retries: u64,
-}
-
-impl Buckets {
-    /// The slot for bucket `number`, emptied if it held an older one.
-    fn slot(&mut self, number: u64) -> &mut Bucket {
-        let number = number.max(self.latest);
-        self.latest = number;
-        let slot = &mut self.slots[(number % BUCKETS as u64) as usize];
-        if slot.number != number {
-            *slot = Bucket {
-                number,
-                ..Bucket::default()
-            };
-        }
-        slot
-    }
-
-    /// Calls and retries in the last `BUCKETS` buckets up to `latest`.
-    fn totals(&self) -> (u64, u64) {
-        self.slots
-            .iter()
-            .filter(|b| self.latest.saturating_sub(b.number) < BUCKETS as u64)
-            .fold((0, 0), |(calls, retries), b| {
-                (calls + b.calls, retries + b.retries)
-            })
-    }
 }
 
 impl RetryBudget {
@@ -411,40 +372,30 @@ impl RetryBudget {
         };
         config.ttl = config.ttl.max(Duration::from_nanos(BUCKETS as u64));
         RetryBudget {
-            bucket: config.ttl / BUCKETS as u32,
             reserve: f64::from(config.min_per_second) * config.ttl.as_secs_f64(),
+            window: Mutex::new(Window::new(config.ttl, Instant::now())),
             config,
-            origin: Instant::now(),
-            // Bucket 0 is the first real bucket, so all slots start out as
-            // bucket 0 with nothing in them.
-            state: Mutex::new(Buckets {
-                latest: 0,
-                slots: [Bucket::default(); BUCKETS],
-            }),
         }
     }
 
     /// A call that may later be retried was made (deposit).
     pub fn deposit(&self, now: Instant) {
-        let number = self.bucket_number(now);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = state.slot(number);
+        let mut window = lock(&self.window);
+        let slot = window.slot(now);
         slot.calls = slot.calls.saturating_add(1);
     }
 
     /// Asks to retry once: true (and counted) if the budget allows it.
     pub fn try_withdraw(&self, now: Instant) -> bool {
-        let number = self.bucket_number(now);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        // Rolls `latest` forward first, so that expired buckets drop out of
-        // the totals.
-        state.slot(number);
-        let (calls, retries) = state.totals();
+        let mut window = lock(&self.window);
+        let (calls, retries) = window
+            .live(now)
+            .fold((0u64, 0u64), |(c, r), b| (c + b.calls, r + b.retries));
         let allowed = calls as f64 * self.config.percent / 100.0 + self.reserve;
         // The tolerance absorbs float error in `allowed` (say 0.1 * 10
         // landing just under 1.0) without ever adding a whole retry.
         if retries as f64 + 1.0 <= allowed + 1e-9 {
-            let slot = state.slot(number);
+            let slot = window.slot(now);
             slot.retries = slot.retries.saturating_add(1);
             true
         } else {
@@ -454,11 +405,6 @@ impl RetryBudget {
 
     pub fn config(&self) -> &RetryBudgetConfig {
         &self.config
-    }
-
-    fn bucket_number(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(elapsed / self.bucket.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 

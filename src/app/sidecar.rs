@@ -1,5 +1,6 @@
-//! The sidecar: binds every listener from a [`Config`], runs them under
-//! supervision, and drains them on shutdown.
+//! The sidecar: binds every listener from a [`Config`], starts every
+//! cluster, owns their tasks (restarted if they panic), and drains them on
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
+use crate::app::drain::Drain;
 use crate::cluster::Router;
 use crate::config::Config;
-use crate::drain::Drain;
+use crate::util::Task;
 use crate::{admin, listener};
 
 pub struct Sidecar {
@@ -20,6 +22,9 @@ pub struct Sidecar {
     local_addrs: Vec<(String, SocketAddr)>,
     drain: Drain,
     drain_timeout: Duration,
+    /// Every listener and every cluster's control loop (which own their
+    /// endpoints' tasks): dropped with the sidecar, after the drain.
+    tasks: Vec<Task>,
 }
 
 impl Sidecar {
@@ -55,25 +60,17 @@ impl Sidecar {
             }
         }
 
-        supervise("proxy listener", {
+        let mut tasks = Vec::new();
+        tasks.push(Task::supervised("proxy listener", {
             let (ctx, watch) = (ctx.clone(), drain.watch());
             move || listener::serve_proxy(proxy.clone(), ctx.clone(), watch.clone())
-        });
-        supervise("admin listener", {
+        }));
+        tasks.push(Task::supervised("admin listener", {
             let (router, watch) = (router.clone(), drain.watch());
             move || admin::serve(admin.clone(), router.clone(), watch.clone())
-        });
+        }));
         for cluster in router.clusters() {
-            let cluster = cluster.clone();
-            if let Some(check) = cluster.config().health_check.clone() {
-                for endpoint in cluster.endpoints() {
-                    let (endpoint, check) = (endpoint.clone(), check.clone());
-                    supervise("health checker", move || {
-                        crate::health::run(endpoint.clone(), check.clone())
-                    });
-                }
-            }
-            supervise("cluster control loop", move || cluster.clone().run());
+            tasks.push(cluster.start(config.listener.drain_timeout));
         }
         let mut local_addrs = Vec::new();
         for (name, listener) in locals {
@@ -83,14 +80,14 @@ impl Sidecar {
                 .cloned()
                 .context("a cluster with a local port is missing from the router")?;
             let (ctx, watch) = (ctx.clone(), drain.watch());
-            supervise("local port listener", move || {
+            tasks.push(Task::supervised("local port listener", move || {
                 listener::serve_local(
                     listener.clone(),
                     cluster.clone(),
                     ctx.clone(),
                     watch.clone(),
                 )
-            });
+            }));
         }
         tracing::info!(%proxy_addr, %admin_addr, clusters = router.clusters().len(), "agentmesh is serving");
         Ok(Sidecar {
@@ -100,6 +97,7 @@ impl Sidecar {
             local_addrs,
             drain,
             drain_timeout: config.listener.drain_timeout,
+            tasks,
         })
     }
 
@@ -129,6 +127,9 @@ impl Sidecar {
     pub async fn shutdown(self) -> bool {
         tracing::info!(timeout = ?self.drain_timeout, "draining");
         let drained = self.drain.drain(self.drain_timeout).await;
+        for task in self.tasks {
+            task.stop().await;
+        }
         if drained {
             tracing::info!("drained; every in-flight call finished");
         } else {
@@ -143,24 +144,4 @@ async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<Arc<TcpListener>> {
         .await
         .with_context(|| format!("{key}: cannot listen on {addr}"))?;
     Ok(Arc::new(listener))
-}
-
-/// Runs a long-lived task; if it panics, logs it and starts it again.
-fn supervise<F, Fut>(name: &'static str, make: F)
-where
-    F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            match tokio::spawn(make()).await {
-                Ok(()) => return,
-                Err(e) if e.is_panic() => {
-                    tracing::error!(task = name, "background task panicked; restarting it");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(_) => return,
-            }
-        }
-    });
 }

@@ -21,6 +21,8 @@
 //!   response message, the retry budget allows it, and the backoff ends
 //!   before the deadline (the design of gRPC's retry proposal, A6).
 
+pub mod error;
+
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -39,10 +41,11 @@ use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
 use crate::config::{Outcome, RetryConfig};
 use crate::endpoint::{Endpoint, InFlight, Refused, Sender};
-use crate::error::ProxyError;
-use crate::grpc;
-use crate::stream::{Abandon, Pump, Received};
-use crate::timer::Timer;
+use crate::proxy::error::ProxyError;
+use crate::util::lock;
+use crate::wire::grpc;
+use crate::wire::stream::{Abandon, Pump, Received};
+use crate::wire::timer::Timer;
 
 /// How much of a request body is kept for re-sending a call that never
 /// reached an endpoint, when no retry policy names a larger bound.
@@ -604,7 +607,7 @@ impl CallShared {
     }
 
     fn replay(&self) -> MutexGuard<'_, Replay> {
-        self.body.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.body)
     }
 
     fn cancel(&self) {

@@ -41,7 +41,7 @@ pub enum ProxyError {
     RateLimited {
         cluster: String,
         index: usize,
-        refusal: crate::limit::Refusal,
+        refusal: crate::cluster::limit::Refusal,
     },
 
     /// The cluster already carries `max_in_flight` calls.

@@ -1,0 +1,159 @@
+//! Endpoints that come and go while calls flow: a real sidecar in front of
+//! real agents, its cluster changed by `Cluster::apply` (the door that
+//! discovery, reload and the admin API use).
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use agentmesh::cluster::Update;
+use agentmesh::config::{EndpointConfig, HealthCheckConfig};
+use agentmesh::tools::agent::AgentOptions;
+use support::*;
+
+fn endpoint(addr: std::net::SocketAddr) -> EndpointConfig {
+    EndpointConfig {
+        address: addr.to_string(),
+        weight: NonZeroU32::MIN,
+        zone: None,
+        priority: 0,
+        version: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_added_and_removed_under_load_loses_no_call_and_leaves_nothing_behind() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(3).await;
+        let mut config = planner(&agents.addrs[..2]);
+        config.health_check = Some(HealthCheckConfig {
+            interval: Duration::from_millis(100),
+            ..HealthCheckConfig::default()
+        });
+        let sidecar = sidecar(vec![config]).await;
+        let cluster = sidecar.router().clusters()[0].clone();
+        assert_eq!(cluster.endpoint_task_count(), 2, "a health checker each");
+        let third = agents.addrs[2];
+        assert_eq!(established_to(third.port()), 0);
+
+        // Eight callers, bounded in count and time, until told to stop.
+        let client = planner_client(Way::LocalPort, &sidecar).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut callers = Vec::new();
+        for _ in 0..8 {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            let (ok, failed) = (ok.clone(), failed.clone());
+            callers.push(tokio::spawn(async move {
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match client.invoke(request(b"x")).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(status) => {
+                            eprintln!("call failed: {status:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let applied = cluster.apply(Update::Add(vec![endpoint(third)]));
+        assert_eq!(applied.added, 1);
+        let stats = agents.stats[2].clone();
+        assert!(
+            eventually(Duration::from_secs(5), || stats.get(&stats.calls) > 100).await,
+            "the added agent takes calls"
+        );
+        assert_eq!(cluster.endpoint_task_count(), 3, "its checker runs too");
+        assert!(established_to(third.port()) >= 1);
+
+        let applied = cluster.apply(Update::Remove(vec![third.to_string()]));
+        assert_eq!(applied.removed, 1);
+        let gone = eventually(Duration::from_secs(5), || {
+            cluster.endpoint_task_count() == 2 && established_to(third.port()) == 0
+        })
+        .await;
+        assert!(
+            gone,
+            "the removed endpoint's tasks ({} left) and connections ({} left) end",
+            cluster.endpoint_task_count(),
+            established_to(third.port())
+        );
+        let calls_at_removal = stats.get(&stats.calls);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.store(true, Ordering::Relaxed);
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        assert_eq!(failed.load(Ordering::Relaxed), 0, "no call was lost");
+        assert!(ok.load(Ordering::Relaxed) > 500);
+        assert_eq!(
+            stats.get(&stats.calls),
+            calls_at_removal,
+            "no call after it left"
+        );
+        assert_eq!(agents.cancelled(2), 0, "none of its calls was cut off");
+        // The endpoints that stayed kept their one connection each.
+        assert_eq!(
+            (agents.connections(0), agents.connections(1)),
+            (2, 2),
+            "calls and checker"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_on_a_removed_endpoint_finish() {
+    bounded(Duration::from_secs(30), async {
+        let mut slow = AgentOptions::named("slow");
+        slow.delay = Duration::from_millis(500);
+        let agents = Agents::start_with(vec![AgentOptions::named("fast"), slow]).await;
+        let sidecar = sidecar(vec![planner(&agents.addrs)]).await;
+        let cluster = sidecar.router().clusters()[0].clone();
+        let client = planner_client(Way::LocalPort, &sidecar).await;
+        // Round robin: half of these land on the slow agent and wait there.
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    client
+                        .invoke(request(b"x"))
+                        .await
+                        .map(|r| r.into_inner().agent)
+                })
+            })
+            .collect();
+        let slow_stats = agents.stats[1].clone();
+        assert!(
+            eventually(Duration::from_secs(5), || slow_stats.get(&slow_stats.calls)
+                == 4)
+            .await
+        );
+        cluster.apply(Update::Remove(vec![agents.addrs[1].to_string()]));
+        let mut by_agent = std::collections::BTreeMap::new();
+        for call in calls {
+            let agent = call.await.unwrap().expect("every call in flight finishes");
+            *by_agent.entry(agent).or_insert(0) += 1;
+        }
+        assert_eq!(by_agent.get("slow"), Some(&4), "{by_agent:?}");
+        assert_eq!(agents.cancelled(1), 0);
+        // Then its connection closes, and new calls go to the one left.
+        assert!(
+            eventually(Duration::from_secs(5), || established_to(
+                agents.addrs[1].port()
+            ) == 0)
+            .await
+        );
+        let counts = spread(&client, 20, 4).await;
+        assert_eq!(counts.get("fast"), Some(&20), "{counts:?}");
+    })
+    .await;
+}
