@@ -1,0 +1,502 @@
+//! One call's attempts, step by step: take the request (the first, or the
+//! kept body replayed), claim an endpoint, send, judge the answer, and back
+//! off before a retry. Each step either leads to the next, starts another
+//! attempt at once ([`Flow::Again`]), or ends the call ([`Flow::Done`]).
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+use http::{Request, Response};
+use http_body::Body;
+use tokio::time::Instant;
+
+use super::error::ProxyError;
+use super::replay::{CallShared, RequestBody, Template};
+use super::response::{CallGuard, ResponseBody};
+use super::retry::{Failed, backoff, give_up, wants_retry};
+use super::{Deadline, REPLAY_LIMIT};
+use crate::balance::{Call, Snapshot, Tried};
+use crate::cluster::{Admitted, Cluster};
+use crate::config::{Outcome, RetryConfig};
+use crate::endpoint::{Endpoint, InFlight, Refused, Sender};
+use crate::wire::grpc;
+use crate::wire::stream::{Pump, Received};
+use crate::wire::timer::Timer;
+
+/// What the caller gets.
+pub(super) type Answer = Result<Response<ResponseBody>, ProxyError>;
+
+/// Where a call goes after a step that did not lead to the next one.
+pub(super) enum Flow {
+    /// Another attempt, now.
+    Again,
+    /// The call is over: [`Attempts::answer`] has the caller's answer.
+    Done,
+}
+
+/// An endpoint that took a place for the call.
+struct Claimed {
+    endpoint: Arc<Endpoint>,
+    in_flight: InFlight,
+    /// Its pooled connection, if it had one when claimed.
+    pooled: Option<Sender>,
+    req: Request<RequestBody>,
+}
+
+/// The endpoint's answer to an attempt: its response headers, or a broken
+/// stream.
+struct Sent {
+    endpoint: Arc<Endpoint>,
+    in_flight: InFlight,
+    result: Result<Response<h2::RecvStream>, h2::Error>,
+}
+
+/// The state one call's attempts share.
+pub(super) struct Attempts<'c> {
+    cluster: &'c Arc<Cluster>,
+    deadline: Deadline,
+    /// The retry policy, if it covers the call's method.
+    policy: Option<&'c RetryConfig>,
+    admitted: Option<Admitted>,
+    template: Template,
+    shared: Arc<CallShared>,
+    /// The request for the next attempt, when one is at hand.
+    next: Option<Request<RequestBody>>,
+    snapshot: Arc<Snapshot>,
+    tried: Tried,
+    /// Endpoints passed over because they carried their limit of calls.
+    full: usize,
+    /// Attempts that reached an endpoint.
+    answered: u32,
+    failed: Failed,
+    /// An endpoint passed over while it connected, to wait for if no
+    /// other takes the call.
+    connecting: Option<Arc<Endpoint>>,
+    /// Set when a step ends the call.
+    answer: Option<Answer>,
+}
+
+impl<'c> Attempts<'c> {
+    /// A call admitted to `cluster`: its body is kept for replay up to the
+    /// retry policy's bound, and the retry budget counts it.
+    pub(super) fn new(
+        cluster: &'c Arc<Cluster>,
+        req: Request<h2::RecvStream>,
+        deadline: Deadline,
+        admitted: Admitted,
+    ) -> Attempts<'c> {
+        let config = cluster.config();
+        let policy = config.retry.as_ref().filter(|r| r.covers(req.uri().path()));
+        if policy.is_some() {
+            if let Some(budget) = cluster.retry_budget() {
+                budget.deposit(Instant::now());
+            }
+        }
+        let (parts, body) = req.into_parts();
+        let template = Template {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        };
+        let limit = policy.map_or(REPLAY_LIMIT, |p| p.buffer_limit);
+        let shared = Arc::new(CallShared::new(Received::new(body), limit));
+        let next = Some(Request::from_parts(
+            parts,
+            RequestBody::call(shared.clone(), 0),
+        ));
+        Attempts {
+            cluster,
+            deadline,
+            policy,
+            admitted: Some(admitted),
+            template,
+            shared,
+            next,
+            snapshot: cluster.snapshot(),
+            tried: Tried::default(),
+            full: 0,
+            answered: 0,
+            failed: Failed::Nothing(Cow::Borrowed("the cluster has no ready endpoint")),
+            connecting: None,
+            answer: None,
+        }
+    }
+
+    /// One attempt, from taking the request to the backoff before the next.
+    pub(super) async fn attempt(&mut self) -> Result<(), Flow> {
+        let req = self.request()?;
+        let claimed = self.claim(req)?;
+        let sent = self.send(claimed).await?;
+        self.judge(sent)?;
+        self.back_off().await
+    }
+
+    /// The request for this attempt: the first, or the kept body replayed.
+    fn request(&mut self) -> Result<Request<RequestBody>, Flow> {
+        if let Some(req) = self.next.take() {
+            return Ok(req);
+        }
+        match self.shared.new_attempt() {
+            Some(attempt) => Ok(self
+                .template
+                .request(RequestBody::call(self.shared.clone(), attempt))),
+            // The body went past the buffer: it cannot be sent again.
+            None => Err(self.give_up()),
+        }
+    }
+
+    /// Picks an endpoint the call has not tried and takes a place on it.
+    /// Passes over (for another attempt at once) an endpoint that is not
+    /// connected while another is, warming its connection, and one that
+    /// refuses the call; gives up when none is left.
+    fn claim(&mut self, req: Request<RequestBody>) -> Result<Claimed, Flow> {
+        let call = Call {
+            path: req.uri().path(),
+            headers: req.headers(),
+        };
+        let picked = self
+            .snapshot
+            .pick(&call, &self.tried, self.cluster.affinity())
+            .cloned();
+        let (endpoint, waited_for) = match picked {
+            Some(e) => (e, false),
+            // Every other endpoint was full or refused: wait for the one
+            // passed over while it connected.
+            None => match self.connecting.take() {
+                Some(e) => (e, true),
+                None => return Err(self.give_up()),
+            },
+        };
+        self.tried.insert(endpoint.id());
+        let pooled = endpoint.connection().pooled();
+        if pooled.is_none() && !waited_for && self.may_go_elsewhere(&req) {
+            // Connecting takes a round trip at best and a connect timeout
+            // at worst (a draining or unplugged endpoint): it goes on in the
+            // background while this call goes to a connected endpoint.
+            endpoint.connection().warm();
+            self.connecting.get_or_insert(endpoint);
+            self.next = Some(req);
+            return Err(Flow::Again);
+        }
+        let max = self.cluster.config().max_in_flight_per_endpoint;
+        match endpoint.try_start_call(max) {
+            Ok(in_flight) => Ok(Claimed {
+                endpoint,
+                in_flight,
+                pooled,
+                req,
+            }),
+            Err(refused) => {
+                self.full += usize::from(refused == Refused::Full);
+                self.next = Some(req);
+                Err(Flow::Again)
+            }
+        }
+    }
+
+    /// Whether a call may pass over an endpoint that is not connected yet:
+    /// it carries no session key (a session stays where it is pinned), and
+    /// some other endpoint it has not tried is connected.
+    fn may_go_elsewhere(&self, req: &Request<RequestBody>) -> bool {
+        let pinned = self
+            .cluster
+            .affinity()
+            .is_some_and(|a| a.key(req.headers()).is_some());
+        !pinned
+            && self
+                .snapshot
+                .ready()
+                .iter()
+                .any(|e| !self.tried.contains(e.id()) && e.connection().is_open())
+    }
+
+    /// Sends the request on the claimed endpoint, connecting first if it
+    /// has no connection, and waits for the response headers. A call
+    /// handed back unsent (the connection closed under it) gets one more
+    /// try on the same endpoint, over a fresh connection.
+    async fn send(&mut self, claimed: Claimed) -> Result<Sent, Flow> {
+        let Claimed {
+            endpoint,
+            mut in_flight,
+            mut pooled,
+            mut req,
+        } = claimed;
+        let mut handed_back = false;
+        loop {
+            let mut sender = match pooled.take().or_else(|| endpoint.connection().pooled()) {
+                Some(sender) => sender,
+                None => match within(self.deadline.at, endpoint.connection().connect_boxed()).await
+                {
+                    None => {
+                        in_flight.not_sent();
+                        let phase = format!("while connecting to {}", endpoint.address());
+                        return Err(self.end(Err(self.expired(phase))));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(cluster = self.cluster.name(), error = %e, "endpoint unreachable; trying another");
+                        endpoint.connect_failed(&e);
+                        in_flight.not_sent();
+                        self.failed = Failed::Nothing(e.to_string().into());
+                        self.next = Some(req);
+                        return Err(Flow::Again);
+                    }
+                    Some(Ok(sender)) => sender,
+                },
+            };
+            if Instant::now() >= self.deadline.at {
+                // Nothing was sent: the endpoint is not to blame (a caller
+                // may send a deadline that has passed already).
+                in_flight.not_sent();
+                let phase = format!("before the call was sent to {}", endpoint.address());
+                return Err(self.end(Err(self.expired(phase))));
+            }
+            if self.deadline.own.is_some() {
+                grpc::set_remaining(
+                    req.headers_mut(),
+                    self.deadline.at.saturating_duration_since(Instant::now()),
+                    self.deadline.own,
+                );
+            }
+            // Dropping the exchange (deadline, caller gone) resets the
+            // upstream stream; the in-flight count ends with it.
+            let result = match within(self.deadline.at, exchange(&mut sender, req)).await {
+                None => {
+                    in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
+                    self.shared.cancel();
+                    let phase = format!("waiting for {} to answer", endpoint.address());
+                    return Err(self.end(Err(self.expired(phase))));
+                }
+                Some(Exchange::Answered(response)) => Ok(response),
+                Some(Exchange::Broke(e)) => Err(e),
+                Some(Exchange::Unsent(body, e)) => {
+                    // The connection closed (or went away) before the
+                    // stream opened: nothing was sent.
+                    let unsent = self.template.request(body);
+                    if handed_back {
+                        in_flight.not_sent();
+                        self.failed = Failed::Nothing(
+                            format!("{}: {}", endpoint.address(), grpc::describe(&e)).into(),
+                        );
+                        self.next = Some(unsent);
+                        return Err(Flow::Again);
+                    }
+                    handed_back = true;
+                    tracing::debug!(cluster = self.cluster.name(), endpoint = endpoint.address(), error = %e, "call handed back unsent; one more try");
+                    req = unsent;
+                    continue;
+                }
+            };
+            return Ok(Sent {
+                endpoint,
+                in_flight,
+                result,
+            });
+        }
+    }
+
+    /// What the endpoint's answer means: the caller's answer, or (`Ok`) a
+    /// retry that the policy wants, of a body that can be sent again.
+    fn judge(&mut self, sent: Sent) -> Result<(), Flow> {
+        let Sent {
+            endpoint,
+            mut in_flight,
+            result,
+        } = sent;
+        match result {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let trailers_only = grpc::status_code(&parts.headers);
+                match trailers_only {
+                    Some(code) => in_flight.finished(Outcome::Status(code)),
+                    None => in_flight.responded(),
+                }
+                self.answered += 1;
+                let retry = trailers_only.is_some_and(|code| {
+                    wants_retry(self.policy, code, self.answered) && self.shared.can_replay()
+                });
+                let mut body = ResponseBody::new(body, self.deadline.at);
+                if retry {
+                    self.failed = Failed::Answered(Box::new(Response::from_parts(parts, body)));
+                    return Ok(());
+                }
+                body.guard(CallGuard {
+                    state: self.shared.clone(),
+                    in_flight,
+                    _admitted: self.admitted.take(),
+                    cluster: self.cluster.clone(),
+                    deadline: self.deadline,
+                    finished: false,
+                    recorded: trailers_only.is_some(),
+                });
+                Err(self.end(Ok(Response::from_parts(parts, body))))
+            }
+            Err(error) if grpc::is_unprocessed(&error) => {
+                // Refused or cut off by GOAWAY before the endpoint
+                // processed it: as good as never sent.
+                in_flight.not_sent();
+                tracing::debug!(cluster = self.cluster.name(), endpoint = endpoint.address(), %error, "call not processed; trying another endpoint");
+                self.failed = Failed::Nothing(format!("{}: {error}", endpoint.address()).into());
+                if self.shared.can_replay() {
+                    return Err(Flow::Again);
+                }
+                self.shared.cancel();
+                Err(self.give_up())
+            }
+            Err(error) => {
+                in_flight.finished(Outcome::Reset);
+                self.answered += 1;
+                let code = grpc::code_for_upstream_error(&error);
+                self.failed = Failed::Broke(ProxyError::UpstreamFailed {
+                    cluster: self.cluster.name().to_string(),
+                    endpoint: endpoint.address().to_string(),
+                    code,
+                    reason: grpc::describe(&error),
+                });
+                if wants_retry(self.policy, code, self.answered) && self.shared.can_replay() {
+                    return Ok(());
+                }
+                self.shared.cancel();
+                Err(self.give_up())
+            }
+        }
+    }
+
+    /// Before a retry of a call that reached an endpoint: the retry budget
+    /// must allow it, and the backoff must end before the deadline.
+    async fn back_off(&mut self) -> Result<(), Flow> {
+        let Some(policy) = self.policy else {
+            // A retry is judged wanted only under a policy.
+            self.shared.cancel();
+            return Err(self.give_up());
+        };
+        if let Some(budget) = self.cluster.retry_budget() {
+            if !budget.try_withdraw(Instant::now()) {
+                let stats = self.cluster.stats();
+                stats.retries_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    cluster = self.cluster.name(),
+                    "retry budget spent; not retrying"
+                );
+                self.shared.cancel();
+                return Err(self.give_up());
+            }
+        }
+        let pause = backoff(policy, self.answered);
+        if Instant::now() + pause >= self.deadline.at {
+            self.shared.cancel();
+            return Err(self.give_up());
+        }
+        self.cluster.stats().retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            cluster = self.cluster.name(),
+            attempt = self.answered + 1,
+            ?pause,
+            "retrying on another endpoint"
+        );
+        Box::pin(tokio::time::sleep(pause)).await;
+        Ok(())
+    }
+
+    /// Ends the call with the last attempt's answer.
+    fn give_up(&mut self) -> Flow {
+        let answer = self.last_answer();
+        self.end(answer)
+    }
+
+    /// The caller's answer, once a step returned [`Flow::Done`].
+    pub(super) fn answer(&mut self) -> Answer {
+        match self.answer.take() {
+            Some(answer) => answer,
+            None => self.last_answer(),
+        }
+    }
+
+    /// Ends the call with `answer`.
+    fn end(&mut self, answer: Answer) -> Flow {
+        self.answer = Some(answer);
+        Flow::Done
+    }
+
+    fn last_answer(&mut self) -> Answer {
+        let failed = std::mem::replace(&mut self.failed, Failed::Nothing(Cow::Borrowed("")));
+        let total = self.snapshot.ready().len();
+        give_up(failed, self.cluster, &self.tried, total, self.full)
+    }
+
+    fn expired(&self, phase: String) -> ProxyError {
+        ProxyError::DeadlineExceeded {
+            cluster: self.cluster.name().to_string(),
+            timeout: self.deadline.timeout,
+            set_by: self.deadline.source,
+            phase,
+        }
+    }
+}
+
+/// Runs `f` until `deadline`; `None` if the deadline came first. When both
+/// are ready at once the deadline wins, so that an answer racing the
+/// deadline is not mistaken for one that beat it.
+async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    // Most of what is awaited here is ready at once (a pooled connection):
+    // arm no timer for it.
+    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
+    if let Poll::Ready(out) = first {
+        return (Instant::now() < deadline).then_some(out);
+    }
+    let mut timer = std::pin::pin!(Timer::at(deadline));
+    std::future::poll_fn(|cx| {
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        f.as_mut().poll(cx).map(Some)
+    })
+    .await
+}
+
+/// How one attempt's request went.
+enum Exchange {
+    /// The response headers came (the request body may still be on its way).
+    Answered(Response<h2::RecvStream>),
+    /// The stream broke before the response headers.
+    Broke(h2::Error),
+    /// The stream never opened (the connection had closed): the endpoint
+    /// saw nothing. The body is handed back for the next try.
+    Unsent(RequestBody, h2::Error),
+}
+
+/// Opens a stream for `req` on `sender` and sends its body while waiting
+/// for the response headers. A body still being sent when they come (a
+/// client or bidirectional stream) goes on in a task of its own; a unary
+/// request is sent whole before its answer and needs none.
+async fn exchange(sender: &mut Sender, req: Request<RequestBody>) -> Exchange {
+    let (parts, body) = req.into_parts();
+    let end = body.is_end_stream();
+    let (mut response, stream) = match sender.send_request(Request::from_parts(parts, ()), end) {
+        Ok(opened) => opened,
+        Err(e) => return Exchange::Unsent(body, e),
+    };
+    let mut pump = (!end).then(|| Pump::new(body, stream));
+    let answer = std::future::poll_fn(|cx| {
+        if let Some(p) = pump.as_mut() {
+            if p.poll(cx).is_ready() {
+                pump = None;
+            }
+        }
+        Pin::new(&mut response).poll(cx)
+    })
+    .await;
+    match answer {
+        Ok(response) => {
+            if let Some(pump) = pump {
+                tokio::spawn(pump.run());
+            }
+            Exchange::Answered(response)
+        }
+        Err(e) => Exchange::Broke(e),
+    }
+}
