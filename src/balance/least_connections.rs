@@ -1,18 +1,13 @@
-//! Load-aware pickers that compare random candidates (power of two choices,
-//! as in Mitzenmacher's analysis and tower's `p2c`), or scan all.
-//!
-//! - `least_connections`: fewest calls in flight, divided by weight.
-//! - `latency`: peak-EWMA round-trip time times (calls in flight + 1),
-//!   divided by weight, as in Finagle's and Linkerd's balancers. An
-//!   endpoint that is slow, busy or failing costs more.
+//! `least_connections`: the fewest calls in flight, divided by weight, among
+//! candidates drawn by [`Draw`]: two at random (power of two choices, as in
+//! Mitzenmacher's analysis and tower's `p2c`) and the last runner-up, or
+//! all.
 //!
 //! Two random candidates avoid the herd that "always the least loaded"
 //! causes when many pickers (or sidecars) act on the same stale view, and
 //! cost O(1) per call.
 
 use std::sync::Arc;
-
-use tokio::time::Instant;
 
 use super::{Call, Draw, Picker};
 use crate::endpoint::Endpoint;
@@ -35,29 +30,9 @@ impl Picker for LeastConnections {
     }
 }
 
-pub struct Latency {
-    draw: Draw,
-}
-
-impl Latency {
-    pub fn new(draw: Draw) -> Latency {
-        Latency { draw }
-    }
-}
-
-impl Picker for Latency {
-    fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
-        let now = Instant::now();
-        self.draw.cheapest(ready, |e| {
-            e.load().rtt_estimate(now) * (e.in_flight() + 1) as f64 / f64::from(e.weight().get())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::num::NonZeroUsize;
-    use std::time::Duration;
 
     use super::*;
     use crate::balance::test_support::endpoints;
@@ -91,21 +66,5 @@ mod tests {
         // Endpoint 1 wins whenever it is a candidate (2/3 of the time);
         // endpoint 2 (cost 2) beats endpoint 0 (cost 5) otherwise.
         assert!(hits[0] == 0 && hits[1] > 1800 && hits[2] > 800, "{hits:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn latency_prefers_the_fast_endpoint_and_counts_failures_against_it() {
-        let ready = endpoints(&[1, 1]);
-        let headers = http::HeaderMap::new();
-        let now = Instant::now();
-        ready[0].load().observe_rtt(Duration::from_millis(5), now);
-        ready[1].load().observe_rtt(Duration::from_millis(50), now);
-        let picker = Latency::new(Draw::new(Choices::All, false));
-        assert_eq!(picker.pick(&call_on(&headers), &ready), 0);
-        // Endpoint 0 now fails fast: it must not look fast any more.
-        let mut failing = ready[0].start_call();
-        failing.finished(crate::config::Outcome::Status(tonic::Code::Unavailable));
-        drop(failing);
-        assert_eq!(picker.pick(&call_on(&headers), &ready), 1);
     }
 }

@@ -12,6 +12,7 @@
 //! own picker. A call with a session key is placed by [`affinity`] instead.
 
 pub mod affinity;
+mod latency;
 mod least_connections;
 mod performance;
 pub mod placement;
@@ -27,7 +28,8 @@ use http::HeaderMap;
 use tokio::time::Instant;
 
 pub use affinity::Affinity;
-pub use least_connections::{Latency, LeastConnections};
+pub use latency::Latency;
+pub use least_connections::LeastConnections;
 pub use performance::Performance;
 pub use round_robin::RoundRobin;
 pub use weighted::Weighted;

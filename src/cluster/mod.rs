@@ -8,6 +8,7 @@
 
 mod control;
 pub mod limit;
+pub mod retry_budget;
 mod router;
 pub mod update;
 
@@ -26,7 +27,8 @@ use crate::balance::{Affinity, Snapshot};
 use crate::config::{ClusterConfig, Strategy};
 use crate::endpoint::{EjectionBudget, Endpoint};
 use crate::util::Clock;
-use limit::{RateLimit, RetryBudget, RetryBudgetConfig};
+use limit::RateLimit;
+use retry_budget::{RetryBudget, RetryBudgetConfig};
 use update::Members;
 
 /// What a cluster's admission and retries have done, for `/stats`.

@@ -1,0 +1,194 @@
+//! The command line: one `Args` struct per command, each turned into the
+//! options its code takes in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use agentmesh::config::Strategy;
+use agentmesh::tools::agent::AgentOptions;
+use agentmesh::tools::demo::DemoOptions;
+use agentmesh::tools::load::LoadOptions;
+
+#[derive(Parser)]
+#[command(
+    name = "agentmesh",
+    version,
+    about = "A gRPC sidecar that balances every call, not every connection"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the sidecar.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a demo agent: a gRPC server of `agentmesh.demo.v1.Agent` and
+    /// `grpc.health.v1.Health`.
+    Agent(AgentArgs),
+    /// Send load to a target and report throughput and latency percentiles.
+    Load(LoadArgs),
+    /// Start three local agents and the sidecar, send calls, show where they went.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    #[arg(long)]
+    pub listen: SocketAddr,
+    #[arg(long)]
+    name: String,
+    /// Added to every call.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// The share of calls answered with UNAVAILABLE (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
+    fail_ratio: f64,
+    /// Calls served at once; more wait their turn (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: usize,
+    /// `SECS:MS`: after SECS seconds, the delay becomes MS.
+    #[arg(long, value_parser = parse_delay_change)]
+    delay_after: Option<(Duration, Duration)>,
+}
+
+impl AgentArgs {
+    pub fn options(self) -> AgentOptions {
+        AgentOptions {
+            name: self.name,
+            delay: Duration::from_millis(self.delay_ms),
+            fail_ratio: self.fail_ratio,
+            max_concurrency: self.max_concurrency,
+            delay_after: self.delay_after,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// The address to connect to (a proxy, or an agent); repeat it to
+    /// spread connections over several.
+    #[arg(long, required = true)]
+    target: Vec<SocketAddr>,
+    /// The :authority to send (authority mode).
+    #[arg(long)]
+    authority: Option<String>,
+    /// Calls per second: open loop. Without it: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Closed loop: concurrent callers.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Request payload bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Server streaming: replies per call (0: unary).
+    #[arg(long, default_value_t = 0)]
+    stream: u32,
+    /// Extra delay each call asks of the agent.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u32,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also count answers per agent in slices this long (JSON `timeline`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeline: Option<Duration>,
+    /// Closed loop: stop after this many calls.
+    #[arg(long)]
+    calls: Option<u64>,
+    /// JSON: also give every latency recorded (`histogram`), so that
+    /// several runs can be merged.
+    #[arg(long)]
+    histogram: bool,
+}
+
+impl LoadArgs {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
+            targets: self.target.clone(),
+            authority: self.authority.clone(),
+            rate: self.rate,
+            concurrency: self.concurrency,
+            connections: self.connections,
+            duration: self.duration,
+            warmup: self.warmup,
+            payload: self.payload,
+            stream: self.stream,
+            delay_ms: self.delay_ms,
+            timeout: self.timeout,
+            timeline: self.timeline,
+            calls: self.calls,
+            histogram: self.histogram,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = DemoOptions::default().calls)]
+    calls: usize,
+    #[arg(long, default_value_t = DemoOptions::default().concurrency)]
+    concurrency: usize,
+    /// round_robin, weighted, least_connections, latency or performance.
+    #[arg(long, default_value = "round_robin", value_parser = parse_strategy)]
+    strategy: Strategy,
+}
+
+impl DemoArgs {
+    pub fn options(self) -> DemoOptions {
+        DemoOptions {
+            calls: self.calls,
+            concurrency: self.concurrency,
+            strategy: self.strategy,
+        }
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a ratio from 0.0 to 1.0")),
+    }
+}
+
+fn parse_delay_change(s: &str) -> Result<(Duration, Duration), String> {
+    let (secs, ms) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not SECS:MS"))?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+    let ms: u64 = ms
+        .parse()
+        .map_err(|_| format!("{ms:?} is not a number of milliseconds"))?;
+    Ok((Duration::from_secs_f64(secs), Duration::from_millis(ms)))
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    use serde::Deserialize;
+    use serde::de::IntoDeserializer;
+    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = s.into_deserializer();
+    Strategy::deserialize(de).map_err(|e| e.to_string())
+}
