@@ -53,7 +53,7 @@ mod tests {
         assert_eq!(picker.pick(&call_on(&headers), &ready), 0);
         // Endpoint 0 now fails fast: it must not look fast any more.
         let mut failing = ready[0].start_call();
-        failing.finished(crate::config::Outcome::Status(tonic::Code::Unavailable));
+        failing.finished(crate::endpoint::Outcome::Status(tonic::Code::Unavailable));
         drop(failing);
         assert_eq!(picker.pick(&call_on(&headers), &ready), 1);
     }

@@ -213,7 +213,7 @@ async fn check_once(connection: &Connection, config: &HealthCheckConfig) -> Resu
 fn describe(status: &tonic::Status) -> String {
     format!(
         "answered {}: {}",
-        crate::config::code_name(status.code()),
+        crate::wire::grpc::code_name(status.code()),
         status.message()
     )
 }

@@ -11,6 +11,7 @@ pub mod breaker;
 mod connection;
 pub mod health;
 mod load;
+mod outcome;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -22,8 +23,9 @@ use tokio::time::Instant;
 pub use breaker::EjectionBudget;
 pub use connection::{ConnectError, Connection, Sender, Timeouts};
 pub use load::{Load, WindowSummary};
+pub use outcome::{FailureClasses, Outcome};
 
-use crate::config::{ClusterConfig, EndpointConfig, FailureClasses, Outcome};
+use crate::config::{ClusterConfig, EndpointConfig};
 use crate::util::lock;
 use breaker::{Breaker, Transition};
 

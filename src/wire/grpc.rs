@@ -60,6 +60,41 @@ pub fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
     Some(tonic::Code::from_bytes(value.as_bytes()))
 }
 
+/// The spec's status names, indexed by code number.
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status code by its name, as in the gRPC spec (`UNAVAILABLE`).
+pub fn parse_code(name: &str) -> Result<tonic::Code, String> {
+    CODE_NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| tonic::Code::from_i32(i as i32))
+        .ok_or_else(|| format!("{name:?} is not a gRPC status name (e.g. UNAVAILABLE)"))
+}
+
+/// The spec's name of a gRPC status code.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    CODE_NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
+}
+
 /// Whether a call that ended with `code` counts against the endpoint (for
 /// the latency penalty and the success rate): the endpoint was unavailable,
 /// overloaded, broken or too slow. Answers such as NOT_FOUND or

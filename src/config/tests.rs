@@ -1,0 +1,359 @@
+//! Parsing whole config files: what is read, what the defaults are, and the
+//! key and reason every refusal names.
+
+use super::env::expand;
+use super::*;
+use crate::endpoint::Outcome;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    let env = |name: &str| match name {
+        "PLANNER_HOST" => Some("10.0.0.9".to_string()),
+        _ => None,
+    };
+    Config::parse(Path::new("mesh.toml"), text, &env)
+}
+
+fn first_error(text: &str) -> String {
+    parse(text).expect_err("config should be refused").0[0].to_string()
+}
+
+const GOOD: &str = r#"
+    [listener]
+    proxy = "127.0.0.1:15001"
+    refuse_unknown = true
+
+    [admin]
+    listen = "127.0.0.1:15000"
+
+    [[cluster]]
+    name = "planner.agents"
+    aliases = ["planner"]
+    strategy = "weighted"
+    local_port = "127.0.0.1:15101"
+    [[cluster.endpoints]]
+    address = "127.0.0.1:50051"
+    weight = 5
+    [[cluster.endpoints]]
+    address = "${PLANNER_HOST}:50052"
+"#;
+
+#[test]
+fn reads_every_key_of_the_documented_example() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.listener.proxy.to_string(), "127.0.0.1:15001");
+    assert!(c.listener.refuse_unknown);
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:15000");
+    let cl = &c.clusters[0];
+    assert_eq!(cl.name, "planner.agents");
+    assert_eq!(cl.aliases, ["planner"]);
+    assert_eq!(cl.strategy, Strategy::Weighted);
+    assert_eq!(cl.local_port.unwrap().port(), 15101);
+    assert_eq!(cl.endpoints[0].weight.get(), 5);
+    assert_eq!(cl.endpoints[1].weight.get(), 1);
+    assert_eq!(cl.endpoints[1].address, "10.0.0.9:50052");
+}
+
+#[test]
+fn defaults_fill_an_almost_empty_file() {
+    let c = parse("[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]").unwrap();
+    assert_eq!(c.listener.proxy.to_string(), DEFAULT_PROXY);
+    assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN);
+    assert_eq!(c.clusters[0].strategy, Strategy::RoundRobin);
+    assert_eq!(c.clusters[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(c.clusters[0].choices, Choices::default());
+    assert!(c.clusters[0].remember_runner_up);
+}
+
+#[test]
+fn choices_and_the_runner_up_are_read_and_checked() {
+    let base = "[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]\n";
+    let c = parse(&format!(
+        "{base}choices = \"all\"\nremember_runner_up = false"
+    ))
+    .unwrap();
+    assert_eq!(c.clusters[0].choices, Choices::All);
+    assert!(!c.clusters[0].remember_runner_up);
+    let e = first_error(&format!("{base}remember_runner_up = \"yes\""));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].remember_runner_up: invalid type"),
+        "{e}"
+    );
+    let e = first_error(&format!("{base}choices = 0"));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].choices: must be"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_strategy_names_the_key_and_the_choices() {
+    let e = first_error(&GOOD.replace("\"weighted\"", "\"fastest\""));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].strategy: unknown variant `fastest`"),
+        "{e}"
+    );
+    assert!(e.contains("round_robin"), "{e}");
+}
+
+#[test]
+fn weight_zero_is_refused() {
+    let e = first_error(&GOOD.replace("weight = 5", "weight = 0"));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].endpoints[0].weight: must be at least 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_cluster_names_and_aliases_are_refused() {
+    let twice =
+        format!("{GOOD}\n[[cluster]]\nname = \"Planner\"\nendpoints = [{{ address = \"h:1\" }}]");
+    let e = first_error(&twice);
+    assert!(e.starts_with("mesh.toml: cluster[1].name: \"Planner\" already names another cluster (at cluster[0].aliases[0])"), "{e}");
+}
+
+#[test]
+fn unparsable_addresses_are_refused() {
+    let e = first_error(&GOOD.replace("127.0.0.1:50051", "127.0.0.1"));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].endpoints[0].address: \"127.0.0.1\" has no port"),
+        "{e}"
+    );
+    let e = first_error(&GOOD.replace("127.0.0.1:50051", "bad host:80"));
+    assert!(e.contains("not a valid host name"), "{e}");
+    let e = first_error(&GOOD.replace("127.0.0.1:15001", "localhost:x"));
+    assert!(
+        e.starts_with("mesh.toml: listener.proxy: \"localhost:x\" is not a socket address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_the_key() {
+    let e = first_error(&GOOD.replace("weight = 5", "wieght = 5"));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].endpoints[0].wieght: unknown field `wieght`"),
+        "{e}"
+    );
+    let e = first_error(&format!("colour = 1\n{GOOD}"));
+    assert!(e.starts_with("mesh.toml: colour: unknown field"), "{e}");
+}
+
+#[test]
+fn an_endpoint_that_is_the_sidecar_itself_is_refused() {
+    let e = first_error(&GOOD.replace("127.0.0.1:50051", "127.0.0.1:15001"));
+    assert!(e.starts_with("mesh.toml: cluster[0].endpoints[0].address: \"127.0.0.1:15001\" is this sidecar's own listener.proxy"), "{e}");
+    let e = first_error(&GOOD.replace("127.0.0.1:50051", "127.0.0.1:15101"));
+    assert!(e.contains("own cluster[0].local_port"), "{e}");
+}
+
+#[test]
+fn a_wildcard_listener_clashes_with_any_address_on_its_port() {
+    let e = first_error(&GOOD.replace("127.0.0.1:15000", "0.0.0.0:15001"));
+    assert!(
+        e.starts_with("mesh.toml: admin.listen: 0.0.0.0:15001 is already used by listener.proxy"),
+        "{e}"
+    );
+}
+
+#[test]
+fn syntax_errors_give_a_position() {
+    let e = first_error("[listener\nproxy = 1");
+    assert!(e.starts_with("mesh.toml: line 1, column"), "{e}");
+}
+
+#[test]
+fn environment_variables_are_substituted_or_named_when_missing() {
+    let e = first_error(&GOOD.replace("${PLANNER_HOST}", "${NOPE}"));
+    assert!(
+        e.starts_with(
+            "mesh.toml: cluster[0].endpoints[1].address: environment variable NOPE is not set"
+        ),
+        "{e}"
+    );
+    let c = parse(&GOOD.replace("${PLANNER_HOST}", "${NOPE:-10.1.1.1}")).unwrap();
+    assert_eq!(c.clusters[0].endpoints[1].address, "10.1.1.1:50052");
+    assert_eq!(expand("a$$b$c", &|_| None).unwrap(), "a$b$c");
+}
+
+const RESILIENT: &str = r#"
+    [[cluster]]
+    name = "a"
+    request_timeout = "5s"
+    idle_timeout = "1m"
+    keepalive_interval = "5s"
+    keepalive_timeout = "2s"
+    max_in_flight = 10
+    max_in_flight_per_endpoint = 3
+    panic_threshold = 30
+    endpoints = [{ address = "h:1" }]
+    [cluster.circuit_breaker]
+    failure_threshold = 7
+    open_for = "2s"
+    max_open_for = "20s"
+    failures = ["reset", "UNAVAILABLE", "resource_exhausted"]
+    max_ejection_percent = 25
+    [cluster.outlier_detection]
+    min_success_rate = 0.9
+    window = "30s"
+    min_calls = 20
+    [cluster.health_check]
+    interval = "1s"
+    service = "planner"
+    [cluster.retry]
+    methods = ["/p.S/M", "/p.T/*"]
+    on = ["UNAVAILABLE", "ABORTED"]
+    max_attempts = 2
+    min_retries_per_second = 0
+    [[cluster.rate_limit]]
+    calls = 100
+    window = "1m"
+    key = "x-user-id"
+"#;
+
+#[test]
+fn reads_every_resilience_key() {
+    use tonic::Code;
+    let c = parse(RESILIENT).unwrap();
+    let cl = &c.clusters[0];
+    assert_eq!(cl.request_timeout, Duration::from_secs(5));
+    assert_eq!(cl.idle_timeout, Duration::from_secs(60));
+    assert_eq!(
+        (cl.keepalive_interval, cl.keepalive_timeout),
+        (Duration::from_secs(5), Duration::from_secs(2))
+    );
+    assert_eq!((cl.max_in_flight, cl.max_in_flight_per_endpoint), (10, 3));
+    assert_eq!(cl.panic_threshold, 0.3);
+    let b = &cl.breaker;
+    assert_eq!(b.failure_threshold.get(), 7);
+    assert_eq!(
+        (b.open_for, b.max_open_for),
+        (Duration::from_secs(2), Duration::from_secs(20))
+    );
+    assert_eq!(b.max_ejection, 0.25);
+    assert!(
+        b.failures
+            .contains(Outcome::Status(Code::ResourceExhausted))
+    );
+    assert!(b.failures.contains(Outcome::Reset));
+    assert!(!b.failures.contains(Outcome::Connect));
+    assert!(!b.failures.contains(Outcome::Status(Code::Internal)));
+    let o = cl.outlier.as_ref().unwrap();
+    assert_eq!((o.min_success_rate, o.min_calls), (0.9, 20));
+    let h = cl.health_check.as_ref().unwrap();
+    assert_eq!(
+        (h.interval, h.timeout),
+        (Duration::from_secs(1), Duration::from_secs(5))
+    );
+    assert_eq!(h.service, "planner");
+    let r = cl.retry.as_ref().unwrap();
+    assert!(r.covers("/p.S/M") && r.covers("/p.T/X") && !r.covers("/p.S/N"));
+    assert_eq!(r.on, [Code::Unavailable, Code::Aborted]);
+    assert_eq!((r.max_attempts.get(), r.min_retries_per_second), (2, 0));
+    let l = &cl.rate_limits[0];
+    assert_eq!((l.calls.get(), l.window), (100, Duration::from_secs(60)));
+    assert_eq!(l.key.as_ref().unwrap().as_str(), "x-user-id");
+    // Defaults: breaker and outlier detection on, no checks, no retries.
+    let d = parse("[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]").unwrap();
+    let d = &d.clusters[0];
+    assert!(d.breaker.enabled && d.outlier.is_some());
+    assert!(d.health_check.is_none() && d.retry.is_none() && d.rate_limits.is_empty());
+    assert!(d.breaker.failures.contains(Outcome::Connect));
+}
+
+#[test]
+fn bad_resilience_values_name_their_keys() {
+    for (from, to, key, reason) in [
+        (
+            "\"resource_exhausted\"",
+            "\"SLOW\"",
+            "cluster[0].circuit_breaker.failures",
+            "\"SLOW\" is not a gRPC status name",
+        ),
+        (
+            "max_ejection_percent = 25",
+            "max_ejection_percent = 120",
+            "cluster[0].circuit_breaker.max_ejection_percent",
+            "must be a percentage from 0 to 100",
+        ),
+        (
+            "min_success_rate = 0.9",
+            "min_success_rate = 90",
+            "cluster[0].outlier_detection.min_success_rate",
+            "must be a share from 0.0 to 1.0",
+        ),
+        (
+            "\"/p.T/*\"",
+            "\"p.T*\"",
+            "cluster[0].retry.methods[1]",
+            "\"p.T*\" is not",
+        ),
+        (
+            "\"ABORTED\"",
+            "\"NOPE\"",
+            "cluster[0].retry.on[1]",
+            "\"NOPE\" is not a gRPC status name",
+        ),
+        (
+            "max_attempts = 2",
+            "max_attempts = 0",
+            "cluster[0].retry.max_attempts",
+            "must be a whole number from 1 to 10",
+        ),
+        (
+            "calls = 100",
+            "calls = 0",
+            "cluster[0].rate_limit[0].calls",
+            "must be a whole number of at least 1",
+        ),
+        (
+            "max_in_flight = 10",
+            "max_in_flight = -1",
+            "cluster[0].max_in_flight",
+            "must be a whole number",
+        ),
+        (
+            "request_timeout = \"5s\"",
+            "request_timeout = \"0s\"",
+            "cluster[0].request_timeout",
+            "must be more than 0",
+        ),
+        (
+            "keepalive_timeout = \"2s\"",
+            "keepalive_timeout = \"0s\"",
+            "cluster[0].keepalive_timeout",
+            "must be more than 0",
+        ),
+        (
+            "open_for = \"2s\"",
+            "open_for = \"1m\"",
+            "cluster[0].circuit_breaker.max_open_for",
+            "must be at least open_for",
+        ),
+        (
+            "interval = \"1s\"",
+            "intervall = \"1s\"",
+            "cluster[0].health_check.intervall",
+            "unknown field",
+        ),
+    ] {
+        let text = RESILIENT.replace(from, to);
+        assert_ne!(text, RESILIENT, "{from}");
+        let e = first_error(&text);
+        assert!(e.starts_with(&format!("mesh.toml: {key}: ")), "{e}");
+        assert!(e.contains(reason), "{e}");
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = GOOD
+        .replace("weight = 5", "weight = 0")
+        .replace("127.0.0.1:15101", "127.0.0.1:15000");
+    let errors = parse(&text).unwrap_err().0;
+    let keys: Vec<_> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["cluster[0].local_port", "cluster[0].endpoints[0].weight"]
+    );
+}

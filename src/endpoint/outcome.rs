@@ -1,0 +1,58 @@
+//! What a call ended with, and which of those endings count as failures
+//! for an endpoint's breaker.
+
+/// What a call ended with, as far as breaking is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered with this status (OK included).
+    Status(tonic::Code),
+    /// The stream or connection broke before a status arrived.
+    Reset,
+    /// No connection could be made.
+    Connect,
+}
+
+/// A set of outcomes, as `failures = ["connect", "reset", "UNAVAILABLE"]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailureClasses(u32);
+
+const CONNECT_BIT: u32 = 1 << 17;
+const RESET_BIT: u32 = 1 << 18;
+
+impl Default for FailureClasses {
+    /// Connect errors, resets, UNAVAILABLE, DEADLINE_EXCEEDED and INTERNAL.
+    fn default() -> Self {
+        use tonic::Code::*;
+        FailureClasses(
+            CONNECT_BIT
+                | RESET_BIT
+                | 1 << Unavailable as u32
+                | 1 << DeadlineExceeded as u32
+                | 1 << Internal as u32,
+        )
+    }
+}
+
+impl FailureClasses {
+    pub fn contains(self, outcome: Outcome) -> bool {
+        let bit = match outcome {
+            Outcome::Status(code) => 1 << (code as u32).min(16),
+            Outcome::Reset => RESET_BIT,
+            Outcome::Connect => CONNECT_BIT,
+        };
+        self.0 & bit != 0
+    }
+
+    /// Parses `connect`, `reset` or a gRPC status name (`UNAVAILABLE`).
+    pub(crate) fn parse(names: &[String]) -> Result<FailureClasses, String> {
+        let mut bits = 0;
+        for name in names {
+            bits |= match name.as_str() {
+                "connect" => CONNECT_BIT,
+                "reset" => RESET_BIT,
+                other => 1 << crate::wire::grpc::parse_code(other)? as u32,
+            };
+        }
+        Ok(FailureClasses(bits))
+    }
+}
