@@ -102,7 +102,7 @@ pub fn stats(router: &Router) -> String {
 pub fn clusters(router: &Router) -> String {
     use crate::cluster::ClusterStats as S;
     let mut out = String::from(
-        "cluster\tin_flight\tready\tejected\tmax_ejected\tpanic\tpanics\tover_max_in_flight\tendpoints_full\trate_limited\trate_limit_keys\tretries\tretries_refused\n",
+        "cluster\tin_flight\tready\tejected\tmax_ejected\tpanic\tpanics\tover_max_in_flight\tendpoints_full\trate_limited\trate_limit_keys\tretries\tretries_refused\tendpoints_added\tendpoints_removed\n",
     );
     for c in router.clusters() {
         let s = c.stats();
@@ -111,7 +111,7 @@ pub fn clusters(router: &Router) -> String {
         let keys: usize = c.rate_limits().iter().map(|l| l.keys()).sum();
         let _ = writeln!(
             out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             c.name(),
             c.in_flight(),
             snapshot.ready().len(),
@@ -125,6 +125,8 @@ pub fn clusters(router: &Router) -> String {
             keys,
             S::get(&s.retries),
             S::get(&s.retries_refused),
+            S::get(&s.endpoints_added),
+            S::get(&s.endpoints_removed),
         );
     }
     out

@@ -399,7 +399,9 @@ pub(crate) mod test_support {
     }
 
     pub fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {
-        let cluster = ClusterConfig::for_test("test", &[]);
+        let mut cluster = ClusterConfig::for_test("test", &[]);
+        // Every load estimate kept, the performance strategy's window too.
+        cluster.strategy = crate::config::Strategy::Performance;
         weights
             .iter()
             .enumerate()

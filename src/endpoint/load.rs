@@ -16,8 +16,10 @@
 //!   after it, and a far slower endpoint with no call in flight then looks
 //!   as cheap as the busy fast ones (measured in `bench/quality`: the 10x
 //!   slower agent's share fell from 0.7% to about 0.1%).
-//! - A sliding window of calls, failures and latency (performance strategy),
-//!   kept in [`crate::util::Window`]'s ten buckets.
+//! - A sliding window of calls, failures and latency, kept in
+//!   [`crate::util::Window`]'s ten buckets, only for a cluster whose
+//!   strategy reads it (`performance`): elsewhere it would cost a lock per
+//!   call for nothing.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,11 +34,13 @@ pub struct Load {
     in_flight: AtomicU64,
     latency: LatencyConfig,
     ewma: Mutex<PeakEwma>,
-    window: Mutex<CallWindow>,
+    /// Only where the performance strategy reads it.
+    window: Option<Mutex<CallWindow>>,
 }
 
 impl Load {
-    pub fn new(latency: &LatencyConfig, performance: &PerformanceConfig) -> Load {
+    /// Keeps the call window over `performance.window` when given one.
+    pub fn new(latency: &LatencyConfig, performance: Option<&PerformanceConfig>) -> Load {
         let now = Instant::now();
         Load {
             in_flight: AtomicU64::new(0),
@@ -45,7 +49,7 @@ impl Load {
                 stamp: now,
             }),
             latency: latency.clone(),
-            window: Mutex::new(CallWindow::new(performance.window, now)),
+            window: performance.map(|p| Mutex::new(CallWindow::new(p.window, now))),
         }
     }
 
@@ -83,13 +87,15 @@ impl Load {
             let penalty = elapsed.max(self.latency.failure_penalty);
             lock(&self.ewma).observe(penalty, now, self.latency.decay);
         }
-        lock(&self.window).record(failed, elapsed, now);
+        if let Some(window) = &self.window {
+            lock(window).record(failed, elapsed, now);
+        }
     }
 
     /// Success rate and mean latency over the window; `None` before any
     /// call in the window.
     pub fn window_summary(&self, now: Instant) -> Option<WindowSummary> {
-        lock(&self.window).summary(now)
+        lock(self.window.as_ref()?).summary(now)
     }
 }
 
@@ -192,7 +198,7 @@ mod tests {
             window: Duration::from_secs(10),
             ..PerformanceConfig::default()
         };
-        Load::new(&latency, &performance)
+        Load::new(&latency, Some(&performance))
     }
 
     fn ms(ns: f64) -> f64 {

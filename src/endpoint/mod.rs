@@ -25,7 +25,7 @@ pub use connection::{ConnectError, Connection, Sender, Timeouts};
 pub use load::{Load, WindowSummary};
 pub use outcome::{FailureClasses, Outcome};
 
-use crate::config::{ClusterConfig, EndpointConfig};
+use crate::config::{ClusterConfig, EndpointConfig, Strategy};
 use crate::util::lock;
 use breaker::{Breaker, Transition};
 
@@ -135,7 +135,10 @@ impl Endpoint {
             zone: config.zone.as_deref().map(Arc::from),
             priority: config.priority,
             version: config.version.as_deref().map(Arc::from),
-            load: Load::new(&cluster.latency, &cluster.performance),
+            load: Load::new(
+                &cluster.latency,
+                (cluster.strategy == Strategy::Performance).then_some(&cluster.performance),
+            ),
             stats: Stats::default(),
         }
     }

@@ -1,7 +1,8 @@
 //! One call's attempts, step by step: take the request (the first, or the
 //! kept body replayed), claim an endpoint, send, judge the answer, and back
-//! off before a retry. Each step either leads to the next, starts another
-//! attempt at once ([`Flow::Again`]), or ends the call ([`Flow::Done`]).
+//! off before a retry. Each step either leads to the next, or says where the
+//! call goes instead ([`Flow`]): another attempt at once, a retry after a
+//! backoff, or the end of the call.
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -33,22 +34,23 @@ pub(super) type Answer = Result<Response<ResponseBody>, ProxyError>;
 pub(super) enum Flow {
     /// Another attempt, now.
     Again,
+    /// Another attempt, after [`Attempts::back_off`]: the last one reached
+    /// an endpoint, and the retry policy wants the call sent again.
+    Retry,
     /// The call is over: [`Attempts::answer`] has the caller's answer.
     Done,
 }
 
 /// An endpoint that took a place for the call.
-struct Claimed {
+pub(super) struct Claimed {
     endpoint: Arc<Endpoint>,
     in_flight: InFlight,
     /// Its pooled connection, if it had one when claimed.
     pooled: Option<Sender>,
-    req: Request<RequestBody>,
 }
 
-/// The endpoint's answer to an attempt: its response headers, or a broken
-/// stream.
-struct Sent {
+/// What came of sending: the response headers, or a broken stream.
+pub(super) struct Sent {
     endpoint: Arc<Endpoint>,
     in_flight: InFlight,
     result: Result<Response<h2::RecvStream>, h2::Error>,
@@ -126,24 +128,18 @@ impl<'c> Attempts<'c> {
         }
     }
 
-    /// One attempt, from taking the request to the backoff before the next.
-    pub(super) async fn attempt(&mut self) -> Result<(), Flow> {
-        let req = self.request()?;
-        let claimed = self.claim(req)?;
-        let sent = self.send(claimed).await?;
-        self.judge(sent)?;
-        self.back_off().await
-    }
-
-    /// The request for this attempt: the first, or the kept body replayed.
-    fn request(&mut self) -> Result<Request<RequestBody>, Flow> {
-        if let Some(req) = self.next.take() {
-            return Ok(req);
+    /// Makes the request for this attempt ready in `next`: the first, or
+    /// the kept body replayed. It stays there until it is sent.
+    pub(super) fn request(&mut self) -> Result<(), Flow> {
+        if self.next.is_some() {
+            return Ok(());
         }
         match self.shared.new_attempt() {
-            Some(attempt) => Ok(self
-                .template
-                .request(RequestBody::call(self.shared.clone(), attempt))),
+            Some(attempt) => {
+                let body = RequestBody::call(self.shared.clone(), attempt);
+                self.next = Some(self.template.request(body));
+                Ok(())
+            }
             // The body went past the buffer: it cannot be sent again.
             None => Err(self.give_up()),
         }
@@ -153,7 +149,10 @@ impl<'c> Attempts<'c> {
     /// Passes over (for another attempt at once) an endpoint that is not
     /// connected while another is, warming its connection, and one that
     /// refuses the call; gives up when none is left.
-    fn claim(&mut self, req: Request<RequestBody>) -> Result<Claimed, Flow> {
+    pub(super) fn claim(&mut self) -> Result<Claimed, Flow> {
+        let Some(req) = self.next.as_ref() else {
+            return Err(Flow::Again);
+        };
         let call = Call {
             path: req.uri().path(),
             headers: req.headers(),
@@ -173,13 +172,12 @@ impl<'c> Attempts<'c> {
         };
         self.tried.insert(endpoint.id());
         let pooled = endpoint.connection().pooled();
-        if pooled.is_none() && !waited_for && self.may_go_elsewhere(&req) {
+        if pooled.is_none() && !waited_for && self.may_go_elsewhere() {
             // Connecting takes a round trip at best and a connect timeout
             // at worst (a draining or unplugged endpoint): it goes on in the
             // background while this call goes to a connected endpoint.
             endpoint.connection().warm();
             self.connecting.get_or_insert(endpoint);
-            self.next = Some(req);
             return Err(Flow::Again);
         }
         let max = self.cluster.config().max_in_flight_per_endpoint;
@@ -188,11 +186,9 @@ impl<'c> Attempts<'c> {
                 endpoint,
                 in_flight,
                 pooled,
-                req,
             }),
             Err(refused) => {
                 self.full += usize::from(refused == Refused::Full);
-                self.next = Some(req);
                 Err(Flow::Again)
             }
         }
@@ -201,11 +197,12 @@ impl<'c> Attempts<'c> {
     /// Whether a call may pass over an endpoint that is not connected yet:
     /// it carries no session key (a session stays where it is pinned), and
     /// some other endpoint it has not tried is connected.
-    fn may_go_elsewhere(&self, req: &Request<RequestBody>) -> bool {
-        let pinned = self
-            .cluster
-            .affinity()
-            .is_some_and(|a| a.key(req.headers()).is_some());
+    fn may_go_elsewhere(&self) -> bool {
+        let pinned = self.cluster.affinity().is_some_and(|a| {
+            self.next
+                .as_ref()
+                .is_some_and(|req| a.key(req.headers()).is_some())
+        });
         !pinned
             && self
                 .snapshot
@@ -215,15 +212,15 @@ impl<'c> Attempts<'c> {
     }
 
     /// Sends the request on the claimed endpoint, connecting first if it
-    /// has no connection, and waits for the response headers. A call
-    /// handed back unsent (the connection closed under it) gets one more
-    /// try on the same endpoint, over a fresh connection.
-    async fn send(&mut self, claimed: Claimed) -> Result<Sent, Flow> {
+    /// has no connection, and waits for the response headers, or for the
+    /// stream to break. A call handed back unsent (the connection closed
+    /// under it) gets one more try on the same endpoint, over a fresh
+    /// connection.
+    pub(super) async fn send(&mut self, claimed: Claimed) -> Result<Sent, Flow> {
         let Claimed {
             endpoint,
             mut in_flight,
             mut pooled,
-            mut req,
         } = claimed;
         let mut handed_back = false;
         loop {
@@ -241,7 +238,6 @@ impl<'c> Attempts<'c> {
                         endpoint.connect_failed(&e);
                         in_flight.not_sent();
                         self.failed = Failed::Nothing(e.to_string().into());
-                        self.next = Some(req);
                         return Err(Flow::Again);
                     }
                     Some(Ok(sender)) => sender,
@@ -254,6 +250,10 @@ impl<'c> Attempts<'c> {
                 let phase = format!("before the call was sent to {}", endpoint.address());
                 return Err(self.end(Err(self.expired(phase))));
             }
+            let Some(mut req) = self.next.take() else {
+                in_flight.not_sent();
+                return Err(Flow::Again);
+            };
             if self.deadline.own.is_some() {
                 grpc::set_remaining(
                     req.headers_mut(),
@@ -263,44 +263,46 @@ impl<'c> Attempts<'c> {
             }
             // Dropping the exchange (deadline, caller gone) resets the
             // upstream stream; the in-flight count ends with it.
-            let result = match within(self.deadline.at, exchange(&mut sender, req)).await {
+            return match within(self.deadline.at, exchange(&mut sender, req)).await {
                 None => {
                     in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
                     self.shared.cancel();
                     let phase = format!("waiting for {} to answer", endpoint.address());
-                    return Err(self.end(Err(self.expired(phase))));
+                    Err(self.end(Err(self.expired(phase))))
                 }
-                Some(Exchange::Answered(response)) => Ok(response),
-                Some(Exchange::Broke(e)) => Err(e),
+                Some(Exchange::Answered(response)) => Ok(Sent {
+                    endpoint,
+                    in_flight,
+                    result: Ok(response),
+                }),
+                Some(Exchange::Broke(e)) => Ok(Sent {
+                    endpoint,
+                    in_flight,
+                    result: Err(e),
+                }),
                 Some(Exchange::Unsent(body, e)) => {
                     // The connection closed (or went away) before the
                     // stream opened: nothing was sent.
-                    let unsent = self.template.request(body);
+                    self.next = Some(self.template.request(body));
                     if handed_back {
                         in_flight.not_sent();
                         self.failed = Failed::Nothing(
                             format!("{}: {}", endpoint.address(), grpc::describe(&e)).into(),
                         );
-                        self.next = Some(unsent);
                         return Err(Flow::Again);
                     }
                     handed_back = true;
                     tracing::debug!(cluster = self.cluster.name(), endpoint = endpoint.address(), error = %e, "call handed back unsent; one more try");
-                    req = unsent;
                     continue;
                 }
             };
-            return Ok(Sent {
-                endpoint,
-                in_flight,
-                result,
-            });
         }
     }
 
-    /// What the endpoint's answer means: the caller's answer, or (`Ok`) a
-    /// retry that the policy wants, of a body that can be sent again.
-    fn judge(&mut self, sent: Sent) -> Result<(), Flow> {
+    /// What the endpoint's answer means: the caller's response, or a retry
+    /// ([`Flow::Retry`]) that the policy wants, of a body that can be sent
+    /// again.
+    pub(super) fn judge(&mut self, sent: Sent) -> Result<Response<ResponseBody>, Flow> {
         let Sent {
             endpoint,
             mut in_flight,
@@ -321,7 +323,7 @@ impl<'c> Attempts<'c> {
                 let mut body = ResponseBody::new(body, self.deadline.at);
                 if retry {
                     self.failed = Failed::Answered(Box::new(Response::from_parts(parts, body)));
-                    return Ok(());
+                    return Err(Flow::Retry);
                 }
                 body.guard(CallGuard {
                     state: self.shared.clone(),
@@ -332,7 +334,7 @@ impl<'c> Attempts<'c> {
                     finished: false,
                     recorded: trailers_only.is_some(),
                 });
-                Err(self.end(Ok(Response::from_parts(parts, body))))
+                Ok(Response::from_parts(parts, body))
             }
             Err(error) if grpc::is_unprocessed(&error) => {
                 // Refused or cut off by GOAWAY before the endpoint
@@ -357,7 +359,7 @@ impl<'c> Attempts<'c> {
                     reason: grpc::describe(&error),
                 });
                 if wants_retry(self.policy, code, self.answered) && self.shared.can_replay() {
-                    return Ok(());
+                    return Err(Flow::Retry);
                 }
                 self.shared.cancel();
                 Err(self.give_up())
@@ -367,7 +369,7 @@ impl<'c> Attempts<'c> {
 
     /// Before a retry of a call that reached an endpoint: the retry budget
     /// must allow it, and the backoff must end before the deadline.
-    async fn back_off(&mut self) -> Result<(), Flow> {
+    pub(super) async fn back_off(&mut self) -> Result<(), Flow> {
         let Some(policy) = self.policy else {
             // A retry is judged wanted only under a policy.
             self.shared.cancel();

@@ -88,8 +88,25 @@ async fn send(cluster: &Arc<Cluster>, req: Request<h2::RecvStream>, deadline: De
     let admitted = admit(cluster, req.headers())?;
     let mut attempts = Attempts::new(cluster, req, deadline, admitted);
     loop {
-        if let Err(Flow::Done) = attempts.attempt().await {
-            return attempts.answer();
+        // Each step leads to the next, or says where the call goes instead.
+        let flow = match attempts.request().and_then(|()| attempts.claim()) {
+            Err(flow) => flow,
+            Ok(claimed) => match attempts.send(claimed).await {
+                Err(flow) => flow,
+                Ok(sent) => match attempts.judge(sent) {
+                    Ok(response) => return Ok(response),
+                    Err(flow) => flow,
+                },
+            },
+        };
+        match flow {
+            Flow::Again => {}
+            Flow::Retry => {
+                if let Err(Flow::Done) = attempts.back_off().await {
+                    return attempts.answer();
+                }
+            }
+            Flow::Done => return attempts.answer(),
         }
     }
 }
