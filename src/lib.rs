@@ -5,8 +5,8 @@
 //! retries where safe) -> [`cluster`] (admission limits, retry budget, the
 //! live endpoint set) -> [`balance`] (pick an endpoint) -> [`endpoint`]
 //! (pooled connection, load, breaker, health). [`app`] starts, supervises
-//! and drains it all; [`config`] and [`admin`] sit beside the line; [`wire`]
-//! holds the HTTP/2 and gRPC plumbing and [`util`] the small mechanisms
+//! and drains it all; [`config`] and [`admin`] sit beside the line; `wire`
+//! holds the HTTP/2 and gRPC plumbing and `util` the small mechanisms
 //! several modules share. [`tools`] are the demo agent and its callers, not
 //! part of the sidecar.
 
@@ -21,8 +21,8 @@ pub mod endpoint;
 pub mod listener;
 pub mod proxy;
 pub mod tools;
-pub mod util;
-pub mod wire;
+pub(crate) mod util;
+pub(crate) mod wire;
 
 /// The demo agent's protocol, `proto/agentmesh/demo/v1/agent.proto`.
 pub mod pb {

@@ -74,8 +74,14 @@ async fn an_endpoint_added_and_removed_under_load_loses_no_call_and_leaves_nothi
         assert_eq!(cluster.endpoint_task_count(), 3, "its checker runs too");
         assert!(established_to(third.port()) >= 1);
 
+        let leaving = cluster
+            .endpoint(&third.to_string())
+            .expect("in the cluster");
         let applied = cluster.apply(Update::Remove(vec![third.to_string()]));
         assert_eq!(applied.removed, 1);
+        // Calls in flight on it finish; from then on it gets none.
+        assert!(eventually(Duration::from_secs(5), || leaving.in_flight() == 0).await);
+        let calls_at_removal = stats.get(&stats.calls);
         let gone = eventually(Duration::from_secs(5), || {
             cluster.endpoint_task_count() == 2 && established_to(third.port()) == 0
         })
@@ -86,7 +92,6 @@ async fn an_endpoint_added_and_removed_under_load_loses_no_call_and_leaves_nothi
             cluster.endpoint_task_count(),
             established_to(third.port())
         );
-        let calls_at_removal = stats.get(&stats.calls);
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop.store(true, Ordering::Relaxed);
         for caller in callers {
@@ -162,6 +167,47 @@ async fn calls_in_flight_on_a_removed_endpoint_finish() {
         );
         let counts = spread(&client, 20, 4).await;
         assert_eq!(counts.get("fast"), Some(&20), "{counts:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_removed_while_its_first_connect_hangs_leaves_no_connection() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let mut config = planner(&agents.addrs);
+        config.connect_timeout = Duration::from_secs(20);
+        let sidecar = sidecar(vec![config]).await;
+        let cluster = sidecar.router().clusters()[0].clone();
+        // A port whose kernel completes TCP handshakes that nobody accepts:
+        // the sidecar's connect waits there for HTTP/2 settings.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        cluster.apply(Update::Add(vec![endpoint(silent.local_addr().unwrap())]));
+        assert!(
+            eventually(Duration::from_secs(5), || established_to(port) == 1).await,
+            "the first connect reached the port"
+        );
+        let added = cluster
+            .endpoint(&silent.local_addr().unwrap().to_string())
+            .unwrap();
+        assert!(!added.has_joined(), "still waiting for settings");
+        cluster.apply(Update::Remove(vec![
+            silent.local_addr().unwrap().to_string(),
+        ]));
+        // Well before the 20 s connect timeout, the half-made connection
+        // is gone with the endpoint.
+        let closed = eventually(Duration::from_secs(3), || {
+            established_to(port) == 0 && cluster.endpoint_task_count() == 0
+        })
+        .await;
+        assert!(
+            closed,
+            "connections left: {}, tasks left: {}",
+            established_to(port),
+            cluster.endpoint_task_count()
+        );
+        drop(silent);
     })
     .await;
 }

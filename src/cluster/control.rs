@@ -18,7 +18,7 @@ impl Cluster {
     /// configured, a background connect), and the control loop, whose task
     /// is returned to the caller to own. Endpoints removed later have
     /// `drain_timeout` to finish their calls.
-    pub fn start(self: &Arc<Self>, drain_timeout: Duration) -> Task {
+    pub(crate) fn start(self: &Arc<Self>, drain_timeout: Duration) -> Task {
         {
             let mut members = lock(&self.members);
             members.start(drain_timeout);
@@ -37,6 +37,7 @@ impl Cluster {
 
     /// Rebuilds the snapshot from the endpoints' readiness now.
     pub fn rebuild(&self) {
+        let _one_at_a_time = lock(&self.rebuilding);
         let live = self.endpoints.load();
         // Endpoints still joining stay out, unless no other is left.
         let joined: Vec<Arc<Endpoint>>;

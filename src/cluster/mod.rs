@@ -65,6 +65,9 @@ pub struct Cluster {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// The ready set, its groups and pickers, swapped whole.
     snapshot: ArcSwap<Snapshot>,
+    /// Held while a snapshot is built and stored, so that a rebuild from an
+    /// older endpoint set never lands after one from a newer.
+    rebuilding: Mutex<()>,
     /// The writers' side of the endpoint set: the tasks of each endpoint
     /// and of those still draining. Locked by updates only, never by a call.
     members: Mutex<Members>,
@@ -113,6 +116,7 @@ impl Cluster {
                 &[],
                 Instant::now(),
             )),
+            rebuilding: Mutex::new(()),
             members: Mutex::new(Members::default()),
             affinity: config.affinity.as_ref().map(Affinity::new),
             changed: Arc::new(Notify::new()),

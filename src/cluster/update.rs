@@ -99,6 +99,7 @@ impl Cluster {
                 .map(|e| e.config())
                 .collect(),
         };
+        let started = members.drain_timeout.is_some();
         let mut applied = Applied::default();
         let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(target.len());
         let mut added = Vec::new();
@@ -115,6 +116,10 @@ impl Cluster {
                         self.changed.clone(),
                         self.budget.clone(),
                     ));
+                    if started {
+                        // Out of the picker until its first connect ends.
+                        e.hold_back();
+                    }
                     added.push(e.clone());
                     next.push(e);
                 }
@@ -134,10 +139,8 @@ impl Cluster {
         for endpoint in &removed {
             self.retire(&mut members, endpoint);
         }
-        let started = members.drain_timeout.is_some();
         if started {
             for endpoint in &added {
-                endpoint.hold_back();
                 let tasks = self.endpoint_tasks(endpoint, true);
                 members.own(endpoint.address(), tasks);
             }
@@ -175,7 +178,7 @@ impl Cluster {
         }
         if joining {
             let endpoint = endpoint.clone();
-            tasks.push(Task::spawn("endpoint joining", async move {
+            tasks.push(Task::spawn(async move {
                 // Either way the attempt ends, the endpoint joins: if it
                 // failed, the endpoint sits out its connect backoff, which
                 // keeps it out of the ready set until then.
@@ -200,7 +203,7 @@ impl Cluster {
             return;
         };
         let (endpoint, cluster) = (endpoint.clone(), self.name.clone());
-        members.draining.push(Task::spawn("endpoint drain", async move {
+        members.draining.push(Task::spawn(async move {
             let left = endpoint.drained(Instant::now() + timeout).await;
             if left > 0 {
                 tracing::warn!(%cluster, endpoint = endpoint.address(), calls = left, ?timeout, "removed endpoint still had calls in flight at the drain timeout; closing its connection");
@@ -341,6 +344,22 @@ mod tests {
         assert!(!Arc::ptr_eq(&back, &gone) && back.id() != gone.id());
         assert!(back.try_start_call(100).is_ok());
         assert_eq!(ready(&c).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_panic_threshold_follows_the_live_set() {
+        let c = cluster(4);
+        for e in &c.endpoints()[1..] {
+            e.set_healthy(false, "test");
+        }
+        c.rebuild();
+        assert!(c.snapshot().is_panic(), "1 of 4 ready is under half");
+        c.apply(Update::Remove(vec![
+            addr(2).to_string(),
+            addr(3).to_string(),
+        ]));
+        assert!(!c.snapshot().is_panic(), "1 of 2 ready is half");
+        assert_eq!(ready(&c), [addr(0).to_string()]);
     }
 
     #[tokio::test]

@@ -152,13 +152,19 @@ impl Connection {
     /// its cluster (or the checker that owned the connection stopped).
     /// Connects under way fail, and a connection they open is dropped.
     pub fn shut_down(&self) {
-        self.inner.shut.store(true, Ordering::Release);
+        self.inner.shut.store(true, Ordering::SeqCst);
+        // A connect under way is moved forward only by those who await it;
+        // once they are gone (a removed endpoint's tasks, a stopped
+        // checker), the one in the slot would hold the endpoint's state
+        // and its half-made connection for good. Dropping it ends both.
+        let connecting = lock(&self.inner.connecting).take();
+        drop(connecting);
         self.close();
     }
 
     /// Whether [`Connection::shut_down`] was called.
     pub fn is_shut_down(&self) -> bool {
-        self.inner.shut.load(Ordering::Acquire)
+        self.inner.shut.load(Ordering::SeqCst)
     }
 
     /// Connections that have ended so far.
@@ -257,7 +263,7 @@ impl Inner {
                 }
             }
             // Shut down on purpose: nothing to learn of the endpoint.
-            Err(_) if self.shut.load(Ordering::Acquire) => {}
+            Err(_) if self.shut.load(Ordering::SeqCst) => {}
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 if self.reach.fail(now) {
@@ -277,7 +283,7 @@ impl Inner {
             attempt,
         };
         let shut = || fail("the endpoint was removed from its cluster".into());
-        if self.shut.load(Ordering::Acquire) {
+        if self.shut.load(Ordering::SeqCst) {
             return Err(shut());
         }
         let started = Instant::now();
@@ -331,7 +337,7 @@ impl Inner {
             abandon: Mutex::new(Some(abandon)),
         });
         self.ready.store(Some(pooled.clone()));
-        if self.shut.load(Ordering::Acquire) {
+        if self.shut.load(Ordering::SeqCst) {
             // Shut down while this connect was under way.
             self.unpool(attempt);
             if let Some(abandon) = lock(&pooled.abandon).take() {

@@ -58,9 +58,12 @@ impl Load {
     }
 
     /// Counts one more call in flight, unless `max` are in flight already.
+    /// Sequentially consistent with the endpoint's `retired` flag: a call
+    /// counted here either sees the endpoint retired or is seen by its drain
+    /// (on x86 these are the same instructions as relaxed ones).
     pub(super) fn try_enter(&self, max: u64) -> bool {
-        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= max {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= max {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
         true
@@ -68,7 +71,7 @@ impl Load {
 
     /// Counts a call finished; returns the calls still in flight.
     pub(super) fn leave(&self) -> u64 {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1
+        self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
     }
 
     /// The round-trip estimate now, in nanoseconds.

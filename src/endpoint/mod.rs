@@ -202,7 +202,7 @@ impl Endpoint {
     /// back any ejection it held, and its outcomes no longer feed its
     /// breaker. Returns false if it was retired already.
     pub fn retire(&self) -> bool {
-        if self.retired.swap(true, Ordering::AcqRel) {
+        if self.retired.swap(true, Ordering::SeqCst) {
             return false;
         }
         self.with_breaker(|b| b.reset(&self.budget));
@@ -213,7 +213,15 @@ impl Endpoint {
     }
 
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Counts a call finished, and tells a draining endpoint's drain when
+    /// it was the last.
+    fn leave(&self) {
+        if self.load.leave() == 0 && self.is_retired() {
+            self.idle.notify_one();
+        }
     }
 
     /// Waits until a retired endpoint carries no call, or `deadline`
@@ -306,12 +314,15 @@ impl Endpoint {
     /// calls or its breaker admits none now; the returned guard counts the
     /// call finished on drop.
     pub fn try_start_call(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
-        if self.retired.load(Ordering::Relaxed) {
-            return Err(Refused::Removed);
-        }
         if !self.load.try_enter(u64::from(max)) {
             self.stats.full.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Full);
+        }
+        // After counting the call: either this sees the endpoint retired,
+        // or its drain sees this call in flight (see `retire`).
+        if self.is_retired() {
+            self.leave();
+            return Err(Refused::Removed);
         }
         let probe = if self.breaker_closed.load(Ordering::Acquire) {
             false
@@ -319,7 +330,7 @@ impl Endpoint {
             match self.with_breaker(Breaker::admit) {
                 Some(probe) => probe,
                 None => {
-                    self.load.leave();
+                    self.leave();
                     return Err(Refused::Breaker);
                 }
             }
@@ -535,9 +546,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.endpoint.load.leave() == 0 && self.endpoint.is_retired() {
-            self.endpoint.idle.notify_one();
-        }
+        self.endpoint.leave();
         if self.probe && !self.recorded {
             self.endpoint.with_breaker(Breaker::probe_abandoned);
             self.endpoint.changed.notify_one();

@@ -17,16 +17,14 @@ const RESTART_AFTER: Duration = Duration::from_millis(100);
 /// A spawned task, aborted when this handle is dropped.
 #[derive(Debug)]
 pub struct Task {
-    name: &'static str,
     /// Taken only by [`Task::stop`].
     handle: Option<JoinHandle<()>>,
 }
 
 impl Task {
     /// Spawns `future` as a task owned by the returned handle.
-    pub fn spawn(name: &'static str, future: impl Future<Output = ()> + Send + 'static) -> Task {
+    pub fn spawn(future: impl Future<Output = ()> + Send + 'static) -> Task {
         Task {
-            name,
             handle: Some(tokio::spawn(future)),
         }
     }
@@ -38,11 +36,11 @@ impl Task {
         F: Fn() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        Task::spawn(name, async move {
+        Task::spawn(async move {
             loop {
                 // Aborting the supervisor drops this guard, which aborts the
                 // run it is waiting on.
-                let mut run = Task::spawn(name, make());
+                let mut run = Task::spawn(make());
                 let Some(handle) = run.handle.as_mut() else {
                     return;
                 };
@@ -56,10 +54,6 @@ impl Task {
                 }
             }
         })
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 
     /// Whether the task has ended.
