@@ -390,18 +390,19 @@ pub(crate) mod test_support {
             priority,
             version: version.map(String::from),
         };
-        Arc::new(Endpoint::new(
+        // Every load estimate kept, whatever the strategy: tests of each
+        // picker feed and read them.
+        Arc::new(Endpoint::keeping(
             &config,
             cluster,
             Arc::new(Notify::new()),
             Arc::new(crate::endpoint::EjectionBudget::new(1, 0.5)),
+            crate::endpoint::Keep::ALL,
         ))
     }
 
     pub fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {
-        let mut cluster = ClusterConfig::for_test("test", &[]);
-        // Every load estimate kept, the performance strategy's window too.
-        cluster.strategy = crate::config::Strategy::Performance;
+        let cluster = ClusterConfig::for_test("test", &[]);
         weights
             .iter()
             .enumerate()

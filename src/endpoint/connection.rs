@@ -82,6 +82,8 @@ struct Inner {
     warming: AtomicBool,
     /// Shut for good ([`Connection::shut_down`]): no new connection is made.
     shut: AtomicBool,
+    /// Rung on shutting down: a connect under way gives up at once.
+    shut_signal: Notify,
 }
 
 impl Connection {
@@ -101,6 +103,7 @@ impl Connection {
                 opened: Default::default(),
                 warming: AtomicBool::new(false),
                 shut: AtomicBool::new(false),
+                shut_signal: Notify::new(),
             }),
         }
     }
@@ -153,6 +156,7 @@ impl Connection {
     /// Connects under way fail, and a connection they open is dropped.
     pub fn shut_down(&self) {
         self.inner.shut.store(true, Ordering::SeqCst);
+        self.inner.shut_signal.notify_waiters();
         // A connect under way is moved forward only by those who await it;
         // once they are gone (a removed endpoint's tasks, a stopped
         // checker), the one in the slot would hold the endpoint's state
@@ -253,7 +257,21 @@ impl Connection {
 
 impl Inner {
     async fn dial(self: Arc<Self>) -> Result<Arc<Pooled>, ConnectError> {
-        let result = self.clone().try_dial().await;
+        // Registered before the flag is read, so that a shutdown between
+        // the two is not missed.
+        let shut = self.shut_signal.notified();
+        let mut shut = std::pin::pin!(shut);
+        shut.as_mut().enable();
+        let result = tokio::select! {
+            biased;
+            _ = shut => Err(ConnectError {
+                address: self.address.clone(),
+                reason: "the endpoint was removed from its cluster".into(),
+                // Counted against nothing (see `Endpoint::connect_failed`).
+                attempt: 0,
+            }),
+            result = self.clone().try_dial() => result,
+        };
         let now = Instant::now();
         match &result {
             Ok(_) => {
@@ -577,6 +595,44 @@ mod tests {
         connection.close();
         connection.close();
         assert!(!connection.is_open(), "closing twice is harmless");
+    }
+
+    #[tokio::test]
+    async fn shutting_down_ends_a_connect_under_way_at_once() {
+        // The kernel completes the TCP handshake; nobody ever speaks HTTP/2.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(30),
+            idle: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+        };
+        let address = silent.local_addr().unwrap().to_string();
+        let connection = Connection::new(address.into(), timeouts, Default::default());
+        let waiting = connection.connect_boxed();
+        let waiting = tokio::spawn(waiting);
+        let (_accepted, _) = tokio::task::spawn_blocking(move || silent.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        connection.shut_down();
+        let result = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the connect gives up long before its 30 s timeout")
+            .unwrap();
+        let Err(error) = result else {
+            panic!("a connection was made after a shutdown");
+        };
+        assert!(error.reason.contains("removed"), "{error}");
+        assert_eq!(
+            connection.failures(),
+            0,
+            "a shutdown is no failure of the endpoint"
+        );
+        assert!(
+            connection.get().await.is_err(),
+            "and no new connection is made"
+        );
     }
 
     #[tokio::test(start_paused = true)]

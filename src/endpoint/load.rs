@@ -27,29 +27,58 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{LatencyConfig, PerformanceConfig};
+use crate::config::{LatencyConfig, PerformanceConfig, Strategy};
 use crate::util::{Window, lock};
+
+/// Which estimates an endpoint keeps beside its in-flight count: those its
+/// cluster's picker reads. Each costs a lock per call, so a strategy that
+/// reads neither pays for neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep {
+    /// The peak-EWMA round-trip time (`latency`).
+    pub rtt: bool,
+    /// The call window (`performance`).
+    pub window: bool,
+}
+
+impl Keep {
+    pub fn for_strategy(strategy: Strategy) -> Keep {
+        Keep {
+            rtt: strategy == Strategy::Latency,
+            window: strategy == Strategy::Performance,
+        }
+    }
+
+    /// Every estimate (tests of pickers).
+    #[cfg(test)]
+    pub const ALL: Keep = Keep {
+        rtt: true,
+        window: true,
+    };
+}
 
 pub struct Load {
     in_flight: AtomicU64,
     latency: LatencyConfig,
-    ewma: Mutex<PeakEwma>,
-    /// Only where the performance strategy reads it.
+    ewma: Option<Mutex<PeakEwma>>,
     window: Option<Mutex<CallWindow>>,
 }
 
 impl Load {
-    /// Keeps the call window over `performance.window` when given one.
-    pub fn new(latency: &LatencyConfig, performance: Option<&PerformanceConfig>) -> Load {
+    pub fn new(latency: &LatencyConfig, performance: &PerformanceConfig, keep: Keep) -> Load {
         let now = Instant::now();
         Load {
             in_flight: AtomicU64::new(0),
-            ewma: Mutex::new(PeakEwma {
-                estimate_ns: latency.default_rtt.as_nanos() as f64,
-                stamp: now,
+            ewma: keep.rtt.then(|| {
+                Mutex::new(PeakEwma {
+                    estimate_ns: latency.default_rtt.as_nanos() as f64,
+                    stamp: now,
+                })
             }),
             latency: latency.clone(),
-            window: performance.map(|p| Mutex::new(CallWindow::new(p.window, now))),
+            window: keep
+                .window
+                .then(|| Mutex::new(CallWindow::new(performance.window, now))),
         }
     }
 
@@ -74,21 +103,27 @@ impl Load {
         self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
     }
 
-    /// The round-trip estimate now, in nanoseconds.
+    /// The round-trip estimate now, in nanoseconds (`default_rtt` where
+    /// none is kept).
     pub fn rtt_estimate(&self, now: Instant) -> f64 {
-        lock(&self.ewma).estimate(now, self.latency.decay)
+        match &self.ewma {
+            Some(ewma) => lock(ewma).estimate(now, self.latency.decay),
+            None => self.latency.default_rtt.as_nanos() as f64,
+        }
     }
 
     /// A call's answer started arriving `rtt` after it was sent.
     pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
-        lock(&self.ewma).observe(rtt, now, self.latency.decay);
+        if let Some(ewma) = &self.ewma {
+            lock(ewma).observe(rtt, now, self.latency.decay);
+        }
     }
 
     /// A call ended, after `elapsed`; `failed` as the breaker would count it.
     pub fn observe_outcome(&self, failed: bool, elapsed: Duration, now: Instant) {
-        if failed {
+        if let (true, Some(ewma)) = (failed, &self.ewma) {
             let penalty = elapsed.max(self.latency.failure_penalty);
-            lock(&self.ewma).observe(penalty, now, self.latency.decay);
+            lock(ewma).observe(penalty, now, self.latency.decay);
         }
         if let Some(window) = &self.window {
             lock(window).record(failed, elapsed, now);
@@ -201,7 +236,7 @@ mod tests {
             window: Duration::from_secs(10),
             ..PerformanceConfig::default()
         };
-        Load::new(&latency, Some(&performance))
+        Load::new(&latency, &performance, Keep::ALL)
     }
 
     fn ms(ns: f64) -> f64 {

@@ -22,10 +22,10 @@ use tokio::time::Instant;
 
 pub use breaker::EjectionBudget;
 pub use connection::{ConnectError, Connection, Sender, Timeouts};
-pub use load::{Load, WindowSummary};
+pub use load::{Keep, Load, WindowSummary};
 pub use outcome::{FailureClasses, Outcome};
 
-use crate::config::{ClusterConfig, EndpointConfig, Strategy};
+use crate::config::{ClusterConfig, EndpointConfig};
 use crate::util::lock;
 use breaker::{Breaker, Transition};
 
@@ -97,11 +97,25 @@ pub struct StatsSnapshot {
 }
 
 impl Endpoint {
+    /// An endpoint of `cluster`, keeping the load estimates its strategy
+    /// reads.
     pub fn new(
         config: &EndpointConfig,
         cluster: &ClusterConfig,
         changed: Arc<Notify>,
         budget: Arc<EjectionBudget>,
+    ) -> Endpoint {
+        let keep = Keep::for_strategy(cluster.strategy);
+        Self::keeping(config, cluster, changed, budget, keep)
+    }
+
+    /// As [`Endpoint::new`], keeping the estimates `keep` names.
+    pub(crate) fn keeping(
+        config: &EndpointConfig,
+        cluster: &ClusterConfig,
+        changed: Arc<Notify>,
+        budget: Arc<EjectionBudget>,
+        keep: Keep,
     ) -> Endpoint {
         let address: Arc<str> = config.address.as_str().into();
         Endpoint {
@@ -135,10 +149,7 @@ impl Endpoint {
             zone: config.zone.as_deref().map(Arc::from),
             priority: config.priority,
             version: config.version.as_deref().map(Arc::from),
-            load: Load::new(
-                &cluster.latency,
-                (cluster.strategy == Strategy::Performance).then_some(&cluster.performance),
-            ),
+            load: Load::new(&cluster.latency, &cluster.performance, keep),
             stats: Stats::default(),
         }
     }
