@@ -105,14 +105,11 @@ async fn an_endpoint_added_and_removed_under_load_loses_no_call_and_leaves_nothi
             "no call after it left"
         );
         assert_eq!(agents.cancelled(2), 0, "none of its calls was cut off");
-        let text = agentmesh::admin::clusters(sidecar.router());
-        let header: Vec<&str> = text.lines().next().unwrap().split('\t').collect();
-        let row: Vec<&str> = text.lines().nth(1).unwrap().split('\t').collect();
-        let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
-        assert_eq!(
-            (column("endpoints_added"), column("endpoints_removed")),
-            ("1", "1")
+        let counted = (
+            cluster_column(&sidecar, "endpoints_added"),
+            cluster_column(&sidecar, "endpoints_removed"),
         );
+        assert_eq!(counted, ("1".to_string(), "1".to_string()));
         // The endpoints that stayed kept their one connection each.
         assert_eq!(
             (agents.connections(0), agents.connections(1)),

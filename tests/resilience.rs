@@ -656,11 +656,7 @@ async fn rate_limits_answer_resource_exhausted_and_keep_memory_bounded() {
         // alice's 3, bob's 1 and the 1500 keyed calls count toward the
         // cluster-wide 2000 too.
         assert_eq!(refused, 3 + 1 + 1500 + 600 - 2000);
-        let c = agentmesh::admin::clusters(sidecar.router());
-        let header: Vec<&str> = c.lines().next().unwrap().split('\t').collect();
-        let row: Vec<&str> = c.lines().nth(1).unwrap().split('\t').collect();
-        let column = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
-        assert_eq!(column("rate_limited"), "105", "{c}");
+        assert_eq!(cluster_column(&sidecar, "rate_limited"), "105");
     })
     .await;
 }

@@ -283,3 +283,26 @@ pub fn established_to(port: u16) -> usize {
         })
         .sum()
 }
+
+/// The value in the column called `name` of the first cluster's line of
+/// the admin port's `/clusters` text.
+pub fn cluster_column(sidecar: &Sidecar, name: &str) -> String {
+    let text = agentmesh::admin::clusters(sidecar.router());
+    let header: Vec<&str> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split('\t')
+        .collect();
+    let row: Vec<&str> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split('\t')
+        .collect();
+    let at = header
+        .iter()
+        .position(|h| *h == name)
+        .unwrap_or_else(|| panic!("no column {name} in {text}"));
+    row[at].to_string()
+}
