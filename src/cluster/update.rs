@@ -473,12 +473,21 @@ mod tests {
     async fn a_removed_endpoint_drains_its_calls_then_its_tasks_and_connection_end() {
         let c = Arc::new(cluster(2));
         let _control = c.start(Duration::from_secs(30));
+        // The start-up connects to closed ports end; the control loop stays.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = alive();
         let leaving = c.endpoints()[1].clone();
         let call = leaving.start_call();
         let other = leaving.start_call();
         c.apply(Update::Remove(vec![leaving.address().into()]));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(c.endpoint_task_count(), 1, "its drain waits for the calls");
+        assert_eq!(alive(), before + 1, "the drain is the one task more");
         assert!(!leaving.connection().is_shut_down());
         drop(call);
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -486,6 +495,7 @@ mod tests {
         drop(other);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(c.endpoint_task_count(), 0, "drained: nothing of it runs");
+        assert_eq!(alive(), before, "no task of it is left in the runtime");
         assert!(leaving.connection().is_shut_down());
     }
 
@@ -526,5 +536,69 @@ mod tests {
             .await
             .expect("joins once the attempt ends");
         assert_eq!(c.stats().endpoints_added.load(Ordering::Relaxed), 1);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any sequence of updates: the live set is what the updates say,
+        /// one endpoint per address, those that stay are the same
+        /// endpoints, removed ones are retired and shut, the ready set is
+        /// within the live set and the ejection cap follows its size.
+        #[test]
+        fn any_sequence_of_updates_keeps_the_set_whole(
+            steps in proptest::collection::vec(
+                (0u8..3, proptest::collection::vec((0u16..8, 1u32..4), 0..6)),
+                1..12,
+            )
+        ) {
+            let c = cluster(3);
+            let mut want: Vec<(u16, u32)> = (0..3).map(|i| (i, 1)).collect();
+            for (kind, picks) in steps {
+                let before = c.endpoints();
+                let update = match kind {
+                    0 => {
+                        want = Vec::new();
+                        for &(i, w) in &picks {
+                            match want.iter_mut().find(|(j, _)| *j == i) {
+                                Some(slot) => slot.1 = w,
+                                None => want.push((i, w)),
+                            }
+                        }
+                        Update::Reset(picks.iter().map(|&(i, w)| endpoint(i, w)).collect())
+                    }
+                    1 => {
+                        for &(i, w) in &picks {
+                            match want.iter_mut().find(|(j, _)| *j == i) {
+                                Some(slot) => slot.1 = w,
+                                None => want.push((i, w)),
+                            }
+                        }
+                        Update::Add(picks.iter().map(|&(i, w)| endpoint(i, w)).collect())
+                    }
+                    _ => {
+                        want.retain(|(j, _)| !picks.iter().any(|(i, _)| i == j));
+                        Update::Remove(picks.iter().map(|&(i, _)| addr(i).to_string()).collect())
+                    }
+                };
+                c.apply(update);
+                let live = c.endpoints();
+                let got: Vec<(String, u32)> =
+                    live.iter().map(|e| (e.address().to_string(), e.weight().get())).collect();
+                let expected: Vec<(String, u32)> =
+                    want.iter().map(|&(i, w)| (addr(i).to_string(), w)).collect();
+                proptest::prop_assert_eq!(got, expected);
+                for e in before.iter() {
+                    match live.iter().find(|n| n.address() == e.address()) {
+                        Some(n) => proptest::prop_assert!(Arc::ptr_eq(n, e), "an endpoint that stays is kept"),
+                        None => proptest::prop_assert!(e.is_retired() && e.connection().is_shut_down()),
+                    }
+                }
+                let snapshot = c.snapshot();
+                proptest::prop_assert!(snapshot.ready().iter().all(|r| live.iter().any(|e| Arc::ptr_eq(e, r))));
+                proptest::prop_assert_eq!(snapshot.ready().len(), live.len(), "all healthy: all ready");
+                proptest::prop_assert_eq!(c.ejected().1, (live.len() / 2).max(1));
+            }
+        }
     }
 }
