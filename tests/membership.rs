@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,16 +12,6 @@ use agentmesh::cluster::Update;
 use agentmesh::config::{EndpointConfig, HealthCheckConfig};
 use agentmesh::tools::agent::AgentOptions;
 use support::*;
-
-fn endpoint(addr: std::net::SocketAddr) -> EndpointConfig {
-    EndpointConfig {
-        address: addr.to_string(),
-        weight: NonZeroU32::MIN,
-        zone: None,
-        priority: 0,
-        version: None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_added_and_removed_under_load_loses_no_call_and_leaves_nothing_behind() {
@@ -64,7 +53,7 @@ async fn an_endpoint_added_and_removed_under_load_loses_no_call_and_leaves_nothi
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
 
-        let applied = cluster.apply(Update::Add(vec![endpoint(third)]));
+        let applied = cluster.apply(Update::Add(vec![EndpointConfig::new(third)]));
         assert_eq!(applied.added, 1);
         let stats = agents.stats[2].clone();
         assert!(
@@ -180,7 +169,9 @@ async fn an_endpoint_removed_while_its_first_connect_hangs_leaves_no_connection(
         // the sidecar's connect waits there for HTTP/2 settings.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = silent.local_addr().unwrap().port();
-        cluster.apply(Update::Add(vec![endpoint(silent.local_addr().unwrap())]));
+        cluster.apply(Update::Add(vec![EndpointConfig::new(
+            silent.local_addr().unwrap(),
+        )]));
         assert!(
             eventually(Duration::from_secs(5), || established_to(port) == 1).await,
             "the first connect reached the port"

@@ -259,11 +259,8 @@ mod tests {
 
     fn endpoint(i: u16, weight: u32) -> EndpointConfig {
         EndpointConfig {
-            address: addr(i).to_string(),
             weight: NonZeroU32::new(weight).unwrap(),
-            zone: None,
-            priority: 0,
-            version: None,
+            ..EndpointConfig::new(addr(i))
         }
     }
 

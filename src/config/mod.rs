@@ -243,6 +243,21 @@ pub struct EndpointConfig {
     pub version: Option<String>,
 }
 
+impl EndpointConfig {
+    /// The endpoint at `address`, of weight 1, in no zone, at priority 0
+    /// and of no version: what an address alone says (a static list, a
+    /// DNS answer).
+    pub fn new(address: impl ToString) -> EndpointConfig {
+        EndpointConfig {
+            address: address.to_string(),
+            weight: NonZeroU32::MIN,
+            zone: None,
+            priority: 0,
+            version: None,
+        }
+    }
+}
+
 /// `choices = 2` (power of two random choices) or `choices = "all"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choices {
@@ -472,16 +487,7 @@ impl ClusterConfig {
             strategy: Strategy::RoundRobin,
             local_port: None,
             connect_timeout: Duration::from_secs(2),
-            endpoints: addresses
-                .iter()
-                .map(|a| EndpointConfig {
-                    address: a.to_string(),
-                    weight: NonZeroU32::MIN,
-                    zone: None,
-                    priority: 0,
-                    version: None,
-                })
-                .collect(),
+            endpoints: addresses.iter().map(EndpointConfig::new).collect(),
             choices: Choices::default(),
             remember_runner_up: true,
             latency: LatencyConfig::default(),

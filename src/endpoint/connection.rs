@@ -262,15 +262,14 @@ impl Inner {
         let shut = self.shut_signal.notified();
         let mut shut = std::pin::pin!(shut);
         shut.as_mut().enable();
-        let result = tokio::select! {
-            biased;
-            _ = shut => Err(ConnectError {
-                address: self.address.clone(),
-                reason: "the endpoint was removed from its cluster".into(),
-                // Counted against nothing (see `Endpoint::connect_failed`).
-                attempt: 0,
-            }),
-            result = self.clone().try_dial() => result,
+        let result = if self.shut.load(Ordering::SeqCst) {
+            Err(self.removed())
+        } else {
+            tokio::select! {
+                biased;
+                _ = shut => Err(self.removed()),
+                result = self.clone().try_dial() => result,
+            }
         };
         let now = Instant::now();
         match &result {
@@ -293,6 +292,16 @@ impl Inner {
         result
     }
 
+    /// Why a connect to a shut-down connection fails. Attempt 0: counted
+    /// against nothing (see `Endpoint::connect_failed`).
+    fn removed(&self) -> ConnectError {
+        ConnectError {
+            address: self.address.clone(),
+            reason: "the endpoint was removed from its cluster".into(),
+            attempt: 0,
+        }
+    }
+
     async fn try_dial(self: Arc<Self>) -> Result<Arc<Pooled>, ConnectError> {
         let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let fail = |reason: String| ConnectError {
@@ -300,10 +309,6 @@ impl Inner {
             reason: reason.into(),
             attempt,
         };
-        let shut = || fail("the endpoint was removed from its cluster".into());
-        if self.shut.load(Ordering::SeqCst) {
-            return Err(shut());
-        }
         let started = Instant::now();
         let tcp = tokio::time::timeout(self.timeouts.connect, connect_tcp(&self.address))
             .await
@@ -356,12 +361,13 @@ impl Inner {
         });
         self.ready.store(Some(pooled.clone()));
         if self.shut.load(Ordering::SeqCst) {
-            // Shut down while this connect was under way.
+            // Shut down on another thread while this connection went into
+            // the pool: its `close` may have found nothing there to drop.
             self.unpool(attempt);
             if let Some(abandon) = lock(&pooled.abandon).take() {
                 let _ = abandon.send(());
             }
-            return Err(shut());
+            return Err(self.removed());
         }
         Ok(pooled)
     }

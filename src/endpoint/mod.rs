@@ -211,16 +211,11 @@ impl Endpoint {
 
     /// Takes the endpoint out of its cluster: it takes no new call, gives
     /// back any ejection it held, and its outcomes no longer feed its
-    /// breaker. Returns false if it was retired already.
-    pub fn retire(&self) -> bool {
-        if self.retired.swap(true, Ordering::SeqCst) {
-            return false;
+    /// breaker. [`Endpoint::drained`] then waits for its calls.
+    pub fn retire(&self) {
+        if !self.retired.swap(true, Ordering::SeqCst) {
+            self.with_breaker(|b| b.reset(&self.budget));
         }
-        self.with_breaker(|b| b.reset(&self.budget));
-        if self.in_flight() == 0 {
-            self.idle.notify_one();
-        }
-        true
     }
 
     pub fn is_retired(&self) -> bool {
@@ -238,9 +233,10 @@ impl Endpoint {
     /// Waits until a retired endpoint carries no call, or `deadline`
     /// passes; returns the calls still in flight (0: drained).
     pub async fn drained(&self, deadline: Instant) -> u64 {
+        // A call that ends between the count and the wait leaves a permit
+        // in `idle` (see `leave`), so no wake-up is lost.
         loop {
-            let left = self.in_flight();
-            if left == 0 {
+            if self.in_flight() == 0 {
                 return 0;
             }
             if tokio::time::timeout_at(deadline, self.idle.notified())
