@@ -4,8 +4,9 @@
 //! [`listener`] (accept, find the cluster) -> [`proxy`] (deadline, attempts,
 //! retries where safe) -> [`cluster`] (admission limits, retry budget, the
 //! live endpoint set) -> [`balance`] (pick an endpoint) -> [`endpoint`]
-//! (pooled connection, load, breaker, health). [`app`] starts, supervises
-//! and drains it all; [`config`] and [`admin`] sit beside the line; `wire`
+//! (pooled connection, load, breaker, health). [`mesh`] gossips with peer
+//! sidecars and feeds what they see into the endpoints' load and breakers.
+//! [`app`] starts, supervises and drains it all; [`config`] and [`admin`] sit beside the line; `wire`
 //! holds the HTTP/2 and gRPC plumbing and `util` the small mechanisms
 //! several modules share. [`tools`] are the demo agent and its callers, not
 //! part of the sidecar.
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod endpoint;
 pub mod listener;
+pub mod mesh;
 pub mod proxy;
 pub mod tools;
 pub(crate) mod util;

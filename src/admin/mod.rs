@@ -8,6 +8,8 @@
 //!   turned away while full.
 //! - `GET /clusters`: one line per cluster: calls in flight, endpoints
 //!   ejected, limit and rate-limit refusals, retries, panics.
+//! - `GET /mesh` (with `[mesh]`): JSON: this node, its peers, the gossip
+//!   counters, and per endpoint the local and the mesh view.
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -22,8 +24,14 @@ use tokio::net::TcpListener;
 
 use crate::app::drain;
 use crate::cluster::Router;
+use crate::mesh::Mesh;
 
-pub async fn serve(listener: Arc<TcpListener>, router: Arc<Router>, mut drain: drain::Watch) {
+pub async fn serve(
+    listener: Arc<TcpListener>,
+    router: Arc<Router>,
+    mesh: Option<Arc<Mesh>>,
+    mut drain: drain::Watch,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -33,10 +41,10 @@ pub async fn serve(listener: Arc<TcpListener>, router: Arc<Router>, mut drain: d
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let router = router.clone();
+        let (router, mesh) = (router.clone(), mesh.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &router);
+                let response = respond(&req, &router, mesh.as_deref());
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -48,22 +56,33 @@ pub async fn serve(listener: Arc<TcpListener>, router: Arc<Router>, mut drain: d
     }
 }
 
-fn respond(req: &Request<Incoming>, router: &Router) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, router: &Router, mesh: Option<&Mesh>) -> Response<Full<Bytes>> {
+    let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match req.uri().path() {
+        "/mesh" => match mesh {
+            Some(mesh) => {
+                content_type = "application/json";
+                (StatusCode::OK, mesh.render())
+            }
+            None => (
+                StatusCode::NOT_FOUND,
+                "no [mesh] in the config: this sidecar does not gossip\n".to_string(),
+            ),
+        },
         "/live" => (StatusCode::OK, "live\n".to_string()),
         "/ready" => (StatusCode::OK, "ready\n".to_string()),
         "/stats" => (StatusCode::OK, stats(router)),
         "/clusters" => (StatusCode::OK, clusters(router)),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /stats or /clusters\n".to_string(),
+            "not found; try /live, /ready, /stats, /clusters or /mesh\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        http::HeaderValue::from_static(content_type),
     );
     response
 }
@@ -71,14 +90,14 @@ fn respond(req: &Request<Incoming>, router: &Router) -> Response<Full<Bytes>> {
 /// The `/stats` text.
 pub fn stats(router: &Router) -> String {
     let mut out = String::from(
-        "cluster\tendpoint\tweight\tstate\tin_flight\tcalls\tfailures\tconnect_failures\tconnections\tejections\tspared\tunhealthy\tfull\n",
+        "cluster\tendpoint\tweight\tstate\tin_flight\tcalls\tfailures\tconnect_failures\tconnections\tejections\tspared\tunhealthy\tfull\tmesh_in_flight\tmesh_ejections\n",
     );
     for cluster in router.clusters() {
         for e in cluster.endpoints().iter() {
             let s = e.stats();
             let _ = writeln!(
                 out,
-                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                 cluster.name(),
                 e.address(),
                 e.weight(),
@@ -92,6 +111,8 @@ pub fn stats(router: &Router) -> String {
                 s.spared,
                 s.marked_unhealthy,
                 s.full,
+                s.mesh_in_flight,
+                s.mesh_ejections,
             );
         }
     }

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::app::drain::Drain;
 use crate::cluster::Router;
 use crate::config::Config;
+use crate::mesh::Mesh;
 use crate::util::Task;
 use crate::{admin, listener};
 
@@ -22,6 +23,7 @@ pub struct Sidecar {
     local_addrs: Vec<(String, SocketAddr)>,
     drain: Drain,
     drain_timeout: Duration,
+    mesh: Option<Arc<Mesh>>,
     /// Every listener and every cluster's control loop (which own their
     /// endpoints' tasks): dropped with the sidecar, after the drain.
     tasks: Vec<Task>,
@@ -60,15 +62,30 @@ impl Sidecar {
             }
         }
 
+        let mesh = match &config.mesh {
+            Some(m) => Some(
+                Mesh::bind(
+                    m,
+                    router.clusters().to_vec(),
+                    config.locality.zone.as_deref(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+
         let mut tasks = Vec::new();
         tasks.push(Task::supervised("proxy listener", {
             let (ctx, watch) = (ctx.clone(), drain.watch());
             move || listener::serve_proxy(proxy.clone(), ctx.clone(), watch.clone())
         }));
         tasks.push(Task::supervised("admin listener", {
-            let (router, watch) = (router.clone(), drain.watch());
-            move || admin::serve(admin.clone(), router.clone(), watch.clone())
+            let (router, mesh, watch) = (router.clone(), mesh.clone(), drain.watch());
+            move || admin::serve(admin.clone(), router.clone(), mesh.clone(), watch.clone())
         }));
+        if let Some(mesh) = &mesh {
+            tasks.push(mesh.start());
+        }
         for cluster in router.clusters() {
             tasks.push(cluster.start(config.listener.drain_timeout));
         }
@@ -97,6 +114,7 @@ impl Sidecar {
             local_addrs,
             drain,
             drain_timeout: config.listener.drain_timeout,
+            mesh,
             tasks,
         })
     }
@@ -115,6 +133,11 @@ impl Sidecar {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
+    }
+
+    /// The mesh, when `[mesh]` is configured.
+    pub fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.mesh.as_ref()
     }
 
     pub fn router(&self) -> &Arc<Router> {

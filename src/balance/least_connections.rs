@@ -14,16 +14,24 @@ use crate::endpoint::Endpoint;
 
 pub struct LeastConnections {
     draw: Draw,
+    /// Count peers' calls too (`[mesh]` with `share_load`); without a mesh
+    /// the cost is this sidecar's count alone, read as before.
+    mesh: bool,
 }
 
 impl LeastConnections {
-    pub fn new(draw: Draw) -> LeastConnections {
-        LeastConnections { draw }
+    pub fn new(draw: Draw, mesh: bool) -> LeastConnections {
+        LeastConnections { draw, mesh }
     }
 }
 
 impl Picker for LeastConnections {
     fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
+        if self.mesh {
+            return self.draw.cheapest(ready, |e| {
+                e.load().mesh_wide_in_flight() / f64::from(e.weight().get())
+            });
+        }
         self.draw.cheapest(ready, |e| {
             e.in_flight() as f64 / f64::from(e.weight().get())
         })
@@ -49,16 +57,16 @@ mod tests {
         // Endpoint 0 has 5 calls in flight, endpoint 2 has 8 (but weight 4).
         let _busy: Vec<_> = (0..5).map(|_| ready[0].start_call()).collect();
         let _heavy: Vec<_> = (0..8).map(|_| ready[2].start_call()).collect();
-        let all = LeastConnections::new(Draw::new(Choices::All, false));
+        let all = LeastConnections::new(Draw::new(Choices::All, false), false);
         assert_eq!(
             all.pick(&call_on(&headers), &ready),
             1,
             "0 in flight beats 5/1 and 8/4"
         );
-        let p2c = LeastConnections::new(Draw::new(
-            Choices::Random(NonZeroUsize::new(2).unwrap()),
+        let p2c = LeastConnections::new(
+            Draw::new(Choices::Random(NonZeroUsize::new(2).unwrap()), false),
             false,
-        ));
+        );
         let mut hits = [0; 3];
         for _ in 0..3000 {
             hits[p2c.pick(&call_on(&headers), &ready)] += 1;
@@ -66,5 +74,18 @@ mod tests {
         // Endpoint 1 wins whenever it is a candidate (2/3 of the time);
         // endpoint 2 (cost 2) beats endpoint 0 (cost 5) otherwise.
         assert!(hits[0] == 0 && hits[1] > 1800 && hits[2] > 800, "{hits:?}");
+    }
+
+    #[test]
+    fn with_a_mesh_peers_calls_count_too() {
+        let ready = endpoints(&[1, 1]);
+        let headers = http::HeaderMap::new();
+        let _mine = ready[1].start_call();
+        // Peers carry 8 calls on endpoint 0, which this sidecar never used.
+        ready[0].load().set_mesh(8.0, None);
+        let local = LeastConnections::new(Draw::new(Choices::All, false), false);
+        let mesh = LeastConnections::new(Draw::new(Choices::All, false), true);
+        assert_eq!(local.pick(&call_on(&headers), &ready), 0);
+        assert_eq!(mesh.pick(&call_on(&headers), &ready), 1, "1 beats 0 + 8");
     }
 }

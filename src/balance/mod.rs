@@ -54,7 +54,9 @@ pub fn picker_for(config: &ClusterConfig, ready: &[Arc<Endpoint>]) -> Box<dyn Pi
     match config.strategy {
         Strategy::RoundRobin => Box::new(RoundRobin::new()),
         Strategy::Weighted => Box::new(Weighted::new(ready)),
-        Strategy::LeastConnections => Box::new(LeastConnections::new(draw(config))),
+        Strategy::LeastConnections => {
+            Box::new(LeastConnections::new(draw(config), config.mesh_load))
+        }
         Strategy::Latency => Box::new(Latency::new(draw(config))),
         // The performance score does not count calls in flight: a
         // remembered runner-up would keep drawing calls to the same two

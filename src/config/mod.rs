@@ -34,7 +34,43 @@ pub struct Config {
     pub locality: LocalityConfig,
     pub runtime: RuntimeConfig,
     pub clusters: Vec<ClusterConfig>,
+    /// Gossip with peer sidecars; `None`: no `[mesh]`, no gossip.
+    pub mesh: Option<MeshConfig>,
 }
+
+/// `[mesh]`: gossip with peer sidecars (see [`crate::mesh`]).
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Where this sidecar gossips (UDP).
+    pub listen: SocketAddr,
+    /// The address peers reach it at.
+    pub advertise: SocketAddr,
+    /// `host:port` of sidecars to join through; names are resolved again
+    /// each time they are used.
+    pub seeds: Vec<String>,
+    pub node_id: String,
+    /// The shared secret and the one before it; `None` only when
+    /// `insecure = true` was written out.
+    pub key: Option<Vec<u8>>,
+    pub previous_key: Option<Vec<u8>>,
+    /// How often this sidecar publishes what changed and gossips.
+    pub interval: Duration,
+    /// A peer's report older than this is not used.
+    pub stale_after: Duration,
+    /// `least_connections` counts peers' calls in flight.
+    pub share_load: bool,
+    /// An endpoint a peer ejected is taken out here too.
+    pub share_ejections: bool,
+    /// `latency` uses peers' estimates for endpoints not measured here.
+    pub warm_start: bool,
+    /// At most this many reports per cluster each interval, busiest first.
+    pub max_report_endpoints: usize,
+}
+
+pub const DEFAULT_MESH_LISTEN: &str = "0.0.0.0:15002";
+pub const DEFAULT_MESH_INTERVAL: Duration = Duration::from_millis(200);
+pub const DEFAULT_MESH_STALE_AFTER: Duration = Duration::from_secs(2);
+pub const DEFAULT_MAX_REPORT_ENDPOINTS: usize = 64;
 
 /// The sidecar's threads.
 #[derive(Clone, Debug, Default)]
@@ -108,6 +144,9 @@ pub struct ClusterConfig {
     pub health_check: Option<HealthCheckConfig>,
     pub retry: Option<RetryConfig>,
     pub rate_limits: Vec<crate::cluster::limit::RateLimitConfig>,
+    /// `least_connections` adds peers' calls in flight (`[mesh]` with
+    /// `share_load`); set for every cluster by the mesh's config.
+    pub mesh_load: bool,
 }
 
 /// `[cluster.circuit_breaker]`: per-endpoint breaking on consecutive failures.
@@ -474,6 +513,45 @@ impl Config {
             locality: LocalityConfig::default(),
             runtime: RuntimeConfig::default(),
             clusters,
+            mesh: None,
+        }
+    }
+}
+
+impl Config {
+    /// Turns gossip on (or off, with `None`): every cluster's
+    /// `least_connections` then counts peers' calls if `share_load`.
+    pub fn set_mesh(&mut self, mesh: Option<MeshConfig>) {
+        let share_load = mesh.as_ref().is_some_and(|m| m.share_load);
+        for c in &mut self.clusters {
+            c.mesh_load = share_load;
+        }
+        self.mesh = mesh;
+    }
+}
+
+impl MeshConfig {
+    /// A mesh node on `listen` (port 0: any; it is then advertised as
+    /// bound), joining through `seeds`, with `key` (`None`: insecure).
+    pub fn for_test(
+        node_id: &str,
+        listen: SocketAddr,
+        seeds: &[SocketAddr],
+        key: Option<&[u8]>,
+    ) -> MeshConfig {
+        MeshConfig {
+            listen,
+            advertise: listen,
+            seeds: seeds.iter().map(|s| s.to_string()).collect(),
+            node_id: node_id.to_string(),
+            key: key.map(<[u8]>::to_vec),
+            previous_key: None,
+            interval: DEFAULT_MESH_INTERVAL,
+            stale_after: DEFAULT_MESH_STALE_AFTER,
+            share_load: true,
+            share_ejections: true,
+            warm_start: true,
+            max_report_endpoints: DEFAULT_MAX_REPORT_ENDPOINTS,
         }
     }
 }
@@ -507,6 +585,7 @@ impl ClusterConfig {
             health_check: None,
             retry: None,
             rate_limits: Vec::new(),
+            mesh_load: false,
         }
     }
 }

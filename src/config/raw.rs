@@ -22,6 +22,41 @@ pub(super) struct RawConfig {
     pub(super) runtime: RawRuntime,
     #[serde(default)]
     pub(super) cluster: Vec<RawCluster>,
+    pub(super) mesh: Option<RawMesh>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMesh {
+    #[serde(default = "default_mesh_listen")]
+    pub(super) listen: String,
+    #[serde(default)]
+    pub(super) advertise: String,
+    #[serde(default)]
+    pub(super) seeds: Vec<String>,
+    #[serde(default)]
+    pub(super) node_id: String,
+    #[serde(default)]
+    pub(super) key: String,
+    #[serde(default)]
+    pub(super) previous_key: String,
+    #[serde(default)]
+    pub(super) insecure: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) stale_after: Option<Duration>,
+    #[serde(default = "yes")]
+    pub(super) share_load: bool,
+    #[serde(default = "yes")]
+    pub(super) share_ejections: bool,
+    #[serde(default = "yes")]
+    pub(super) warm_start: bool,
+    pub(super) max_report_endpoints: Option<i64>,
+}
+
+fn default_mesh_listen() -> String {
+    super::DEFAULT_MESH_LISTEN.to_string()
 }
 
 #[derive(Deserialize, Default)]

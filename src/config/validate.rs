@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use super::raw::{
     RawAffinity, RawBreaker, RawChoices, RawCluster, RawConfig, RawHealthCheck, RawLatency,
-    RawOutlier, RawPerformance, RawRateLimit, RawRetry,
+    RawMesh, RawOutlier, RawPerformance, RawRateLimit, RawRetry,
 };
 use super::{
     AdminConfig, AffinityConfig, BreakerConfig, Choices, ClusterConfig, Config, ConfigError,
     ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT, DEFAULT_OVERPROVISIONING,
     DEFAULT_PANIC_THRESHOLD, DEFAULT_REQUEST_TIMEOUT, EndpointConfig, HealthCheckConfig,
-    LatencyConfig, ListenerConfig, LocalityConfig, OutlierConfig, PerformanceConfig, RetryConfig,
-    RuntimeConfig,
+    LatencyConfig, ListenerConfig, LocalityConfig, MeshConfig, OutlierConfig, PerformanceConfig,
+    RetryConfig, RuntimeConfig,
 };
 use crate::endpoint::FailureClasses;
 use crate::wire::grpc::parse_code;
@@ -233,8 +233,10 @@ impl RawConfig {
                 affinity,
                 split,
                 overprovisioning,
+                mesh_load: false,
             });
         }
+        let mesh = self.mesh.map(|m| validate_mesh(&mut p, m));
 
         if self.runtime.workers > 1024 {
             p.add("runtime.workers", "must be at most 1024 (0: one per CPU)");
@@ -243,21 +245,26 @@ impl RawConfig {
             p.add("listener.drain_timeout", "must be more than 0");
         }
         match (proxy, admin, p.found.is_empty()) {
-            (Some(proxy), Some(admin), true) => Ok(Config {
-                runtime: RuntimeConfig {
-                    workers: self.runtime.workers,
-                },
-                locality: LocalityConfig {
-                    zone: self.locality.zone.filter(|z| !z.trim().is_empty()),
-                },
-                listener: ListenerConfig {
-                    proxy,
-                    refuse_unknown: self.listener.refuse_unknown,
-                    drain_timeout: self.listener.drain_timeout,
-                },
-                admin: AdminConfig { listen: admin },
-                clusters,
-            }),
+            (Some(proxy), Some(admin), true) => {
+                let mut config = Config {
+                    runtime: RuntimeConfig {
+                        workers: self.runtime.workers,
+                    },
+                    locality: LocalityConfig {
+                        zone: self.locality.zone.filter(|z| !z.trim().is_empty()),
+                    },
+                    listener: ListenerConfig {
+                        proxy,
+                        refuse_unknown: self.listener.refuse_unknown,
+                        drain_timeout: self.listener.drain_timeout,
+                    },
+                    admin: AdminConfig { listen: admin },
+                    clusters,
+                    mesh: None,
+                };
+                config.set_mesh(mesh.flatten());
+                Ok(config)
+            }
             _ => Err(ConfigErrors(p.found)),
         }
     }
@@ -787,5 +794,121 @@ fn check_host_port(address: &str) -> Result<(), String> {
         Err(format!(
             "{address:?} is not a valid host name or IP address ({want})"
         ))
+    }
+}
+
+/// `[mesh]`: addresses, the key, and the timing knobs.
+fn validate_mesh(p: &mut Problems, raw: RawMesh) -> Option<MeshConfig> {
+    use super::{DEFAULT_MAX_REPORT_ENDPOINTS, DEFAULT_MESH_INTERVAL, DEFAULT_MESH_STALE_AFTER};
+    let listen = p.socket_addr("mesh.listen", &raw.listen);
+    // "${POD_IP:-}:15002" with no POD_IP leaves ":15002": the port alone.
+    let advertise = match (raw.advertise.trim(), listen) {
+        ("", Some(l)) => Some(l),
+        (a, Some(l)) if a.starts_with(':') => match a[1..].parse::<u16>() {
+            Ok(port) => Some(SocketAddr::new(l.ip(), port)),
+            Err(_) => {
+                p.add("mesh.advertise", format!("{a:?} is not a port after ':'"));
+                None
+            }
+        },
+        (a, _) => p.socket_addr("mesh.advertise", a),
+    };
+    if let Some(a) = advertise {
+        if a.ip().is_unspecified() {
+            p.add(
+                "mesh.advertise",
+                format!("{a} cannot be reached by peers; set the address they reach this sidecar at (e.g. \"${{POD_IP}}:{}\"), since mesh.listen is unspecified", a.port()),
+            );
+        }
+    }
+    for (i, seed) in raw.seeds.iter().enumerate() {
+        if let Err(reason) = check_host_port(seed) {
+            p.add(format!("mesh.seeds[{i}]"), reason);
+        }
+    }
+    let node_id = if raw.node_id.trim().is_empty() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let host = if host.is_empty() {
+            "agentmesh".to_string()
+        } else {
+            host
+        };
+        format!("{host}:{}", advertise.map_or(0, |a| a.port()))
+    } else {
+        raw.node_id.trim().to_string()
+    };
+    if node_id.len() > 64 {
+        p.add(
+            "mesh.node_id",
+            format!("{node_id:?} is longer than 64 bytes"),
+        );
+    }
+    let key = mesh_key(p, "mesh.key", &raw.key);
+    let previous_key = mesh_key(p, "mesh.previous_key", &raw.previous_key);
+    if raw.key.trim().is_empty() && !raw.insecure {
+        p.add(
+            "mesh.key",
+            "is empty: set a shared secret of at least 32 bytes, base64 (e.g. from `head -c 32 /dev/urandom | base64`), or write insecure = true to gossip unauthenticated",
+        );
+    }
+    let interval = raw.interval.unwrap_or(DEFAULT_MESH_INTERVAL);
+    let stale_after = raw.stale_after.unwrap_or(DEFAULT_MESH_STALE_AFTER);
+    if interval < Duration::from_millis(10) || interval > Duration::from_secs(60) {
+        p.add("mesh.interval", "must be from 10ms to 60s");
+    }
+    if stale_after < interval * 4 {
+        p.add(
+            "mesh.stale_after",
+            format!("must be at least four intervals ({:?})", interval * 4),
+        );
+    }
+    let max_report_endpoints = count(
+        p,
+        "mesh.max_report_endpoints".into(),
+        raw.max_report_endpoints,
+        DEFAULT_MAX_REPORT_ENDPOINTS as u32,
+        10_000,
+    ) as usize;
+    Some(MeshConfig {
+        listen: listen?,
+        advertise: advertise?,
+        seeds: raw.seeds,
+        node_id,
+        key: key?,
+        previous_key: previous_key?,
+        interval,
+        stale_after,
+        share_load: raw.share_load,
+        share_ejections: raw.share_ejections,
+        warm_start: raw.warm_start,
+        max_report_endpoints,
+    })
+}
+
+/// A base64 secret of at least 32 bytes; `Some(None)` when empty.
+fn mesh_key(p: &mut Problems, key: &str, value: &str) -> Option<Option<Vec<u8>>> {
+    use base64::Engine as _;
+    let value = value.trim();
+    if value.is_empty() {
+        return Some(None);
+    }
+    match base64::engine::general_purpose::STANDARD.decode(value) {
+        Ok(bytes) if bytes.len() >= 32 => Some(Some(bytes)),
+        Ok(bytes) => {
+            p.add(
+                key,
+                format!(
+                    "decodes to {} bytes; a mesh key must have at least 32",
+                    bytes.len()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            p.add(key, format!("is not base64 ({e})"));
+            None
+        }
     }
 }

@@ -113,6 +113,10 @@ pub struct Breaker {
     /// Opens since the breaker was last closed by a success.
     reopens: u32,
     window: CallWindow,
+    /// Why it last opened, and whether a peer's report opened it (such an
+    /// ejection is not reported on to the mesh, so it cannot echo).
+    reason: String,
+    by_peer: bool,
 }
 
 impl Breaker {
@@ -125,6 +129,8 @@ impl Breaker {
             consecutive: 0,
             reopens: 0,
             window: CallWindow::new(span, now),
+            reason: String::new(),
+            by_peer: false,
         }
     }
 
@@ -148,6 +154,42 @@ impl Breaker {
             State::Open { until } => Some(until),
             _ => None,
         }
+    }
+
+    /// Why it is open now, if this sidecar's own calls opened it: what it
+    /// tells its peers.
+    pub fn own_verdict(&self) -> Option<(Instant, &str)> {
+        match self.state {
+            State::Open { until } if !self.by_peer => Some((until, &self.reason)),
+            _ => None,
+        }
+    }
+
+    /// A peer reports the endpoint ejected until `until`: a closed breaker
+    /// opens until then, if the cluster's ejection budget allows, without
+    /// lengthening its own next interval. When the time is up it turns
+    /// half-open and probes with this sidecar's own calls, as after any
+    /// ejection. An open or half-open breaker is left as it is.
+    pub fn eject_by_peer(
+        &mut self,
+        until: Instant,
+        reason: String,
+        budget: &EjectionBudget,
+    ) -> Option<Transition> {
+        if !self.config.enabled || self.state != State::Closed {
+            return None;
+        }
+        if !budget.try_take() {
+            return Some(Transition::Spared { reason });
+        }
+        self.consecutive = 0;
+        self.state = State::Open { until };
+        self.by_peer = true;
+        self.reason.clone_from(&reason);
+        Some(Transition::Opened {
+            reason,
+            open_for: until.saturating_duration_since(Instant::now()),
+        })
     }
 
     /// Lets one call through: always when closed, one probe at a time when
@@ -267,6 +309,8 @@ impl Breaker {
         self.state = State::Open {
             until: now + open_for,
         };
+        self.by_peer = false;
+        self.reason.clone_from(&reason);
         Some(Transition::Opened { reason, open_for })
     }
 

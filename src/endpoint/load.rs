@@ -59,6 +59,11 @@ impl Keep {
 
 pub struct Load {
     in_flight: AtomicU64,
+    /// Peers' calls in flight here, in sixteenths, as the mesh last
+    /// computed them (0 without a mesh).
+    mesh_in_flight: AtomicU64,
+    /// Peers' mean latency estimate in nanoseconds; 0 for none.
+    mesh_rtt_ns: AtomicU64,
     latency: LatencyConfig,
     ewma: Option<Mutex<PeakEwma>>,
     window: Option<Mutex<CallWindow>>,
@@ -69,10 +74,13 @@ impl Load {
         let now = Instant::now();
         Load {
             in_flight: AtomicU64::new(0),
+            mesh_in_flight: AtomicU64::new(0),
+            mesh_rtt_ns: AtomicU64::new(0),
             ewma: keep.rtt.then(|| {
                 Mutex::new(PeakEwma {
                     estimate_ns: latency.default_rtt.as_nanos() as f64,
                     stamp: now,
+                    sampled: false,
                 })
             }),
             latency: latency.clone(),
@@ -104,18 +112,70 @@ impl Load {
     }
 
     /// The round-trip estimate now, in nanoseconds (`default_rtt` where
-    /// none is kept).
+    /// none is kept). Without a sample here within the decay time, the
+    /// mesh's estimate stands in where peers have one (warm start).
     pub fn rtt_estimate(&self, now: Instant) -> f64 {
         match &self.ewma {
-            Some(ewma) => lock(ewma).estimate(now, self.latency.decay),
+            Some(ewma) => {
+                let ewma = lock(ewma);
+                if !ewma.is_recent(now, self.latency.decay) {
+                    let mesh = self.mesh_rtt_ns.load(Ordering::Relaxed);
+                    if mesh > 0 {
+                        return mesh as f64;
+                    }
+                }
+                ewma.estimate(now, self.latency.decay)
+            }
             None => self.latency.default_rtt.as_nanos() as f64,
         }
     }
 
-    /// A call's answer started arriving `rtt` after it was sent.
+    /// The estimate measured here, if a sample came within the decay time
+    /// (what this sidecar tells its peers).
+    pub fn own_rtt_estimate(&self, now: Instant) -> Option<f64> {
+        let ewma = lock(self.ewma.as_ref()?);
+        ewma.is_recent(now, self.latency.decay)
+            .then(|| ewma.estimate(now, self.latency.decay))
+    }
+
+    /// Calls in flight here from every sidecar: this one's, plus what the
+    /// mesh last reported.
+    pub fn mesh_wide_in_flight(&self) -> f64 {
+        self.in_flight() as f64 + self.mesh_in_flight()
+    }
+
+    /// Peers' calls in flight here, as last reported.
+    pub fn mesh_in_flight(&self) -> f64 {
+        self.mesh_in_flight.load(Ordering::Relaxed) as f64 / 16.0
+    }
+
+    /// Sets what the mesh says of this endpoint (the gossip task, each
+    /// interval).
+    pub fn set_mesh(&self, in_flight: f64, rtt_ns: Option<f64>) {
+        let sixteenths = (in_flight.max(0.0) * 16.0).round() as u64;
+        self.mesh_in_flight.store(sixteenths, Ordering::Relaxed);
+        let rtt = rtt_ns.map_or(0, |ns| ns.max(1.0) as u64);
+        self.mesh_rtt_ns.store(rtt, Ordering::Relaxed);
+    }
+
+    /// A call's answer started arriving `rtt` after it was sent. The first
+    /// sample blends into the mesh's estimate where peers have one, rather
+    /// than into `default_rtt`.
     pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
         if let Some(ewma) = &self.ewma {
-            lock(ewma).observe(rtt, now, self.latency.decay);
+            let mut ewma = lock(ewma);
+            if !ewma.sampled {
+                self.seed_from_mesh(&mut ewma, now);
+            }
+            ewma.observe(rtt, now, self.latency.decay);
+        }
+    }
+
+    fn seed_from_mesh(&self, ewma: &mut PeakEwma, now: Instant) {
+        let mesh = self.mesh_rtt_ns.load(Ordering::Relaxed);
+        if mesh > 0 {
+            ewma.estimate_ns = mesh as f64;
+            ewma.stamp = now;
         }
     }
 
@@ -123,7 +183,11 @@ impl Load {
     pub fn observe_outcome(&self, failed: bool, elapsed: Duration, now: Instant) {
         if let (true, Some(ewma)) = (failed, &self.ewma) {
             let penalty = elapsed.max(self.latency.failure_penalty);
-            lock(ewma).observe(penalty, now, self.latency.decay);
+            let mut ewma = lock(ewma);
+            if !ewma.sampled {
+                self.seed_from_mesh(&mut ewma, now);
+            }
+            ewma.observe(penalty, now, self.latency.decay);
         }
         if let Some(window) = &self.window {
             lock(window).record(failed, elapsed, now);
@@ -144,9 +208,16 @@ const MIN_SAMPLE_WEIGHT: f64 = 0.1;
 struct PeakEwma {
     estimate_ns: f64,
     stamp: Instant,
+    /// A sample has come (else the estimate is `default_rtt`).
+    sampled: bool,
 }
 
 impl PeakEwma {
+    /// A sample came within `decay` of `now`.
+    fn is_recent(&self, now: Instant, decay: Duration) -> bool {
+        self.sampled && now.saturating_duration_since(self.stamp) < decay
+    }
+
     fn decayed(&self, now: Instant, decay: Duration) -> f64 {
         let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
         self.estimate_ns * (-elapsed / decay.as_secs_f64()).exp()
@@ -169,6 +240,7 @@ impl PeakEwma {
             current * w + rtt * (1.0 - w)
         };
         self.stamp = now;
+        self.sampled = true;
     }
 }
 

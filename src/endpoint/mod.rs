@@ -73,10 +73,11 @@ struct Stats {
     spared: AtomicU64,
     unhealthy: AtomicU64,
     full: AtomicU64,
+    mesh_ejections: AtomicU64,
 }
 
 /// What one endpoint has seen, copied out.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatsSnapshot {
     pub in_flight: u64,
     pub calls: u64,
@@ -91,6 +92,11 @@ pub struct StatsSnapshot {
     pub marked_unhealthy: u64,
     /// Calls that passed the endpoint over because it was at its limit.
     pub full: u64,
+    /// Of `ejections`, those a peer's report made (see [`crate::mesh`]).
+    pub mesh_ejections: u64,
+    /// Peers' calls in flight here, as the mesh last reported (0 without
+    /// one).
+    pub mesh_in_flight: f64,
     /// `ready`, `unhealthy`, `ejected`, `probing`, `unreachable`,
     /// `joining` or `removed`.
     pub state: &'static str,
@@ -412,6 +418,55 @@ impl Endpoint {
         self.changed.notify_one();
     }
 
+    /// A peer reports the endpoint ejected until `until` (see
+    /// [`Breaker::eject_by_peer`]); logged with the peer that reported it.
+    /// Returns whether it was taken out.
+    pub fn eject_by_peer(&self, until: Instant, peer: &str, reason: &str) -> bool {
+        if self.is_retired() || !self.breaker_closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let why = format!("peer {peer} reports: {reason}");
+        let t = self.with_breaker(|b| b.eject_by_peer(until, why, &self.budget));
+        match t {
+            Some(Transition::Opened { open_for, .. }) => {
+                self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+                self.stats.mesh_ejections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(endpoint = %self.address, peer, reason, ?open_for, "a peer ejected the endpoint; taking it out here too for the rest of the peer's interval");
+                self.changed.notify_one();
+                true
+            }
+            Some(Transition::Spared { .. }) => {
+                self.stats.spared.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(endpoint = %self.address, peer, reason, "a peer ejected the endpoint, but the cluster's max_ejection_percent is reached; keeping it");
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// What this sidecar's own checks say keeps the endpoint out, for its
+    /// peers: its breaker, opened by its own calls, until when and why; or
+    /// failing health checks.
+    pub fn own_verdict(&self) -> Option<OwnVerdict> {
+        if !self.is_healthy() {
+            return Some(OwnVerdict {
+                unhealthy: true,
+                until: None,
+                reason: "active health checks fail".into(),
+            });
+        }
+        if self.breaker_closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let breaker = lock(&self.breaker);
+        let (until, reason) = breaker.own_verdict()?;
+        Some(OwnVerdict {
+            unhealthy: false,
+            until: Some(until),
+            reason: reason.to_string(),
+        })
+    }
+
     /// Logs, counts and announces a breaker transition.
     fn apply(&self, t: Option<Transition>) {
         let Some(t) = t else { return };
@@ -467,9 +522,21 @@ impl Endpoint {
             spared: self.stats.spared.load(Ordering::Relaxed),
             marked_unhealthy: self.stats.unhealthy.load(Ordering::Relaxed),
             full: self.stats.full.load(Ordering::Relaxed),
+            mesh_ejections: self.stats.mesh_ejections.load(Ordering::Relaxed),
+            mesh_in_flight: self.load.mesh_in_flight(),
             state: self.state(Instant::now()),
         }
     }
+}
+
+/// Why this sidecar keeps an endpoint out (see [`Endpoint::own_verdict`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnVerdict {
+    pub unhealthy: bool,
+    /// When the breaker turns half-open; `None` for health checks, which
+    /// last until a check passes.
+    pub until: Option<Instant>,
+    pub reason: String,
 }
 
 /// Why an endpoint would not take a call.

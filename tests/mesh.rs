@@ -1,0 +1,446 @@
+//! The mesh end to end: real sidecars in this process gossiping over
+//! loopback UDP with a shared key, real demo agents behind them. Each
+//! scenario runs once without gossip and once with it, and prints both.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use agentmesh::app::Sidecar;
+use agentmesh::config::{ClusterConfig, Config, MeshConfig, Strategy};
+use agentmesh::mesh::seal::{Kind, MeshKey, Sealer, now_ms};
+use agentmesh::pb::agent_client::AgentClient;
+use agentmesh::tools::agent::AgentOptions;
+use serde_json::Value;
+use support::*;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+const KEY: &[u8] = b"an agentmesh test key of 32 byte";
+
+fn any_udp() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A sidecar over `clusters`, gossiping as `node` through `seeds` when
+/// `key` is given (no `[mesh]` otherwise).
+async fn node(clusters: Vec<ClusterConfig>, mesh: Option<(&str, &[SocketAddr], &[u8])>) -> Sidecar {
+    let mut config = Config::for_test(clusters);
+    config.set_mesh(
+        mesh.map(|(name, seeds, key)| MeshConfig::for_test(name, any_udp(), seeds, Some(key))),
+    );
+    let sidecar = Sidecar::start(&config).await.expect("sidecar starts");
+    warmed(&sidecar).await;
+    sidecar
+}
+
+fn gossip_addr(s: &Sidecar) -> SocketAddr {
+    s.mesh().expect("a mesh").advertise()
+}
+
+fn mesh_doc(s: &Sidecar) -> Value {
+    serde_json::from_str(&s.mesh().expect("a mesh").render()).expect("/mesh is JSON")
+}
+
+/// Whether `s` sees `peer` alive.
+fn sees_peer(s: &Sidecar, peer: &str) -> bool {
+    mesh_doc(s)["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["node_id"] == peer && p["alive"] == true)
+}
+
+async fn joined(a: &Sidecar, a_name: &str, b: &Sidecar, b_name: &str) {
+    let ok = eventually(Duration::from_secs(10), || {
+        sees_peer(a, b_name) && sees_peer(b, a_name)
+    })
+    .await;
+    assert!(ok, "{a_name} and {b_name} did not become peers");
+}
+
+fn cluster(addrs: &[SocketAddr], strategy: Strategy) -> ClusterConfig {
+    let mut c = planner(addrs);
+    c.strategy = strategy;
+    c
+}
+
+/// The state `/stats` gives `sidecar`'s endpoint at `addr`.
+fn state_of(sidecar: &Sidecar, addr: SocketAddr) -> &'static str {
+    let cluster = sidecar.router().find("planner.agents").unwrap();
+    cluster
+        .endpoint(&addr.to_string())
+        .map(|e| e.stats().state)
+        .unwrap_or("absent")
+}
+
+/// Keeps `n` calls open on `client` until `stop`: each caller calls again
+/// as soon as its call returns.
+fn keep_busy(client: AgentClient<Channel>, n: usize, stop: Arc<AtomicBool>) {
+    for _ in 0..n {
+        let mut client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = client.invoke(request(b"busy")).await;
+            }
+        });
+    }
+}
+
+/// Sends `n` calls, `concurrency` at a time; returns the replies' agents
+/// and latencies, and the failures.
+async fn timed_calls(
+    client: &AgentClient<Channel>,
+    n: usize,
+    concurrency: usize,
+) -> (Vec<(String, Duration)>, usize) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (mut client, next) = (client.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (Vec::new(), 0);
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let t = Instant::now();
+                match client.invoke(request(b"x")).await {
+                    Ok(reply) => ok.push((reply.into_inner().agent, t.elapsed())),
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut all, mut failures) = (Vec::new(), 0);
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        all.extend(ok);
+        failures += failed;
+    }
+    (all, failures)
+}
+
+fn p99(samples: &[(String, Duration)]) -> Duration {
+    let mut d: Vec<_> = samples.iter().map(|s| s.1).collect();
+    d.sort();
+    d[(d.len() * 99 / 100).min(d.len() - 1)]
+}
+
+fn share(samples: &[(String, Duration)], agent: &str) -> f64 {
+    samples.iter().filter(|s| s.0 == agent).count() as f64 / samples.len() as f64
+}
+
+/// Sidecar A's caller keeps 8 calls open on agent X (A's cluster lists X
+/// alone); sidecar B balances over X, Y and Z with least_connections. Each
+/// agent serves 4 calls at a time and takes 20 ms.
+async fn skew_run(agents: &Agents, gossip: bool) -> (f64, Duration) {
+    let x = agents.addrs[0];
+    let (a_mesh, b_mesh);
+    let a = node(
+        vec![cluster(&[x], Strategy::LeastConnections)],
+        if gossip {
+            Some(("a", &[][..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    let seeds = if gossip {
+        vec![gossip_addr(&a)]
+    } else {
+        vec![]
+    };
+    let b = node(
+        vec![cluster(&agents.addrs, Strategy::LeastConnections)],
+        if gossip {
+            Some(("b", &seeds[..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    if gossip {
+        joined(&a, "a", &b, "b").await;
+    }
+    (a_mesh, b_mesh) = (
+        planner_client(Way::LocalPort, &a).await,
+        planner_client(Way::LocalPort, &b).await,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    keep_busy(a_mesh, 8, stop.clone());
+    // Let A's calls queue on X, and (with gossip) A's report reach B.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (samples, failures) = timed_calls(&b_mesh, 300, 3).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(failures, 0);
+    let on_x = share(&samples, &agents.names[0]);
+    (on_x, p99(&samples))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_counts_the_whole_meshs_calls() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start_with(
+            ["x", "y", "z"]
+                .iter()
+                .map(|n| AgentOptions {
+                    delay: Duration::from_millis(20),
+                    max_concurrency: 4,
+                    ..AgentOptions::named(n)
+                })
+                .collect(),
+        )
+        .await;
+        let (alone_share, alone_p99) = skew_run(&agents, false).await;
+        let (mesh_share, mesh_p99) = skew_run(&agents, true).await;
+        println!(
+            "cross-caller skew: B's share on X {:.1}% -> {:.1}% with gossip; B's p99 {:?} -> {:?}",
+            alone_share * 100.0,
+            mesh_share * 100.0,
+            alone_p99,
+            mesh_p99
+        );
+        assert!(
+            alone_share > 0.15,
+            "without gossip B cannot see A's calls: {alone_share}"
+        );
+        assert!(mesh_share < 0.10, "with gossip B avoids X: {mesh_share}");
+        assert!(
+            mesh_p99 * 2 <= alone_p99,
+            "B's p99 at least 2x lower: {alone_p99:?} vs {mesh_p99:?}"
+        );
+    })
+    .await;
+}
+
+/// Agent F fails every call; G and H answer. A's calls eject F; then B
+/// sends 60 calls. Returns B's failures and, with gossip, the time from
+/// A's ejection to B's.
+async fn protect_run(agents: &Agents, gossip: bool) -> (usize, Option<Duration>) {
+    let f = agents.addrs[0];
+    let a = node(
+        vec![cluster(&agents.addrs, Strategy::RoundRobin)],
+        if gossip {
+            Some(("a", &[][..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    let seeds = if gossip {
+        vec![gossip_addr(&a)]
+    } else {
+        vec![]
+    };
+    let b = node(
+        vec![cluster(&agents.addrs, Strategy::RoundRobin)],
+        if gossip {
+            Some(("b", &seeds[..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    if gossip {
+        joined(&a, "a", &b, "b").await;
+    }
+    let a_client = planner_client(Way::LocalPort, &a).await;
+    for _ in 0..200 {
+        if state_of(&a, f) == "ejected" {
+            break;
+        }
+        let _ = a_client.clone().invoke(request(b"x")).await;
+    }
+    assert_eq!(state_of(&a, f), "ejected", "A's own calls eject F");
+    let a_ejected = Instant::now();
+    let spread = if gossip {
+        let ok = eventually(Duration::from_secs(3), || state_of(&b, f) == "ejected").await;
+        assert!(ok, "B takes F out after A ejects it");
+        Some(a_ejected.elapsed())
+    } else {
+        None
+    };
+    let b_client = planner_client(Way::LocalPort, &b).await;
+    let (_, failures) = timed_calls(&b_client, 60, 1).await;
+    (failures, spread)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sidecars_ejection_protects_its_peers() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start_with(vec![
+            AgentOptions {
+                fail_ratio: 1.0,
+                ..AgentOptions::named("f")
+            },
+            AgentOptions::named("g"),
+            AgentOptions::named("h"),
+        ])
+        .await;
+        let (alone, _) = protect_run(&agents, false).await;
+        let (meshed, spread) = protect_run(&agents, true).await;
+        let spread = spread.unwrap();
+        println!(
+            "one sidecar's finding: B's failures {alone} alone -> {meshed} with gossip; A's ejection reached B in {spread:?}"
+        );
+        assert_eq!(alone, 5, "alone, B pays its own failure_threshold");
+        assert!(meshed <= 1, "with gossip B fails at most once: {meshed}");
+        assert!(spread < Duration::from_secs(1), "{spread:?}");
+    })
+    .await;
+}
+
+/// A sidecar that joins after A found agent S slow: the share of its first
+/// 200 `latency` calls that go to S.
+async fn warm_run(agents: &Agents, gossip: bool) -> f64 {
+    let a = node(
+        vec![cluster(&agents.addrs, Strategy::Latency)],
+        if gossip {
+            Some(("a", &[][..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    let a_client = planner_client(Way::LocalPort, &a).await;
+    let _ = timed_calls(&a_client, 300, 8).await;
+    let seeds = if gossip {
+        vec![gossip_addr(&a)]
+    } else {
+        vec![]
+    };
+    let b = node(
+        vec![cluster(&agents.addrs, Strategy::Latency)],
+        if gossip {
+            Some(("b", &seeds[..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    if gossip {
+        joined(&a, "a", &b, "b").await;
+        let slow = agents.addrs[2].to_string();
+        let warm = eventually(Duration::from_secs(5), || {
+            mesh_doc(&b)["clusters"][0]["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| {
+                    e["address"] == slow.as_str() && e["mesh"]["latency_ms"].as_f64() > Some(500.0)
+                })
+        })
+        .await;
+        assert!(warm, "B holds A's estimate of the slow agent");
+        // The view is applied to the pickers each interval (200 ms).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let b_client = planner_client(Way::LocalPort, &b).await;
+    let (samples, failures) = timed_calls(&b_client, 200, 16).await;
+    assert_eq!(failures, 0);
+    share(&samples, &agents.names[2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sidecar_starts_warm() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start_with(vec![
+            AgentOptions {
+                delay: Duration::from_millis(5),
+                ..AgentOptions::named("fast-1")
+            },
+            AgentOptions {
+                delay: Duration::from_millis(5),
+                ..AgentOptions::named("fast-2")
+            },
+            AgentOptions {
+                delay: Duration::from_secs(1),
+                ..AgentOptions::named("slow")
+            },
+        ])
+        .await;
+        let cold = warm_run(&agents, false).await;
+        let warm = warm_run(&agents, true).await;
+        println!(
+            "warm start: the slow agent's share of a new sidecar's first 200 calls {:.1}% alone -> {:.1}% with gossip",
+            cold * 100.0,
+            warm * 100.0
+        );
+        assert!(warm < 0.05, "{warm}");
+        assert!(cold > warm, "alone it must find the slow agent itself: {cold}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_key_or_a_bad_datagram_never_gets_in() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(1).await;
+        let clusters = || vec![cluster(&agents.addrs, Strategy::LeastConnections)];
+        let a = node(clusters(), Some(("a", &[][..], KEY))).await;
+        let seeds = [gossip_addr(&a)];
+        let b = node(clusters(), Some(("b", &seeds[..], KEY))).await;
+        let other = node(
+            clusters(),
+            Some(("intruder", &seeds[..], b"another key, also 32 bytes long!")),
+        )
+        .await;
+        joined(&a, "a", &b, "b").await;
+
+        // Hand-made datagrams at A's gossip port.
+        let target = gossip_addr(&a);
+        let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut sealer = Sealer::new(MeshKey::derive(KEY));
+        let mut good = Vec::new();
+        sealer.seal(Kind::Swim, b"not a membership packet", now_ms(), &mut good);
+        let mut forged = good.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let mut old = Vec::new();
+        sealer.seal(Kind::Swim, b"x", now_ms() - 30_000, &mut old);
+        for d in [
+            &vec![0u8; 1500],
+            &vec![0xa7u8; 10],
+            &forged,
+            &old,
+            &good,
+            &good,
+        ] {
+            raw.send_to(d, target).unwrap();
+        }
+        let counted = eventually(Duration::from_secs(5), || {
+            let d = &mesh_doc(&a)["datagrams"];
+            let n = |k: &str| d["dropped"][k].as_u64().unwrap();
+            n("oversized") >= 1
+                && n("truncated") >= 1
+                && n("forged") >= 1
+                && n("replayed") >= 2
+                && n("other_key") >= 1
+                && d["undecodable"].as_u64().unwrap() >= 1
+        })
+        .await;
+        // Give the intruder time to have tried several times.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let doc = mesh_doc(&a);
+        println!("A's datagram counters: {}", doc["datagrams"]);
+        assert!(
+            counted,
+            "every bad datagram is dropped and counted: {}",
+            doc["datagrams"]
+        );
+        assert!(!sees_peer(&a, "intruder") && !sees_peer(&b, "intruder"));
+        let names: Vec<_> = doc["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["node_id"].clone())
+            .collect();
+        assert_eq!(names, ["b"], "only the peer with the key");
+        assert!(mesh_doc(&other)["peers"].as_array().unwrap().is_empty());
+        assert!(sees_peer(&a, "b"), "the real peer is unaffected");
+    })
+    .await;
+}
