@@ -357,3 +357,78 @@ fn all_problems_are_reported_at_once() {
         ["cluster[0].local_port", "cluster[0].endpoints[0].weight"]
     );
 }
+
+const MESH: &str = r#"
+    [[cluster]]
+    name = "planner"
+    strategy = "least_connections"
+    endpoints = [{ address = "h:1" }]
+
+    [mesh]
+    listen = "127.0.0.1:15002"
+    advertise = "${POD_IP:-}:15002"
+    seeds = ["agentmesh-peers.agents.svc.cluster.local:15002"]
+    node_id = "planner-caller-0"
+    key = "YW4gYWdlbnRtZXNoIHRlc3Qga2V5IG9mIDMyIGJ5dGU="
+    interval = "100ms"
+"#;
+
+#[test]
+fn a_mesh_section_turns_gossip_and_mesh_wide_load_on() {
+    let c = parse(MESH).unwrap();
+    let m = c.mesh.as_ref().expect("[mesh] read");
+    assert_eq!(m.listen.to_string(), "127.0.0.1:15002");
+    assert_eq!(
+        m.advertise.to_string(),
+        "127.0.0.1:15002",
+        "no POD_IP: listen's address"
+    );
+    assert_eq!(m.seeds, ["agentmesh-peers.agents.svc.cluster.local:15002"]);
+    assert_eq!(m.node_id, "planner-caller-0");
+    assert_eq!(
+        m.key.as_deref(),
+        Some(&b"an agentmesh test key of 32 byte"[..])
+    );
+    assert_eq!(m.interval, Duration::from_millis(100));
+    assert_eq!(m.stale_after, DEFAULT_MESH_STALE_AFTER);
+    assert!(
+        c.clusters[0].mesh_load,
+        "least_connections counts peers' calls"
+    );
+    let plain = parse(GOOD).unwrap();
+    assert!(plain.mesh.is_none() && !plain.clusters[0].mesh_load);
+}
+
+#[test]
+fn a_mesh_without_a_key_or_with_a_weak_one_is_refused() {
+    let no_key = MESH.replace("key = \"YW4gYWdlbnRtZXNoIHRlc3Qga2V5IG9mIDMyIGJ5dGU=\"", "");
+    let e = first_error(&no_key);
+    assert!(
+        e.contains("mesh.key") && e.contains("insecure = true"),
+        "{e}"
+    );
+    let insecure = format!("{no_key}\ninsecure = true");
+    assert_eq!(parse(&insecure).unwrap().mesh.unwrap().key, None);
+    let short = MESH.replace("YW4gYWdlbnRtZXNoIHRlc3Qga2V5IG9mIDMyIGJ5dGU=", "c2hvcnQ=");
+    let e = first_error(&short);
+    assert!(e.contains("mesh.key") && e.contains("5 bytes"), "{e}");
+    let garbled = MESH.replace(
+        "YW4gYWdlbnRtZXNoIHRlc3Qga2V5IG9mIDMyIGJ5dGU=",
+        "not base64!",
+    );
+    assert!(first_error(&garbled).contains("is not base64"));
+}
+
+#[test]
+fn mesh_addresses_and_timing_are_checked() {
+    let unspecified = MESH.replace("listen = \"127.0.0.1:15002\"", "listen = \"0.0.0.0:15002\"");
+    let e = first_error(&unspecified);
+    assert!(e.contains("mesh.advertise") && e.contains("POD_IP"), "{e}");
+    let seed = MESH.replace("agentmesh-peers.agents.svc.cluster.local:15002", "no-port");
+    assert!(first_error(&seed).contains("mesh.seeds[0]"));
+    let stale = MESH.replace(
+        "interval = \"100ms\"",
+        "interval = \"1s\"\nstale_after = \"2s\"",
+    );
+    assert!(first_error(&stale).contains("mesh.stale_after"));
+}
