@@ -82,7 +82,7 @@ mod tests {
         let headers = http::HeaderMap::new();
         let _mine = ready[1].start_call();
         // Peers carry 8 calls on endpoint 0, which this sidecar never used.
-        ready[0].load().set_mesh(8.0, None);
+        ready[0].load().set_mesh(8.0, None, None);
         let local = LeastConnections::new(Draw::new(Choices::All, false), false);
         let mesh = LeastConnections::new(Draw::new(Choices::All, false), true);
         assert_eq!(local.pick(&call_on(&headers), &ready), 0);

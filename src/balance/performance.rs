@@ -9,7 +9,8 @@
 //! the fastest candidate's mean latency divided by this one's (1.0 for the
 //! fastest). Candidates are drawn as in the other load-aware pickers (two at
 //! random by default); the higher score wins. An endpoint with no calls in
-//! the window scores as perfect, so that it is tried.
+//! the window scores as perfect, so that it is tried; with a mesh, as its
+//! peers saw it, where they have figures (warm start).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,13 +44,13 @@ impl Picker for Performance {
         // latency score (one pass; the sets are small).
         let fastest = ready
             .iter()
-            .filter_map(|e| e.load().window_summary(now))
+            .filter_map(|e| e.load().summary(now))
             .map(|s| s.mean_latency)
             .min()
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_micros(1));
         self.draw.cheapest(ready, |e| {
-            let (success, latency) = match e.load().window_summary(now) {
+            let (success, latency) = match e.load().summary(now) {
                 None => (1.0, 1.0),
                 Some(s) => {
                     let mean = s.mean_latency.max(Duration::from_micros(1));
@@ -104,5 +105,28 @@ mod tests {
         let mut without_best = ready.clone();
         without_best.remove(2);
         assert_eq!(p.pick(&call, &without_best), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unmeasured_endpoints_score_as_the_mesh_saw_them() {
+        let ready = endpoints(&[1, 1]);
+        let headers = http::HeaderMap::new();
+        let call = Call {
+            path: "/",
+            headers: &headers,
+        };
+        let p = Performance::new(
+            Draw::new(Choices::All, false),
+            &PerformanceConfig::default(),
+        );
+        // Neither has a call here; peers saw endpoint 0 fail half its calls.
+        ready[0].load().set_mesh(0.0, Some(10e6), Some(0.5));
+        ready[1].load().set_mesh(0.0, Some(10e6), Some(1.0));
+        assert_eq!(p.pick(&call, &ready), 1);
+        // A call here outweighs the mesh's figures.
+        ready[0]
+            .load()
+            .observe_outcome(false, Duration::from_millis(10), Instant::now());
+        assert!(ready[0].load().summary(Instant::now()).unwrap().calls == 1);
     }
 }

@@ -64,6 +64,8 @@ pub struct Load {
     mesh_in_flight: AtomicU64,
     /// Peers' mean latency estimate in nanoseconds; 0 for none.
     mesh_rtt_ns: AtomicU64,
+    /// Peers' mean success rate in millionths, plus one; 0 for none.
+    mesh_success: AtomicU64,
     latency: LatencyConfig,
     ewma: Option<Mutex<PeakEwma>>,
     window: Option<Mutex<CallWindow>>,
@@ -76,6 +78,7 @@ impl Load {
             in_flight: AtomicU64::new(0),
             mesh_in_flight: AtomicU64::new(0),
             mesh_rtt_ns: AtomicU64::new(0),
+            mesh_success: AtomicU64::new(0),
             ewma: keep.rtt.then(|| {
                 Mutex::new(PeakEwma {
                     estimate_ns: latency.default_rtt.as_nanos() as f64,
@@ -150,12 +153,14 @@ impl Load {
     }
 
     /// Sets what the mesh says of this endpoint (the gossip task, each
-    /// interval).
-    pub fn set_mesh(&self, in_flight: f64, rtt_ns: Option<f64>) {
+    /// interval): peers' calls in flight, mean latency and success rate.
+    pub fn set_mesh(&self, in_flight: f64, rtt_ns: Option<f64>, success: Option<f64>) {
         let sixteenths = (in_flight.max(0.0) * 16.0).round() as u64;
         self.mesh_in_flight.store(sixteenths, Ordering::Relaxed);
         let rtt = rtt_ns.map_or(0, |ns| ns.max(1.0) as u64);
         self.mesh_rtt_ns.store(rtt, Ordering::Relaxed);
+        let success = success.map_or(0, |s| (s.clamp(0.0, 1.0) * 1e6) as u64 + 1);
+        self.mesh_success.store(success, Ordering::Relaxed);
     }
 
     /// A call's answer started arriving `rtt` after it was sent. The first
@@ -198,6 +203,21 @@ impl Load {
     /// call in the window.
     pub fn window_summary(&self, now: Instant) -> Option<WindowSummary> {
         lock(self.window.as_ref()?).summary(now)
+    }
+
+    /// The window's summary, or, with no call in it, the mesh's (peers'
+    /// mean success rate and latency, `calls` 0) where peers have both:
+    /// what `performance` scores.
+    pub fn summary(&self, now: Instant) -> Option<WindowSummary> {
+        self.window_summary(now).or_else(|| {
+            let success = self.mesh_success.load(Ordering::Relaxed);
+            let rtt = self.mesh_rtt_ns.load(Ordering::Relaxed);
+            (success > 0 && rtt > 0).then(|| WindowSummary {
+                calls: 0,
+                success_rate: (success - 1) as f64 / 1e6,
+                mean_latency: Duration::from_nanos(rtt),
+            })
+        })
     }
 }
 
@@ -388,5 +408,23 @@ mod tests {
         assert_eq!(s.mean_latency, Duration::from_millis(40));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(l.window_summary(Instant::now()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_mesh_estimate_stands_in_until_a_sample_comes_here() {
+        let l = load();
+        let now = Instant::now();
+        l.set_mesh(0.0, Some(200e6), None);
+        assert_eq!(ms(l.rtt_estimate(now)).round(), 200.0, "warm start");
+        assert_eq!(l.own_rtt_estimate(now), None, "nothing measured here");
+        // A first sample blends into the mesh's estimate, not default_rtt's.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        l.observe_rtt(Duration::from_millis(100), Instant::now());
+        let e = ms(l.rtt_estimate(Instant::now()));
+        assert!(e > 150.0 && e < 200.0, "{e}");
+        // After the decay time without a sample here, the mesh's again.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        l.set_mesh(0.0, Some(50e6), None);
+        assert_eq!(ms(l.rtt_estimate(Instant::now())).round(), 50.0);
     }
 }

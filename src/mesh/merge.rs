@@ -10,9 +10,9 @@
 //!   refresh period plus one interval, then fading linearly to nothing at
 //!   `stale_after`. A peer re-sends a count that has not changed every
 //!   `stale_after / 2`, so a fresh count is never discounted.
-//! - **Latency** (warm start): the mean of live peers' estimates younger
-//!   than ten times `stale_after` (estimates change slowly and are re-sent
-//!   when they move by a step, or every five `stale_after`).
+//! - **Latency and success rate** (warm start): the means of live peers'
+//!   estimates younger than ten times `stale_after` (estimates change slowly
+//!   and are re-sent when they move by a step, or every five `stale_after`).
 //! - **Ejection**: a live peer's verdict younger than `stale_after` takes the
 //!   endpoint out until the end of that peer's interval (for failing health
 //!   checks, at most `stale_after` past the report, since the peer re-sends
@@ -128,6 +128,8 @@ pub struct Figures {
     pub in_flight: f64,
     /// Peers' mean latency estimate, in nanoseconds.
     pub rtt_ns: Option<f64>,
+    /// Peers' mean success rate, from 0 to 1.
+    pub success: Option<f64>,
     pub ejection: Option<PeerEjection>,
 }
 
@@ -280,6 +282,7 @@ impl View {
     ) -> Figures {
         let mut figures = Figures::default();
         let (mut rtt_sum, mut rtt_n) = (0.0, 0u32);
+        let (mut ok_sum, mut ok_n) = (0.0, 0u32);
         for (node, entry) in self.reports(cluster, endpoint) {
             if !alive(node) {
                 continue;
@@ -288,13 +291,15 @@ impl View {
             if rules.share_load && entry.report.in_flight > 0 {
                 figures.in_flight += f64::from(entry.report.in_flight) * rules.weight(age);
             }
-            if let (true, true, Some(ns)) = (
-                rules.warm_start,
-                age < rules.slow_stale(),
-                rtt_ns(entry.report.rtt),
-            ) {
-                rtt_sum += ns;
-                rtt_n += 1;
+            if rules.warm_start && age < rules.slow_stale() {
+                if let Some(ns) = rtt_ns(entry.report.rtt) {
+                    rtt_sum += ns;
+                    rtt_n += 1;
+                }
+                if let Some(ok) = entry.report.success {
+                    ok_sum += f64::from(ok) / 200.0;
+                    ok_n += 1;
+                }
             }
             if !rules.share_ejections || !trusted(node) {
                 continue;
@@ -313,6 +318,7 @@ impl View {
             }
         }
         figures.rtt_ns = (rtt_n > 0).then(|| rtt_sum / f64::from(rtt_n));
+        figures.success = (ok_n > 0).then(|| ok_sum / f64::from(ok_n));
         figures
     }
 }

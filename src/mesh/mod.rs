@@ -94,6 +94,7 @@ impl Mesh {
                             "mesh": {
                                 "in_flight": round2(f.in_flight),
                                 "latency_ms": f.rtt_ns.map(|ns| round2(ns / 1e6)),
+                                "success_rate": f.success.map(round2),
                                 "ejected_by": f.ejection.as_ref().map(|j| j.node.clone()),
                                 "ejected_reason": f.ejection.as_ref().map(|j| j.reason.clone()),
                                 "ejected_for_ms": f.ejection.as_ref().map(|j| j.until.saturating_duration_since(now).as_millis() as u64),

@@ -321,6 +321,7 @@ impl Mesh {
                     }
                 }
                 _ = tick.tick() => {
+                    self.forget_long_gone();
                     self.refresh_known(&mut state);
                     let urgent = self.publish(&mut swim, &mut state);
                     if urgent || swim.custom_broadcast_backlog() > 0 {
@@ -515,6 +516,18 @@ impl Mesh {
         }
     }
 
+    /// Forgets peers down and unheard of for ten minutes, so that a mesh
+    /// whose pods come and go does not grow the table without end.
+    fn forget_long_gone(&self) {
+        const GONE: Duration = Duration::from_secs(600);
+        let now = Instant::now();
+        lock(&self.peers).retain(|_, p| {
+            p.alive
+                || p.last_heard
+                    .is_some_and(|t| now.saturating_duration_since(t) < GONE)
+        });
+    }
+
     /// Tells the view which endpoints exist, when a set changed.
     fn refresh_known(&self, state: &mut State) {
         let sets: Vec<_> = self.clusters.iter().map(|c| c.endpoints()).collect();
@@ -703,7 +716,7 @@ impl Mesh {
                     alive,
                     trusted,
                 );
-                e.load().set_mesh(f.in_flight, f.rtt_ns);
+                e.load().set_mesh(f.in_flight, f.rtt_ns, f.success);
                 if let Some(ejection) = f.ejection {
                     e.eject_by_peer(ejection.until, &ejection.node, &ejection.reason);
                 }
