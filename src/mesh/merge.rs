@@ -153,7 +153,13 @@ pub enum Merged {
     Own,
     /// For an endpoint this sidecar does not have.
     Unknown,
+    /// From a node beyond the [`MAX_NODES`] already reporting.
+    Full,
 }
+
+/// The most reporting nodes the view holds at once: what a key holder
+/// inventing node ids can make it hold is bounded.
+pub const MAX_NODES: usize = 4096;
 
 type ByNode = HashMap<String, Entry>;
 
@@ -207,6 +213,9 @@ impl View {
         if by_node.get(&item.node).is_some_and(|e| e.seq >= item.seq) {
             return Merged::Stale;
         }
+        if !self.zones.contains_key(&item.node) && self.zones.len() >= MAX_NODES {
+            return Merged::Full;
+        }
         if self.zones.get(&item.node) != Some(&item.zone) {
             self.zones.insert(item.node.clone(), item.zone.clone());
         }
@@ -229,6 +238,24 @@ impl View {
             }
         }
         self.zones.remove(node);
+    }
+
+    /// Drops reports older than `max_age`, and the nodes left with none.
+    pub fn sweep(&mut self, now: Instant, max_age: Duration) {
+        let mut reporting: HashMap<&str, ()> = HashMap::new();
+        for endpoints in self.clusters.values_mut() {
+            for by_node in endpoints.values_mut() {
+                by_node.retain(|_, e| now.saturating_duration_since(e.received) < max_age);
+            }
+        }
+        for by_node in self.clusters.values().flat_map(|c| c.values()) {
+            for node in by_node.keys() {
+                reporting.insert(node, ());
+            }
+        }
+        let keep: std::collections::HashSet<String> =
+            reporting.into_keys().map(String::from).collect();
+        self.zones.retain(|node, _| keep.contains(node));
     }
 
     /// Every report held on one endpoint.
@@ -401,7 +428,7 @@ impl BroadcastHandler<Peer> for Handler {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Some(key))
             }
-            Merged::Stale | Merged::Own | Merged::Unknown => Ok(None),
+            Merged::Stale | Merged::Own | Merged::Unknown | Merged::Full => Ok(None),
         }
     }
 }

@@ -322,6 +322,7 @@ impl Mesh {
                 }
                 _ = tick.tick() => {
                     self.forget_long_gone();
+                    lock(&self.view).sweep(Instant::now(), self.rules.slow_stale());
                     self.refresh_known(&mut state);
                     let urgent = self.publish(&mut swim, &mut state);
                     if urgent || swim.custom_broadcast_backlog() > 0 {

@@ -86,6 +86,36 @@ async fn the_newest_report_per_node_wins_and_only_known_endpoints_are_kept() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn what_invented_nodes_can_make_the_view_hold_is_bounded() {
+    let mut v = view(&["x:1"]);
+    let now = Instant::now();
+    for i in 0..MAX_NODES {
+        assert_eq!(
+            v.merge(item(&format!("n{i}"), 1, "x:1", busy(1)), now),
+            Merged::New
+        );
+    }
+    assert_eq!(
+        v.merge(item("one-more", 1, "x:1", busy(1)), now),
+        Merged::Full
+    );
+    assert_eq!(
+        v.merge(item("n7", 2, "x:1", busy(2)), now),
+        Merged::New,
+        "known nodes go on"
+    );
+    // Old reports are swept, and their nodes with them.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    v.merge(item("n7", 3, "x:1", busy(2)), Instant::now());
+    v.sweep(Instant::now(), rules().slow_stale());
+    assert_eq!(v.reports("planner", "x:1").count(), 1);
+    assert_eq!(
+        v.merge(item("one-more", 1, "x:1", busy(1)), Instant::now()),
+        Merged::New
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn calls_in_flight_fade_out_between_the_refresh_and_stale_after() {
     let mut v = view(&["x:1"]);
     v.merge(item("a", 1, "x:1", busy(10)), Instant::now());
