@@ -444,3 +444,90 @@ async fn another_key_or_a_bad_datagram_never_gets_in() {
     })
     .await;
 }
+
+/// Agent F fails every call; A's calls eject it. Then 40 sessions call
+/// once through A and once through B: how many land on different agents
+/// (or fail) from the two sidecars.
+async fn affinity_run(agents: &Agents, gossip: bool) -> usize {
+    let f = agents.addrs[0];
+    let with_sessions = || {
+        let mut c = cluster(&agents.addrs, Strategy::RoundRobin);
+        c.affinity = Some(agentmesh::config::AffinityConfig::default());
+        vec![c]
+    };
+    let a = node(
+        with_sessions(),
+        if gossip {
+            Some(("a", &[][..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    let seeds = if gossip {
+        vec![gossip_addr(&a)]
+    } else {
+        vec![]
+    };
+    let b = node(
+        with_sessions(),
+        if gossip {
+            Some(("b", &seeds[..], KEY))
+        } else {
+            None
+        },
+    )
+    .await;
+    if gossip {
+        joined(&a, "a", &b, "b").await;
+    }
+    let a_client = planner_client(Way::LocalPort, &a).await;
+    for _ in 0..200 {
+        if state_of(&a, f) == "ejected" {
+            break;
+        }
+        let _ = a_client.clone().invoke(request(b"x")).await;
+    }
+    assert_eq!(state_of(&a, f), "ejected");
+    if gossip {
+        assert!(eventually(Duration::from_secs(3), || state_of(&b, f) == "ejected").await);
+    }
+    let b_client = planner_client(Way::LocalPort, &b).await;
+    let mut differ = 0;
+    for k in 0..40 {
+        let call = |mut client: AgentClient<Channel>| async move {
+            let mut req = tonic::Request::new(request(b"x"));
+            req.metadata_mut()
+                .insert("x-session-id", format!("session-{k}").parse().unwrap());
+            client.invoke(req).await.ok().map(|r| r.into_inner().agent)
+        };
+        let (on_a, on_b) = (call(a_client.clone()).await, call(b_client.clone()).await);
+        if on_a.is_none() || on_a != on_b {
+            differ += 1;
+        }
+    }
+    differ
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_agree_on_the_ready_set_so_sessions_land_alike() {
+    bounded(Duration::from_secs(60), async {
+        let mut options = vec![AgentOptions {
+            fail_ratio: 1.0,
+            ..AgentOptions::named("f")
+        }];
+        options.extend(["g", "h", "i"].map(AgentOptions::named));
+        let agents = Agents::start_with(options).await;
+        let alone = affinity_run(&agents, false).await;
+        let meshed = affinity_run(&agents, true).await;
+        println!(
+            "sessions placed differently by A and B: {alone} of 40 alone -> {meshed} with gossip"
+        );
+        assert!(
+            alone > 0,
+            "alone, B still hashes sessions onto the failing agent"
+        );
+        assert_eq!(meshed, 0);
+    })
+    .await;
+}
