@@ -40,7 +40,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Send load to a target and report throughput and latency percentiles.
     Load(LoadArgs),
-    /// Start three local agents and the sidecar, send calls, show where they went.
+    /// Start three local agents and the sidecar, send calls, show where they
+    /// went; with `--mesh`, show what gossip between two sidecars changes.
     Demo(DemoArgs),
 }
 
@@ -147,6 +148,10 @@ impl LoadArgs {
 
 #[derive(Args)]
 pub struct DemoArgs {
+    /// Show what gossip changes instead: two sidecars run each scenario
+    /// (cross-caller skew, an agent failing) without gossip and with it.
+    #[arg(long, conflicts_with_all = ["calls", "concurrency", "strategy"])]
+    pub mesh: bool,
     #[arg(long, default_value_t = DemoOptions::default().calls)]
     calls: usize,
     #[arg(long, default_value_t = DemoOptions::default().concurrency)]

@@ -12,7 +12,7 @@ use clap::Parser;
 use agentmesh::app::Sidecar;
 use agentmesh::config::Config;
 use agentmesh::tools::agent::{self, AgentOptions, AgentStats};
-use agentmesh::tools::demo;
+use agentmesh::tools::{demo, demo_mesh};
 use cli::{Cli, Command};
 
 fn init_logging(default: &str) {
@@ -73,6 +73,19 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("agentmesh load: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) if args.mesh => {
+            init_logging("warn");
+            match runtime(0).block_on(demo_mesh::run()) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentmesh demo --mesh failed: {e:#}");
                     ExitCode::FAILURE
                 }
             }

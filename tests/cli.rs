@@ -179,3 +179,71 @@ fn demo_runs_on_its_own_and_shows_where_the_calls_went() {
     }
     assert!(stdout.contains("failed calls: 0;"), "{stdout}");
 }
+
+/// The two figures (without gossip, with gossip) on the first line of
+/// `section` of the mesh demo's output that starts with `label`.
+fn side_by_side<'a>(stdout: &'a str, section: &str, label: &str) -> (&'a str, &'a str) {
+    let line = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with(section))
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {section:?}: {stdout}"));
+    let mut figures = line.split_whitespace().rev();
+    let meshed = figures.next().unwrap();
+    let alone = figures.next().unwrap();
+    (alone, meshed)
+}
+
+fn percent(figure: &str) -> f64 {
+    figure.trim_end_matches('%').parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_demo_shows_what_gossip_changes_side_by_side() {
+    let started = Instant::now();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+        .args(["demo", "--mesh"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(40), run)
+        .await
+        .expect("the mesh demo ends within 40 s")
+        .unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(35),
+        "the mesh demo took {took:?}"
+    );
+
+    let skew = "1. cross-caller skew";
+    let (alone, meshed) = side_by_side(&stdout, skew, "B's calls answered by x");
+    let (alone, meshed) = (percent(alone), percent(meshed));
+    assert!(meshed < 10.0, "with gossip B avoids x: {meshed}%");
+    assert!(
+        alone > meshed,
+        "alone B cannot see A's calls on x: {alone}%"
+    );
+    assert_eq!(side_by_side(&stdout, skew, "B's failed calls"), ("0", "0"));
+
+    let failing = "2. an agent failing";
+    let (alone, meshed) = side_by_side(&stdout, failing, "B's failed calls");
+    assert_eq!(alone, "5", "alone, B pays its breaker's threshold");
+    assert!(
+        meshed.parse::<u32>().unwrap() <= 1,
+        "with gossip B fails at most once: {meshed}"
+    );
+    let (alone, meshed) = side_by_side(&stdout, failing, "A's ejection of f reached B in");
+    assert_eq!(alone, "-");
+    assert!(meshed.ends_with("ms"), "A's ejection reached B: {meshed}");
+    assert!(
+        stdout.contains("the mesh: B took f out on A's word"),
+        "{stdout}"
+    );
+}

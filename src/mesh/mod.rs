@@ -28,6 +28,11 @@ pub use node::Mesh;
 use crate::util::lock;
 
 impl Mesh {
+    /// Whether this sidecar sees the peer `node_id` in the mesh and alive.
+    pub fn sees_alive(&self, node_id: &str) -> bool {
+        lock(&self.peers).get(node_id).is_some_and(|p| p.alive)
+    }
+
     /// The `/mesh` document: this node, its peers, the datagram counters,
     /// and per cluster and endpoint the local and the mesh view.
     pub fn render(&self) -> String {

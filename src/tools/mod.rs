@@ -1,8 +1,9 @@
 //! Tools beside the sidecar, not part of it: the demo agent (a gRPC server
 //! to balance over), clients that reach the sidecar by each way in, the
-//! demo, and the load generator the benchmarks drive.
+//! demos, and the load generator the benchmarks drive.
 
 pub mod agent;
 pub mod client;
 pub mod demo;
+pub mod demo_mesh;
 pub mod load;
