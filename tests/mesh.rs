@@ -21,6 +21,10 @@ use tonic::transport::Channel;
 
 const KEY: &[u8] = b"an agentmesh test key of 32 byte";
 
+/// The scenarios measure latency and shares: one at a time, so that they
+/// do not share the machine's two cores with each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn any_udp() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -182,6 +186,7 @@ async fn skew_run(agents: &Agents, gossip: bool) -> (f64, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_connections_counts_the_whole_meshs_calls() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     bounded(Duration::from_secs(60), async {
         let agents = Agents::start_with(
             ["x", "y", "z"]
@@ -270,6 +275,7 @@ async fn protect_run(agents: &Agents, gossip: bool) -> (usize, Option<Duration>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sidecars_ejection_protects_its_peers() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     bounded(Duration::from_secs(60), async {
         let agents = Agents::start_with(vec![
             AgentOptions {
@@ -346,6 +352,7 @@ async fn warm_run(agents: &Agents, gossip: bool) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sidecar_starts_warm() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     bounded(Duration::from_secs(60), async {
         let agents = Agents::start_with(vec![
             AgentOptions {
@@ -377,6 +384,7 @@ async fn a_new_sidecar_starts_warm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_key_or_a_bad_datagram_never_gets_in() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     bounded(Duration::from_secs(60), async {
         let agents = Agents::start(1).await;
         let clusters = || vec![cluster(&agents.addrs, Strategy::LeastConnections)];
@@ -511,6 +519,7 @@ async fn affinity_run(agents: &Agents, gossip: bool) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_agree_on_the_ready_set_so_sessions_land_alike() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     bounded(Duration::from_secs(60), async {
         let mut options = vec![AgentOptions {
             fail_ratio: 1.0,
