@@ -219,7 +219,7 @@ class Agents:
         for spec in specs:
             port = free_port()
             cmd = [BIN, "agent", "--listen", f"127.0.0.1:{port}", "--name", spec["name"]]
-            for flag in ("delay_ms", "max_concurrency", "delay_after"):
+            for flag in ("delay_ms", "max_concurrency", "delay_after", "fail_ratio"):
                 if spec.get(flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(spec[flag])]
             self.procs.append(Proc(cmd, LOAD_CPU, os.path.join(workdir, f"agent-{spec['name']}.log"),
