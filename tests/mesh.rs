@@ -41,6 +41,22 @@ async fn node(clusters: Vec<ClusterConfig>, mesh: Option<(&str, &[SocketAddr], &
     sidecar
 }
 
+/// Sidecar A of a scenario: in a mesh of its own when `gossip`.
+async fn first(clusters: Vec<ClusterConfig>, gossip: bool) -> Sidecar {
+    node(clusters, gossip.then_some(("a", &[][..], KEY))).await
+}
+
+/// Sidecar B of a scenario: in one mesh with A when `gossip`, once the two
+/// see each other.
+async fn second(a: &Sidecar, clusters: Vec<ClusterConfig>, gossip: bool) -> Sidecar {
+    let seeds = if gossip { vec![gossip_addr(a)] } else { vec![] };
+    let b = node(clusters, gossip.then_some(("b", &seeds[..], KEY))).await;
+    if gossip {
+        joined(a, "a", &b, "b").await;
+    }
+    b
+}
+
 fn gossip_addr(s: &Sidecar) -> SocketAddr {
     s.mesh().expect("a mesh").advertise()
 }
@@ -143,32 +159,13 @@ fn share(samples: &[(String, Duration)], agent: &str) -> f64 {
 async fn skew_run(agents: &Agents, gossip: bool) -> (f64, Duration) {
     let x = agents.addrs[0];
     let (a_mesh, b_mesh);
-    let a = node(
-        vec![cluster(&[x], Strategy::LeastConnections)],
-        if gossip {
-            Some(("a", &[][..], KEY))
-        } else {
-            None
-        },
-    )
-    .await;
-    let seeds = if gossip {
-        vec![gossip_addr(&a)]
-    } else {
-        vec![]
-    };
-    let b = node(
+    let a = first(vec![cluster(&[x], Strategy::LeastConnections)], gossip).await;
+    let b = second(
+        &a,
         vec![cluster(&agents.addrs, Strategy::LeastConnections)],
-        if gossip {
-            Some(("b", &seeds[..], KEY))
-        } else {
-            None
-        },
+        gossip,
     )
     .await;
-    if gossip {
-        joined(&a, "a", &b, "b").await;
-    }
     (a_mesh, b_mesh) = (
         planner_client(Way::LocalPort, &a).await,
         planner_client(Way::LocalPort, &b).await,
@@ -226,32 +223,13 @@ async fn least_connections_counts_the_whole_meshs_calls() {
 /// A's ejection to B's.
 async fn protect_run(agents: &Agents, gossip: bool) -> (usize, Option<Duration>) {
     let f = agents.addrs[0];
-    let a = node(
+    let a = first(vec![cluster(&agents.addrs, Strategy::RoundRobin)], gossip).await;
+    let b = second(
+        &a,
         vec![cluster(&agents.addrs, Strategy::RoundRobin)],
-        if gossip {
-            Some(("a", &[][..], KEY))
-        } else {
-            None
-        },
+        gossip,
     )
     .await;
-    let seeds = if gossip {
-        vec![gossip_addr(&a)]
-    } else {
-        vec![]
-    };
-    let b = node(
-        vec![cluster(&agents.addrs, Strategy::RoundRobin)],
-        if gossip {
-            Some(("b", &seeds[..], KEY))
-        } else {
-            None
-        },
-    )
-    .await;
-    if gossip {
-        joined(&a, "a", &b, "b").await;
-    }
     let a_client = planner_client(Way::LocalPort, &a).await;
     for _ in 0..200 {
         if state_of(&a, f) == "ejected" {
@@ -302,33 +280,11 @@ async fn one_sidecars_ejection_protects_its_peers() {
 /// A sidecar that joins after A found agent S slow: the share of its first
 /// 200 `latency` calls that go to S.
 async fn warm_run(agents: &Agents, gossip: bool) -> f64 {
-    let a = node(
-        vec![cluster(&agents.addrs, Strategy::Latency)],
-        if gossip {
-            Some(("a", &[][..], KEY))
-        } else {
-            None
-        },
-    )
-    .await;
+    let a = first(vec![cluster(&agents.addrs, Strategy::Latency)], gossip).await;
     let a_client = planner_client(Way::LocalPort, &a).await;
     let _ = timed_calls(&a_client, 300, 8).await;
-    let seeds = if gossip {
-        vec![gossip_addr(&a)]
-    } else {
-        vec![]
-    };
-    let b = node(
-        vec![cluster(&agents.addrs, Strategy::Latency)],
-        if gossip {
-            Some(("b", &seeds[..], KEY))
-        } else {
-            None
-        },
-    )
-    .await;
+    let b = second(&a, vec![cluster(&agents.addrs, Strategy::Latency)], gossip).await;
     if gossip {
-        joined(&a, "a", &b, "b").await;
         let slow = agents.addrs[2].to_string();
         let warm = eventually(Duration::from_secs(5), || {
             mesh_doc(&b)["clusters"][0]["endpoints"]
@@ -463,32 +419,8 @@ async fn affinity_run(agents: &Agents, gossip: bool) -> usize {
         c.affinity = Some(agentmesh::config::AffinityConfig::default());
         vec![c]
     };
-    let a = node(
-        with_sessions(),
-        if gossip {
-            Some(("a", &[][..], KEY))
-        } else {
-            None
-        },
-    )
-    .await;
-    let seeds = if gossip {
-        vec![gossip_addr(&a)]
-    } else {
-        vec![]
-    };
-    let b = node(
-        with_sessions(),
-        if gossip {
-            Some(("b", &seeds[..], KEY))
-        } else {
-            None
-        },
-    )
-    .await;
-    if gossip {
-        joined(&a, "a", &b, "b").await;
-    }
+    let a = first(with_sessions(), gossip).await;
+    let b = second(&a, with_sessions(), gossip).await;
     let a_client = planner_client(Way::LocalPort, &a).await;
     for _ in 0..200 {
         if state_of(&a, f) == "ejected" {
