@@ -36,9 +36,9 @@ pub async fn serve(
     listener: Arc<TcpListener>,
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
+    metrics: Arc<Metrics>,
     mut drain: drain::Watch,
 ) {
-    let metrics = Arc::new(Metrics::new(router.clone(), mesh.clone()));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

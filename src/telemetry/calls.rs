@@ -65,28 +65,11 @@ pub const ABANDONED: usize = 18;
 
 /// The Prometheus label value of outcome `i`.
 pub fn outcome_name(i: usize) -> &'static str {
-    const NAMES: [&str; OUTCOMES] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-        "stream_broke",
-        "abandoned",
-    ];
-    NAMES[i.min(OUTCOMES - 1)]
+    match i {
+        BROKE => "stream_broke",
+        ABANDONED => "abandoned",
+        code => crate::wire::grpc::code_name(tonic::Code::from_i32(code as i32)),
+    }
 }
 
 /// One endpoint's record.

@@ -16,6 +16,7 @@ use prometheus_client::metrics::MetricType::{self, Counter, Gauge, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::calls::{BUCKETS, OUTCOMES, outcome_name, prometheus_buckets};
+use super::trace::Traces;
 use crate::cluster::{Cluster, ClusterStats, Router};
 use crate::endpoint::{Endpoint, StatsSnapshot};
 use crate::mesh::Mesh;
@@ -29,9 +30,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(router: Arc<Router>, mesh: Option<Arc<Mesh>>) -> Metrics {
+    pub fn new(
+        router: Arc<Router>,
+        mesh: Option<Arc<Mesh>>,
+        traces: Option<Arc<Traces>>,
+    ) -> Metrics {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Sidecar { router, mesh }));
+        registry.register_collector(Box::new(Sidecar {
+            router,
+            mesh,
+            traces,
+        }));
         Metrics { registry }
     }
 
@@ -51,6 +60,7 @@ impl Metrics {
 struct Sidecar {
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
+    traces: Option<Arc<Traces>>,
 }
 
 impl fmt::Debug for Sidecar {
@@ -343,6 +353,28 @@ impl Collector for Sidecar {
 
         if let Some(mesh) = &self.mesh {
             mesh_metrics(&mut e, mesh)?;
+        }
+        if let Some(traces) = &self.traces {
+            let c = traces.counts();
+            family(
+                &mut e,
+                "agentmesh_trace_spans",
+                "Spans of sampled calls, by what became of them: exported, dropped_queue_full (the export queue was full: the backend is slow or down), dropped_export_failed (the backend refused them or did not answer in time).",
+                Counter,
+                |f| {
+                    for (outcome, n) in [
+                        ("exported", &c.exported),
+                        ("dropped_queue_full", &c.dropped_queue_full),
+                        ("dropped_export_failed", &c.dropped_export_failed),
+                    ] {
+                        f.counter(
+                            &[("outcome", outcome)],
+                            n.load(std::sync::atomic::Ordering::Relaxed),
+                        )?;
+                    }
+                    Ok(())
+                },
+            )?;
         }
         Ok(())
     }

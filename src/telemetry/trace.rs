@@ -1,0 +1,499 @@
+//! Traces: one OpenTelemetry span per proxied call, in the caller's trace.
+//!
+//! The span is made with the OpenTelemetry SDK directly (no `tracing`
+//! layer between: a call that is not sampled must cost nothing but two
+//! header lookups), exported over OTLP/gRPC by `opentelemetry-otlp`.
+//!
+//! - **Context**: a caller's W3C `traceparent` (and `tracestate`) is read
+//!   with the SDK's propagator; the sidecar's span is its child, and the
+//!   upstream request carries a `traceparent` naming the sidecar's span as
+//!   parent, so the agent's spans nest under it. A call that is not
+//!   sampled keeps the caller's headers as they came.
+//! - **Sampling**: the caller's sampled flag decides; a call without a
+//!   parent is sampled at `sample_ratio` (default 0); `x-agentmesh-trace: 1`
+//!   samples any call.
+//! - **Export**: a finished span goes into a bounded queue and never waits:
+//!   when the queue is full it is dropped and counted. One task sends the
+//!   queue in batches; a batch the backend refuses or does not take within
+//!   the export timeout is dropped and counted too. Calls are never slowed
+//!   by the backend.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
+};
+use tokio::sync::mpsc;
+
+use crate::balance::explain::Explanation;
+use crate::config::TelemetryConfig;
+use crate::endpoint::Endpoint;
+use crate::util::Task;
+
+/// The header that samples a call whatever its parent says.
+pub const FORCE_HEADER: HeaderName = HeaderName::from_static("x-agentmesh-trace");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Spans sent to the backend in one export at most.
+const BATCH: usize = 512;
+/// How long a batch may wait for more spans.
+const BATCH_WAIT: Duration = Duration::from_millis(200);
+/// How long one export may take before its spans are given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What became of finished spans (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct SpanCounts {
+    pub exported: AtomicU64,
+    /// Dropped because the queue was full (the backend is slow or down).
+    pub dropped_queue_full: AtomicU64,
+    /// Dropped because the backend refused them or did not answer in time.
+    pub dropped_export_failed: AtomicU64,
+}
+
+/// The tracer: decides which calls get a span, and starts them.
+pub struct Traces {
+    tracer: SdkTracer,
+    /// Held so that the tracer keeps its processor.
+    _provider: SdkTracerProvider,
+    ratio: f64,
+    propagator: TraceContextPropagator,
+    counts: Arc<SpanCounts>,
+    _export: Task,
+}
+
+impl std::fmt::Debug for Traces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Traces")
+            .field("ratio", &self.ratio)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Traces {
+    /// Starts the exporter, if the config names an OTLP endpoint; `None`
+    /// turns tracing off entirely. Must run inside the tokio runtime.
+    pub fn start(config: &TelemetryConfig) -> anyhow::Result<Option<Arc<Traces>>> {
+        let Some(endpoint) = &config.otlp_endpoint else {
+            return Ok(None);
+        };
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint {endpoint:?}: {e}"))?;
+        let resource = resource(&config.service_name);
+        exporter.set_resource(&resource);
+        let (queue, spans) = mpsc::channel(config.max_queued_spans);
+        let counts = Arc::new(SpanCounts::default());
+        let exporter = Arc::new(exporter);
+        let spans = Arc::new(tokio::sync::Mutex::new(spans));
+        let export = Task::supervised("span export", {
+            let (counts, exporter) = (counts.clone(), exporter.clone());
+            move || export(spans.clone(), exporter.clone(), counts.clone())
+        });
+        let provider = SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_span_processor(Queue {
+                queue,
+                counts: counts.clone(),
+            })
+            .build();
+        let tracer = provider.tracer("agentmesh");
+        tracing::info!(%endpoint, ratio = config.sample_ratio, service = %config.service_name, "tracing calls to an OTLP receiver");
+        Ok(Some(Arc::new(Traces {
+            tracer,
+            _provider: provider,
+            ratio: config.sample_ratio,
+            propagator: TraceContextPropagator::new(),
+            counts,
+            _export: export,
+        })))
+    }
+
+    pub fn counts(&self) -> &SpanCounts {
+        &self.counts
+    }
+
+    /// Whether a call with `headers` gets a span: `None` if not, else the
+    /// parent to start it under (empty for a new trace). A call with no
+    /// `traceparent`, no `x-agentmesh-trace` and a ratio of 0 costs two
+    /// header lookups.
+    pub fn sample(&self, headers: &HeaderMap) -> Option<Context> {
+        let forced = headers.get(&FORCE_HEADER).is_some_and(|v| v == "1");
+        let has_parent = headers.contains_key(&TRACEPARENT);
+        if !forced && !has_parent && self.ratio <= 0.0 {
+            return None;
+        }
+        let parent = if has_parent {
+            self.propagator.extract(&Headers(headers))
+        } else {
+            Context::new()
+        };
+        let remote = parent.span().span_context().clone();
+        let sampled = forced
+            || if remote.is_valid() {
+                remote.is_sampled()
+            } else {
+                self.ratio > 0.0 && fastrand::f64() < self.ratio
+            };
+        sampled.then_some(parent)
+    }
+
+    /// Starts a sampled call's span, named `name`, under `parent`; its
+    /// `traceparent` (and the caller's `tracestate`) replace the caller's
+    /// in `headers`.
+    pub fn start_span(
+        &self,
+        parent: &Context,
+        name: String,
+        attributes: Vec<KeyValue>,
+        headers: &mut HeaderMap,
+    ) -> Box<CallSpan> {
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, parent);
+        let cx = parent.with_remote_span_context(span.span_context().clone());
+        headers.remove(&TRACEPARENT);
+        headers.remove(&TRACESTATE);
+        self.propagator
+            .inject_context(&cx, &mut HeadersMut(headers));
+        Box::new(CallSpan {
+            span,
+            attempts: 0,
+            peer: String::new(),
+            ended: false,
+        })
+    }
+}
+
+/// A sampled call's span. Ended by [`CallSpan::end`], or when dropped.
+pub struct CallSpan {
+    span: opentelemetry_sdk::trace::Span,
+    attempts: u32,
+    /// The endpoint of the last attempt.
+    peer: String,
+    ended: bool,
+}
+
+impl CallSpan {
+    pub fn set(&mut self, attribute: KeyValue) {
+        self.span.set_attribute(attribute);
+    }
+
+    pub fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
+        self.span.add_event(name, attributes);
+    }
+
+    /// An attempt goes to `endpoint`. The span's peer attributes name the
+    /// last one (the endpoint that answered), set when the span ends.
+    pub fn attempt(&mut self, endpoint: &str) {
+        self.attempts += 1;
+        self.peer.clear();
+        self.peer.push_str(endpoint);
+    }
+
+    /// The picker chose `endpoint`, for the reasons in `why`: an event
+    /// naming the candidates it compared, each one's cost and what the
+    /// cost was made of (this sidecar's figures, or the mesh's and how old).
+    pub fn picked(&mut self, endpoint: &Endpoint, why: Explanation) {
+        let now = tokio::time::Instant::now();
+        let mut attributes = vec![KeyValue::new(
+            "agentmesh.endpoint",
+            endpoint.address().to_string(),
+        )];
+        if let Some(affinity) = why.affinity {
+            attributes.push(KeyValue::new("agentmesh.affinity", affinity));
+        }
+        if let Some((index, groups, size)) = why.group {
+            attributes.push(KeyValue::new(
+                "agentmesh.group",
+                format!("{} of {groups} ({size} endpoints)", index + 1),
+            ));
+        }
+        for (key, value) in [
+            ("agentmesh.zone", endpoint.zone()),
+            ("agentmesh.version", endpoint.version()),
+        ] {
+            if let Some(v) = value {
+                attributes.push(KeyValue::new(key, v.to_string()));
+            }
+        }
+        if endpoint.priority() > 0 {
+            attributes.push(KeyValue::new(
+                "agentmesh.priority",
+                i64::from(endpoint.priority()),
+            ));
+        }
+        if !why.candidates.is_empty() {
+            let described: Vec<StringValue> = why
+                .candidates
+                .iter()
+                .map(|(e, cost)| describe(e, *cost, now).into())
+                .collect();
+            attributes.push(KeyValue::new(
+                "agentmesh.candidates",
+                Value::Array(Array::String(described)),
+            ));
+        }
+        self.span.add_event("pick", attributes);
+    }
+
+    /// The picker's choice was passed over for another, and why.
+    pub fn passed_over(&mut self, endpoint: &str, why: &'static str) {
+        self.span.add_event(
+            "passed over",
+            vec![
+                KeyValue::new("agentmesh.endpoint", endpoint.to_string()),
+                KeyValue::new("agentmesh.reason", why),
+            ],
+        );
+    }
+
+    /// How one attempt ended.
+    pub fn attempt_ended(&mut self, endpoint: &str, outcome: impl Into<Cow<'static, str>>) {
+        let outcome: Cow<'static, str> = outcome.into();
+        self.span.add_event(
+            "attempt",
+            vec![
+                KeyValue::new("agentmesh.attempt", i64::from(self.attempts)),
+                KeyValue::new("agentmesh.endpoint", endpoint.to_string()),
+                KeyValue::new("agentmesh.outcome", outcome),
+            ],
+        );
+    }
+
+    /// Ends the span with the status the caller got.
+    pub fn end(mut self: Box<Self>, code: tonic::Code, message: &str) {
+        self.finish(code, message);
+    }
+
+    fn finish(&mut self, code: tonic::Code, message: &str) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        if !self.peer.is_empty() {
+            let (host, port) = split_host_port(&self.peer);
+            self.span
+                .set_attribute(KeyValue::new("network.peer.address", host.to_string()));
+            if let Some(port) = port {
+                self.span
+                    .set_attribute(KeyValue::new("network.peer.port", i64::from(port)));
+            }
+        }
+        self.span.set_attribute(KeyValue::new(
+            "agentmesh.attempts",
+            i64::from(self.attempts),
+        ));
+        self.span
+            .set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+        self.span.set_attribute(KeyValue::new(
+            "rpc.response.status_code",
+            crate::wire::grpc::code_name(code),
+        ));
+        if code != tonic::Code::Ok {
+            self.span.set_status(Status::error(format!(
+                "{}: {message}",
+                crate::wire::grpc::code_name(code)
+            )));
+        }
+        self.span.end();
+    }
+}
+
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        // Dropped without an end: the caller went away.
+        self.finish(tonic::Code::Cancelled, "the caller went away");
+    }
+}
+
+/// One candidate, for the span: its cost and what went into it.
+fn describe(e: &Endpoint, cost: f64, now: tokio::time::Instant) -> String {
+    use std::fmt::Write as _;
+    let load = e.load();
+    let mut out = format!(
+        "{} cost {cost:.3}: {} in flight here",
+        e.address(),
+        load.in_flight()
+    );
+    let age = load.mesh_age(now);
+    if let Some(age) = age {
+        let _ = write!(out, ", {:.1} from peers", load.mesh_in_flight());
+        if let Some(ns) = load.mesh_rtt_ns() {
+            let _ = write!(out, ", peers' latency {:.1} ms", ns / 1e6);
+        }
+        let _ = write!(out, " (mesh, reported {} ms ago)", age.as_millis());
+    }
+    if let Some(ns) = load.own_rtt_estimate(now) {
+        let _ = write!(out, ", latency {:.1} ms measured here", ns / 1e6);
+    }
+    if e.weight().get() != 1 {
+        let _ = write!(out, ", weight {}", e.weight());
+    }
+    out
+}
+
+/// `host:port` (or `[v6]:port`) split; the port `None` if absent.
+fn split_host_port(address: &str) -> (&str, Option<u16>) {
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => match port.parse() {
+            Ok(p) => (host.trim_start_matches('[').trim_end_matches(']'), Some(p)),
+            Err(_) => (address, None),
+        },
+        _ => (address, None),
+    }
+}
+
+/// The sidecar's resource: service name and version, the Kubernetes pod
+/// and namespace where the Downward API gives them (`POD_NAME`,
+/// `POD_NAMESPACE`), and `OTEL_RESOURCE_ATTRIBUTES`.
+fn resource(service_name: &str) -> Resource {
+    let mut attributes = vec![KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))];
+    for (var, key) in [
+        ("POD_NAME", "k8s.pod.name"),
+        ("POD_NAMESPACE", "k8s.namespace.name"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.trim().is_empty() {
+                attributes.push(KeyValue::new(key, v));
+            }
+        }
+    }
+    Resource::builder()
+        .with_service_name(service_name.to_string())
+        .with_attributes(attributes)
+        .build()
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The span processor: a finished span goes into the bounded queue, or is
+/// dropped and counted. Never waits.
+#[derive(Debug)]
+struct Queue {
+    queue: mpsc::Sender<SpanData>,
+    counts: Arc<SpanCounts>,
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.queue.try_send(span).is_err() {
+            self.counts.dropped_queue_full.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Sends queued spans in batches: as many as are waiting (up to
+/// [`BATCH`]), after at most [`BATCH_WAIT`] once the first arrives.
+async fn export(
+    spans: Arc<tokio::sync::Mutex<mpsc::Receiver<SpanData>>>,
+    exporter: Arc<opentelemetry_otlp::SpanExporter>,
+    counts: Arc<SpanCounts>,
+) {
+    let mut spans = spans.lock().await;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut failing = false;
+    loop {
+        let Some(first) = spans.recv().await else {
+            return;
+        };
+        batch.push(first);
+        let until = tokio::time::Instant::now() + BATCH_WAIT;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(until, spans.recv()).await {
+                Ok(Some(span)) => batch.push(span),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let sent =
+            tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch)));
+        let failure = match sent.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {EXPORT_TIMEOUT:?}")),
+        };
+        match failure {
+            None => {
+                counts.exported.fetch_add(n, Relaxed);
+                if std::mem::replace(&mut failing, false) {
+                    tracing::info!("span export works again");
+                }
+            }
+            Some(error) => {
+                counts.dropped_export_failed.fetch_add(n, Relaxed);
+                // Logged when exports start failing, not for every batch.
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(%error, spans = n, "span export failed; spans are dropped (and counted) until it works again");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_are_split_for_the_peer_attributes() {
+        assert_eq!(split_host_port("10.0.0.7:50051"), ("10.0.0.7", Some(50051)));
+        assert_eq!(split_host_port("[::1]:50051"), ("::1", Some(50051)));
+        assert_eq!(
+            split_host_port("planner-0.planner"),
+            ("planner-0.planner", None)
+        );
+    }
+}
