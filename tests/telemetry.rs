@@ -253,3 +253,56 @@ async fn stats_as_json_give_each_endpoint_its_latency_percentiles() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_shows_in_the_metrics() {
+    use agentmesh::config::{Config, MeshConfig};
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(1).await;
+        let key = b"a key of the metrics test, 32 b.";
+        let start = |name: &'static str, seeds: Vec<SocketAddr>| {
+            let addrs = agents.addrs.clone();
+            async move {
+                let mut config = Config::for_test(vec![planner(&addrs)]);
+                config.set_mesh(Some(MeshConfig::for_test(
+                    name,
+                    loopback(),
+                    &seeds,
+                    Some(key),
+                )));
+                agentmesh::app::Sidecar::start(&config)
+                    .await
+                    .expect("sidecar starts")
+            }
+        };
+        let a = start("a", vec![]).await;
+        let b = start("b", vec![a.mesh().unwrap().advertise()]).await;
+        let metric = |text: &str, name: &str| -> Option<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        };
+        let mut text = String::new();
+        for _ in 0..500 {
+            text = get(b.admin_addr(), "/metrics").await.2;
+            if metric(&text, "agentmesh_mesh_peers") == Some(1.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metric(&text, "agentmesh_mesh_peers"), Some(1.0), "{text}");
+        let sent = metric(&text, "agentmesh_mesh_datagrams_total{direction=\"sent\"}").unwrap();
+        assert!(sent > 0.0, "{text}");
+        assert_eq!(
+            metric(
+                &text,
+                "agentmesh_mesh_datagrams_dropped_total{reason=\"forged\"}"
+            ),
+            Some(0.0)
+        );
+        assert!(
+            metric(&text, "agentmesh_trace_spans_total{outcome=\"exported\"}").is_none(),
+            "no tracing, no span counters"
+        );
+    })
+    .await;
+}

@@ -33,6 +33,8 @@ use tonic::Code;
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
+    /// Each export's resource attributes.
+    resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
 }
 
 #[tonic::async_trait]
@@ -43,6 +45,9 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
+            if let Some(r) = &rs.resource {
+                self.resources.lock().unwrap().push(r.attributes.clone());
+            }
             let service = rs
                 .resource
                 .as_ref()
@@ -497,6 +502,59 @@ async fn a_backend_that_hangs_or_is_gone_slows_no_call() {
                     "{counts:?}"
                 ),
             }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_environment_configures_tracing_and_names_the_pod() {
+    bounded(Duration::from_secs(60), async {
+        let (receiver, at, _server) = Receiver::start().await;
+        let agents = Agents::start(1).await;
+        let (admin, proxy, local) = (closed_port(), closed_port(), closed_port());
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("mesh.toml");
+        // No [telemetry] in the file: the environment turns tracing on.
+        std::fs::write(
+            &config,
+            format!(
+                "[admin]\nlisten = \"{admin}\"\n[listener]\nproxy = \"{proxy}\"\n[[cluster]]\nname = \"planner\"\nlocal_port = \"{local}\"\nendpoints = [{{ address = \"{}\" }}]\n",
+                agents.addrs[0]
+            ),
+        )
+        .unwrap();
+        let _sidecar = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{at}"))
+            .env("OTEL_SERVICE_NAME", "planner-caller")
+            .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test,team=agents")
+            .env("POD_NAME", "caller-7d9f")
+            .env("POD_NAMESPACE", "agents")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the sidecar starts");
+        let up = eventually(Duration::from_secs(10), || std::net::TcpStream::connect(local).is_ok()).await;
+        assert!(up, "the sidecar listens on its local port");
+        let mut client = AgentClient::new(agentmesh::tools::client::direct(local).await.unwrap());
+        let mut req = tonic::Request::new(request(b"x"));
+        req.metadata_mut().insert("x-agentmesh-trace", "1".parse().unwrap());
+        let reply = client.invoke(req).await.expect("the call succeeds");
+        let tp = reply.metadata().get("x-traceparent-received").unwrap().to_str().unwrap();
+        let spans = receiver.wait_for("planner-caller", &fields(tp).0, 1).await;
+        assert_eq!(spans.len(), 1, "the span arrived under OTEL_SERVICE_NAME");
+        let resources = receiver.resources.lock().unwrap().clone();
+        let resource = resources.last().expect("a resource");
+        for (key, want) in [
+            ("service.name", "planner-caller"),
+            ("k8s.pod.name", "caller-7d9f"),
+            ("k8s.namespace.name", "agents"),
+            ("deployment.environment", "test"),
+            ("team", "agents"),
+        ] {
+            assert_eq!(string(resource, key).as_deref(), Some(want), "{key} in {resource:?}");
         }
     })
     .await;

@@ -524,7 +524,7 @@ impl Config {
             }
             err(key, reason)
         })?;
-        raw.validate(file)
+        raw.validate(file, env)
     }
 
     /// A small valid config for tests: everything on ephemeral loopback ports.

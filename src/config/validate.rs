@@ -54,7 +54,13 @@ impl Problems<'_> {
 }
 
 impl RawConfig {
-    pub(super) fn validate(self, file: &Path) -> Result<Config, ConfigErrors> {
+    /// Checks every value; `env` gives the OpenTelemetry variables that
+    /// `[telemetry]` falls back on.
+    pub(super) fn validate(
+        self,
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let mut p = Problems {
             file,
             found: Vec::new(),
@@ -237,7 +243,7 @@ impl RawConfig {
             });
         }
         let mesh = self.mesh.map(|m| validate_mesh(&mut p, m));
-        let telemetry = validate_telemetry(&mut p, self.telemetry);
+        let telemetry = validate_telemetry(&mut p, self.telemetry, env);
 
         if self.runtime.workers > 1024 {
             p.add("runtime.workers", "must be at most 1024 (0: one per CPU)");
@@ -802,8 +808,12 @@ fn check_host_port(address: &str) -> Result<(), String> {
 /// `[mesh]`: addresses, the key, and the timing knobs.
 /// `[telemetry]`, with the standard OpenTelemetry environment as the
 /// default for what the file leaves out.
-fn validate_telemetry(p: &mut Problems, raw: RawTelemetry) -> TelemetryConfig {
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+fn validate_telemetry(
+    p: &mut Problems,
+    raw: RawTelemetry,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TelemetryConfig {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
     let endpoint = match raw.otlp_endpoint.trim() {
         "" => env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
         e => Some(("telemetry.otlp_endpoint", e.to_string())),

@@ -73,7 +73,6 @@ pub struct Traces {
     ratio: f64,
     propagator: TraceContextPropagator,
     counts: Arc<SpanCounts>,
-    _export: Task,
 }
 
 impl std::fmt::Debug for Traces {
@@ -86,27 +85,29 @@ impl std::fmt::Debug for Traces {
 
 impl Traces {
     /// Starts the exporter, if the config names an OTLP endpoint; `None`
-    /// turns tracing off entirely. Must run inside the tokio runtime.
+    /// turns tracing off entirely.
     pub fn start(config: &TelemetryConfig) -> anyhow::Result<Option<Arc<Traces>>> {
-        let Some(endpoint) = &config.otlp_endpoint else {
+        let Some(endpoint) = config.otlp_endpoint.clone() else {
             return Ok(None);
         };
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint {endpoint:?}: {e}"))?;
         let resource = resource(&config.service_name);
-        exporter.set_resource(&resource);
         let (queue, spans) = mpsc::channel(config.max_queued_spans);
         let counts = Arc::new(SpanCounts::default());
-        let exporter = Arc::new(exporter);
-        let spans = Arc::new(tokio::sync::Mutex::new(spans));
-        let export = Task::supervised("span export", {
-            let (counts, exporter) = (counts.clone(), exporter.clone());
-            move || export(spans.clone(), exporter.clone(), counts.clone())
-        });
+        // Encoding and sending spans runs on a thread of its own, so that a
+        // batch being exported never holds up a call on the proxy's
+        // workers.
+        let (built, exporter_built) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("span-export".into())
+            .spawn({
+                let (resource, counts, endpoint) =
+                    (resource.clone(), counts.clone(), endpoint.clone());
+                move || export_thread(endpoint, resource, spans, counts, built)
+            })
+            .map_err(|e| anyhow::anyhow!("starting the span export thread: {e}"))?;
+        exporter_built
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the span export thread ended before it started"))??;
         let provider = SdkTracerProvider::builder()
             .with_resource(resource)
             .with_span_processor(Queue {
@@ -122,7 +123,6 @@ impl Traces {
             ratio: config.sample_ratio,
             propagator: TraceContextPropagator::new(),
             counts,
-            _export: export,
         })))
     }
 
@@ -433,6 +433,54 @@ impl SpanProcessor for Queue {
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
         Ok(())
     }
+}
+
+/// The export thread: builds the OTLP exporter on a runtime of its own,
+/// says whether that worked, and sends queued spans until the queue's
+/// sender is gone (the tracer was dropped). A panic in the export loop is
+/// logged and the loop started again.
+fn export_thread(
+    endpoint: String,
+    resource: Resource,
+    spans: mpsc::Receiver<SpanData>,
+    counts: Arc<SpanCounts>,
+    built: std::sync::mpsc::Sender<anyhow::Result<()>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = built.send(Err(anyhow::anyhow!("the span export runtime: {e}")));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build();
+        let mut exporter = match exporter {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = built.send(Err(anyhow::anyhow!(
+                    "telemetry.otlp_endpoint {endpoint:?}: {e}"
+                )));
+                return;
+            }
+        };
+        exporter.set_resource(&resource);
+        let _ = built.send(Ok(()));
+        let exporter = Arc::new(exporter);
+        let spans = Arc::new(tokio::sync::Mutex::new(spans));
+        Task::supervised("span export", move || {
+            export(spans.clone(), exporter.clone(), counts.clone())
+        })
+        .finished()
+        .await;
+    });
 }
 
 /// Sends queued spans in batches: as many as are waiting (up to
