@@ -178,6 +178,11 @@ impl Endpoint {
         &self.address
     }
 
+    /// The address, shared (for a span's attributes, without a copy).
+    pub fn address_shared(&self) -> &Arc<str> {
+        &self.address
+    }
+
     pub fn weight(&self) -> NonZeroU32 {
         NonZeroU32::new(self.weight.load(Ordering::Relaxed)).unwrap_or(NonZeroU32::MIN)
     }

@@ -198,7 +198,7 @@ impl<'c> Attempts<'c> {
             // at worst (a draining or unplugged endpoint): it goes on in the
             // background while this call goes to a connected endpoint.
             endpoint.connection().warm();
-            self.note(|t| t.passed_over(endpoint.address(), "not connected yet"));
+            self.note(|t| t.passed_over(endpoint.address_shared(), "not connected yet"));
             self.connecting.get_or_insert(endpoint);
             return Err(Flow::Again);
         }
@@ -216,7 +216,7 @@ impl<'c> Attempts<'c> {
                 self.full += usize::from(refused == Refused::Full);
                 self.note(|t| {
                     t.passed_over(
-                        endpoint.address(),
+                        endpoint.address_shared(),
                         match refused {
                             Refused::Full => "max_in_flight_per_endpoint reached",
                             _ => "not taking calls",
@@ -265,7 +265,10 @@ impl<'c> Attempts<'c> {
                     None => {
                         in_flight.not_sent();
                         self.note(|t| {
-                            t.attempt_ended(endpoint.address(), "deadline passed while connecting")
+                            t.attempt_ended(
+                                endpoint.address_shared(),
+                                "deadline passed while connecting",
+                            )
                         });
                         let phase = format!("while connecting to {}", endpoint.address());
                         return Err(self.end(Err(self.expired(phase))));
@@ -273,7 +276,10 @@ impl<'c> Attempts<'c> {
                     Some(Err(e)) => {
                         tracing::debug!(cluster = self.cluster.name(), error = %e, "endpoint unreachable; trying another");
                         self.note(|t| {
-                            t.attempt_ended(endpoint.address(), format!("connect failed: {e}"))
+                            t.attempt_ended(
+                                endpoint.address_shared(),
+                                format!("connect failed: {e}"),
+                            )
                         });
                         endpoint.connect_failed(&e);
                         in_flight.not_sent();
@@ -308,7 +314,7 @@ impl<'c> Attempts<'c> {
                     in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
                     self.note(|t| {
                         t.attempt_ended(
-                            endpoint.address(),
+                            endpoint.address_shared(),
                             "deadline passed waiting for the answer",
                         )
                     });
@@ -331,7 +337,10 @@ impl<'c> Attempts<'c> {
                     // stream opened: nothing was sent.
                     self.next = Some(self.template.request(body));
                     self.note(|t| {
-                        t.attempt_ended(endpoint.address(), "not sent: the connection closed")
+                        t.attempt_ended(
+                            endpoint.address_shared(),
+                            "not sent: the connection closed",
+                        )
                     });
                     if handed_back {
                         in_flight.not_sent();
@@ -367,7 +376,7 @@ impl<'c> Attempts<'c> {
                 }
                 self.note(|t| {
                     t.attempt_ended(
-                        endpoint.address(),
+                        endpoint.address_shared(),
                         trailers_only.map_or("answered", grpc::code_name),
                     )
                 });
@@ -404,7 +413,7 @@ impl<'c> Attempts<'c> {
                 // processed it: as good as never sent.
                 in_flight.not_sent();
                 self.note(|t| {
-                    t.attempt_ended(endpoint.address(), format!("not processed: {error}"))
+                    t.attempt_ended(endpoint.address_shared(), format!("not processed: {error}"))
                 });
                 tracing::debug!(cluster = self.cluster.name(), endpoint = endpoint.address(), %error, "call not processed; trying another endpoint");
                 self.failed = Failed::Nothing(format!("{}: {error}", endpoint.address()).into());
@@ -419,7 +428,7 @@ impl<'c> Attempts<'c> {
                 self.answered += 1;
                 self.note(|t| {
                     t.attempt_ended(
-                        endpoint.address(),
+                        endpoint.address_shared(),
                         format!("stream broke: {}", grpc::describe(&error)),
                     )
                 });

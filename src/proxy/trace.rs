@@ -31,7 +31,6 @@ pub(super) fn start<B>(
     };
     let mut attributes = vec![
         KeyValue::new("rpc.system.name", "grpc"),
-        KeyValue::new("rpc.system", "grpc"),
         KeyValue::new("rpc.method", method.clone()),
         KeyValue::new("server.address", server.to_string()),
         KeyValue::new("agentmesh.cluster", cluster.name().to_string()),

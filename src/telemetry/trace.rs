@@ -140,6 +140,14 @@ impl Traces {
         if !forced && !has_parent && self.ratio <= 0.0 {
             return None;
         }
+        if has_parent
+            && !forced
+            && headers.get(&TRACEPARENT).and_then(|v| flags(v.as_bytes())) == Some(false)
+        {
+            // The caller's trace is not sampled: nothing to parse further,
+            // and its headers go on as they came.
+            return None;
+        }
         let parent = if has_parent {
             self.propagator.extract(&Headers(headers))
         } else {
@@ -215,10 +223,20 @@ impl CallSpan {
     /// naming the candidates it compared, each one's cost and what the
     /// cost was made of (this sidecar's figures, or the mesh's and how old).
     pub fn picked(&mut self, endpoint: &Endpoint, why: Explanation) {
+        if why.candidates.is_empty()
+            && why.affinity.is_none()
+            && why.group.is_none()
+            && endpoint.zone().is_none()
+            && endpoint.version().is_none()
+        {
+            // Nothing compared and nothing placed it (round robin over one
+            // group): the attempt event names the endpoint already.
+            return;
+        }
         let now = tokio::time::Instant::now();
         let mut attributes = vec![KeyValue::new(
             "agentmesh.endpoint",
-            endpoint.address().to_string(),
+            endpoint.address_shared().clone(),
         )];
         if let Some(affinity) = why.affinity {
             attributes.push(KeyValue::new("agentmesh.affinity", affinity));
@@ -258,24 +276,24 @@ impl CallSpan {
     }
 
     /// The picker's choice was passed over for another, and why.
-    pub fn passed_over(&mut self, endpoint: &str, why: &'static str) {
+    pub fn passed_over(&mut self, endpoint: &Arc<str>, why: &'static str) {
         self.span.add_event(
             "passed over",
             vec![
-                KeyValue::new("agentmesh.endpoint", endpoint.to_string()),
+                KeyValue::new("agentmesh.endpoint", endpoint.clone()),
                 KeyValue::new("agentmesh.reason", why),
             ],
         );
     }
 
     /// How one attempt ended.
-    pub fn attempt_ended(&mut self, endpoint: &str, outcome: impl Into<Cow<'static, str>>) {
+    pub fn attempt_ended(&mut self, endpoint: &Arc<str>, outcome: impl Into<Cow<'static, str>>) {
         let outcome: Cow<'static, str> = outcome.into();
         self.span.add_event(
             "attempt",
             vec![
                 KeyValue::new("agentmesh.attempt", i64::from(self.attempts)),
-                KeyValue::new("agentmesh.endpoint", endpoint.to_string()),
+                KeyValue::new("agentmesh.endpoint", endpoint.clone()),
                 KeyValue::new("agentmesh.outcome", outcome),
             ],
         );
@@ -324,6 +342,37 @@ impl Drop for CallSpan {
         // Dropped without an end: the caller went away.
         self.finish(tonic::Code::Cancelled, "the caller went away");
     }
+}
+
+/// Whether a well-formed W3C `traceparent` has its sampled flag set
+/// (`None` if it is not well formed: the SDK's propagator then treats it
+/// as absent). Only the fixed layout of version 00, or a later version's
+/// first 55 bytes, is read: `vv-<32 hex>-<16 hex>-ff`.
+fn flags(traceparent: &[u8]) -> Option<bool> {
+    let hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let t = traceparent;
+    let version_ok = t.len() == 55 || (t.len() > 55 && t[..2] != *b"00" && t[55] == b'-');
+    if !version_ok
+        || t[..2] == *b"ff"
+        || !hex(&t[..2])
+        || t[2] != b'-'
+        || t[35] != b'-'
+        || t[52] != b'-'
+    {
+        return None;
+    }
+    let (trace_id, parent_id, flags) = (&t[3..35], &t[36..52], &t[53..55]);
+    if !hex(trace_id) || !hex(parent_id) || !hex(flags) {
+        return None;
+    }
+    if trace_id.iter().all(|&c| c == b'0') || parent_id.iter().all(|&c| c == b'0') {
+        return None;
+    }
+    let low = match flags[1] {
+        c @ b'0'..=b'9' => c - b'0',
+        c => c - b'a' + 10,
+    };
+    Some(low & 1 == 1)
 }
 
 /// One candidate, for the span: its cost and what went into it.
@@ -534,6 +583,44 @@ async fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sampled_flag_is_read_from_well_formed_traceparents_only() {
+        let tp = |s: &str| flags(s.as_bytes());
+        assert_eq!(
+            tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some(true)
+        );
+        assert_eq!(
+            tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            Some(false)
+        );
+        assert_eq!(
+            tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03"),
+            Some(true)
+        );
+        assert_eq!(
+            tp("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02"),
+            Some(false)
+        );
+        // A later version may carry more after the flags.
+        assert_eq!(
+            tp("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more"),
+            Some(true)
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert_eq!(tp(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn host_and_port_are_split_for_the_peer_attributes() {
