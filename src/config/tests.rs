@@ -481,6 +481,11 @@ fn bad_telemetry_values_name_their_keys() {
         e.contains("telemetry.otlp_endpoint") && e.contains("http://"),
         "{e}"
     );
+    let e = first_error(&with("otlp_endpoint = \"https://collector:4317\""));
+    assert!(
+        e.contains("telemetry.otlp_endpoint") && e.contains("no TLS"),
+        "{e}"
+    );
     let e = first_error(&with(
         "otlp_endpoint = \"http://c:4317\"\nsample_ratio = 1.5",
     ));

@@ -1,8 +1,14 @@
 //! Traces: one OpenTelemetry span per proxied call, in the caller's trace.
 //!
-//! The span is made with the OpenTelemetry SDK directly (no `tracing`
-//! layer between: a call that is not sampled must cost nothing but two
-//! header lookups), exported over OTLP/gRPC by `opentelemetry-otlp`.
+//! A call that is not sampled costs a header lookup or two. A sampled
+//! call's span is built as it goes straight into the OTLP protobuf types of
+//! `opentelemetry-proto`, and sent by that crate's tonic client of the OTLP
+//! trace service. The SDK's span pipeline (a span, then `SpanData`, then a
+//! conversion into the same protobufs, value by value through `Display`)
+//! measured 63k instructions per sampled call over an unsampled one; the
+//! spans made here carry the same fields for less (see the README). The
+//! SDK still reads and writes the W3C headers (its propagator) and gathers
+//! the resource (its detectors, so `OTEL_RESOURCE_ATTRIBUTES` counts).
 //!
 //! - **Context**: a caller's W3C `traceparent` (and `tracestate`) is read
 //!   with the SDK's propagator; the sidecar's span is its child, and the
@@ -13,29 +19,29 @@
 //!   parent is sampled at `sample_ratio` (default 0); `x-agentmesh-trace: 1`
 //!   samples any call.
 //! - **Export**: a finished span goes into a bounded queue and never waits:
-//!   when the queue is full it is dropped and counted. One task sends the
-//!   queue in batches; a batch the backend refuses or does not take within
-//!   the export timeout is dropped and counted too. Calls are never slowed
-//!   by the backend.
+//!   when the queue is full it is dropped and counted. A thread of its own
+//!   sends the queue in batches; a batch the backend refuses or does not
+//!   take within the export timeout is dropped and counted too. Calls are
+//!   never slowed by the backend.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
 };
-use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry::{Context, KeyValue, Value};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1 as pb_common;
+use opentelemetry_proto::tonic::resource::v1::Resource as PbResource;
+use opentelemetry_proto::tonic::trace::v1 as pb;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
-};
 use tokio::sync::mpsc;
 
 use crate::balance::explain::Explanation;
@@ -67,11 +73,9 @@ pub struct SpanCounts {
 
 /// The tracer: decides which calls get a span, and starts them.
 pub struct Traces {
-    tracer: SdkTracer,
-    /// Held so that the tracer keeps its processor.
-    _provider: SdkTracerProvider,
     ratio: f64,
     propagator: TraceContextPropagator,
+    queue: mpsc::Sender<pb::Span>,
     counts: Arc<SpanCounts>,
 }
 
@@ -100,28 +104,18 @@ impl Traces {
         std::thread::Builder::new()
             .name("span-export".into())
             .spawn({
-                let (resource, counts, endpoint) =
-                    (resource.clone(), counts.clone(), endpoint.clone());
+                let (counts, endpoint) = (counts.clone(), endpoint.clone());
                 move || export_thread(endpoint, resource, spans, counts, built)
             })
             .map_err(|e| anyhow::anyhow!("starting the span export thread: {e}"))?;
         exporter_built
             .recv()
             .map_err(|_| anyhow::anyhow!("the span export thread ended before it started"))??;
-        let provider = SdkTracerProvider::builder()
-            .with_resource(resource)
-            .with_span_processor(Queue {
-                queue,
-                counts: counts.clone(),
-            })
-            .build();
-        let tracer = provider.tracer("agentmesh");
         tracing::info!(%endpoint, ratio = config.sample_ratio, service = %config.service_name, "tracing calls to an OTLP receiver");
         Ok(Some(Arc::new(Traces {
-            tracer,
-            _provider: provider,
             ratio: config.sample_ratio,
             propagator: TraceContextPropagator::new(),
+            queue,
             counts,
         })))
     }
@@ -173,42 +167,75 @@ impl Traces {
         attributes: Vec<KeyValue>,
         headers: &mut HeaderMap,
     ) -> Box<CallSpan> {
-        let span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, parent);
-        let cx = parent.with_remote_span_context(span.span_context().clone());
+        let remote = parent.span().span_context().clone();
+        let (trace_id, parent_id, trace_state) = if remote.is_valid() {
+            (
+                remote.trace_id(),
+                Some(remote.span_id()),
+                remote.trace_state().clone(),
+            )
+        } else {
+            (
+                TraceId::from(fastrand::u128(1..)),
+                None,
+                TraceState::default(),
+            )
+        };
+        let span_id = SpanId::from(fastrand::u64(1..));
+        let context = SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, trace_state);
         headers.remove(&TRACEPARENT);
         headers.remove(&TRACESTATE);
-        self.propagator
-            .inject_context(&cx, &mut HeadersMut(headers));
+        self.propagator.inject_context(
+            &Context::new().with_remote_span_context(context.clone()),
+            &mut HeadersMut(headers),
+        );
+        let span = pb::Span {
+            trace_id: trace_id.to_bytes().to_vec(),
+            span_id: span_id.to_bytes().to_vec(),
+            trace_state: context.trace_state().header(),
+            parent_span_id: parent_id.map(|p| p.to_bytes().to_vec()).unwrap_or_default(),
+            // W3C flags (sampled), and whether the parent is remote: known.
+            flags: 0x01 | 0x100 | if parent_id.is_some() { 0x200 } else { 0 },
+            name,
+            kind: pb::span::SpanKind::Client as i32,
+            start_time_unix_nano: unix_nanos(SystemTime::now()),
+            attributes: attributes.into_iter().map(to_pb).collect(),
+            ..Default::default()
+        };
         Box::new(CallSpan {
             span,
             attempts: 0,
             peer: String::new(),
             ended: false,
+            queue: self.queue.clone(),
+            counts: self.counts.clone(),
         })
     }
 }
 
 /// A sampled call's span. Ended by [`CallSpan::end`], or when dropped.
 pub struct CallSpan {
-    span: opentelemetry_sdk::trace::Span,
+    span: pb::Span,
     attempts: u32,
     /// The endpoint of the last attempt.
     peer: String,
     ended: bool,
+    queue: mpsc::Sender<pb::Span>,
+    counts: Arc<SpanCounts>,
 }
 
 impl CallSpan {
     pub fn set(&mut self, attribute: KeyValue) {
-        self.span.set_attribute(attribute);
+        self.span.attributes.push(to_pb(attribute));
     }
 
     pub fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
-        self.span.add_event(name, attributes);
+        self.span.events.push(pb::span::Event {
+            time_unix_nano: unix_nanos(SystemTime::now()),
+            name: name.to_string(),
+            attributes: attributes.into_iter().map(to_pb).collect(),
+            dropped_attributes_count: 0,
+        });
     }
 
     /// An attempt goes to `endpoint`. The span's peer attributes name the
@@ -262,22 +289,22 @@ impl CallSpan {
             ));
         }
         if !why.candidates.is_empty() {
-            let described: Vec<StringValue> = why
+            let described: Vec<opentelemetry::StringValue> = why
                 .candidates
                 .iter()
                 .map(|(e, cost)| describe(e, *cost, now).into())
                 .collect();
             attributes.push(KeyValue::new(
                 "agentmesh.candidates",
-                Value::Array(Array::String(described)),
+                Value::Array(opentelemetry::Array::String(described)),
             ));
         }
-        self.span.add_event("pick", attributes);
+        self.event("pick", attributes);
     }
 
     /// The picker's choice was passed over for another, and why.
     pub fn passed_over(&mut self, endpoint: &Arc<str>, why: &'static str) {
-        self.span.add_event(
+        self.event(
             "passed over",
             vec![
                 KeyValue::new("agentmesh.endpoint", endpoint.clone()),
@@ -289,7 +316,7 @@ impl CallSpan {
     /// How one attempt ended.
     pub fn attempt_ended(&mut self, endpoint: &Arc<str>, outcome: impl Into<Cow<'static, str>>) {
         let outcome: Cow<'static, str> = outcome.into();
-        self.span.add_event(
+        self.event(
             "attempt",
             vec![
                 KeyValue::new("agentmesh.attempt", i64::from(self.attempts)),
@@ -308,32 +335,32 @@ impl CallSpan {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
+        let mut span = std::mem::take(&mut self.span);
+        span.end_time_unix_nano = unix_nanos(SystemTime::now());
         if !self.peer.is_empty() {
             let (host, port) = split_host_port(&self.peer);
-            self.span
-                .set_attribute(KeyValue::new("network.peer.address", host.to_string()));
+            span.attributes
+                .push(pb_str("network.peer.address", host.to_string()));
             if let Some(port) = port {
-                self.span
-                    .set_attribute(KeyValue::new("network.peer.port", i64::from(port)));
+                span.attributes
+                    .push(pb_int("network.peer.port", i64::from(port)));
             }
         }
-        self.span.set_attribute(KeyValue::new(
-            "agentmesh.attempts",
-            i64::from(self.attempts),
-        ));
-        self.span
-            .set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
-        self.span.set_attribute(KeyValue::new(
-            "rpc.response.status_code",
-            crate::wire::grpc::code_name(code),
-        ));
+        let name = crate::wire::grpc::code_name(code);
+        span.attributes.extend([
+            pb_int("agentmesh.attempts", i64::from(self.attempts)),
+            pb_int("rpc.grpc.status_code", code as i64),
+            pb_str("rpc.response.status_code", name.to_string()),
+        ]);
         if code != tonic::Code::Ok {
-            self.span.set_status(Status::error(format!(
-                "{}: {message}",
-                crate::wire::grpc::code_name(code)
-            )));
+            span.status = Some(pb::Status {
+                message: format!("{name}: {message}"),
+                code: pb::status::StatusCode::Error as i32,
+            });
         }
-        self.span.end();
+        if self.queue.try_send(span).is_err() {
+            self.counts.dropped_queue_full.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -414,8 +441,8 @@ fn split_host_port(address: &str) -> (&str, Option<u16>) {
 
 /// The sidecar's resource: service name and version, the Kubernetes pod
 /// and namespace where the Downward API gives them (`POD_NAME`,
-/// `POD_NAMESPACE`), and `OTEL_RESOURCE_ATTRIBUTES`.
-fn resource(service_name: &str) -> Resource {
+/// `POD_NAMESPACE`), and `OTEL_RESOURCE_ATTRIBUTES` (the SDK's detectors).
+fn resource(service_name: &str) -> PbResource {
     let mut attributes = vec![KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))];
     for (var, key) in [
         ("POD_NAME", "k8s.pod.name"),
@@ -427,10 +454,73 @@ fn resource(service_name: &str) -> Resource {
             }
         }
     }
-    Resource::builder()
+    let resource = Resource::builder()
         .with_service_name(service_name.to_string())
         .with_attributes(attributes)
-        .build()
+        .build();
+    PbResource {
+        attributes: resource
+            .iter()
+            .map(|(k, v)| to_pb(KeyValue::new(k.clone(), v.clone())))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn pb_value(value: Value) -> pb_common::AnyValue {
+    use opentelemetry::Array;
+    use pb_common::any_value::Value as V;
+    let value = match value {
+        Value::Bool(b) => V::BoolValue(b),
+        Value::I64(i) => V::IntValue(i),
+        Value::F64(f) => V::DoubleValue(f),
+        Value::String(s) => V::StringValue(s.into()),
+        Value::Array(a) => {
+            let values = match a {
+                Array::Bool(v) => v.into_iter().map(Value::Bool).map(pb_value).collect(),
+                Array::I64(v) => v.into_iter().map(Value::I64).map(pb_value).collect(),
+                Array::F64(v) => v.into_iter().map(Value::F64).map(pb_value).collect(),
+                Array::String(v) => v.into_iter().map(Value::String).map(pb_value).collect(),
+                _ => Vec::new(),
+            };
+            V::ArrayValue(pb_common::ArrayValue { values })
+        }
+        other => V::StringValue(other.to_string()),
+    };
+    pb_common::AnyValue { value: Some(value) }
+}
+
+fn to_pb(kv: KeyValue) -> pb_common::KeyValue {
+    pb_common::KeyValue {
+        key: kv.key.as_str().to_string(),
+        value: Some(pb_value(kv.value)),
+        ..Default::default()
+    }
+}
+
+fn pb_str(key: &str, value: String) -> pb_common::KeyValue {
+    pb_common::KeyValue {
+        key: key.to_string(),
+        value: Some(pb_common::AnyValue {
+            value: Some(pb_common::any_value::Value::StringValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn pb_int(key: &str, value: i64) -> pb_common::KeyValue {
+    pb_common::KeyValue {
+        key: key.to_string(),
+        value: Some(pb_common::AnyValue {
+            value: Some(pb_common::any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
 }
 
 struct Headers<'a>(&'a HeaderMap);
@@ -458,40 +548,14 @@ impl Injector for HeadersMut<'_> {
     }
 }
 
-/// The span processor: a finished span goes into the bounded queue, or is
-/// dropped and counted. Never waits.
-#[derive(Debug)]
-struct Queue {
-    queue: mpsc::Sender<SpanData>,
-    counts: Arc<SpanCounts>,
-}
-
-impl SpanProcessor for Queue {
-    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        if self.queue.try_send(span).is_err() {
-            self.counts.dropped_queue_full.fetch_add(1, Relaxed);
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
-
-/// The export thread: builds the OTLP exporter on a runtime of its own,
+/// The export thread: connects the OTLP client on a runtime of its own,
 /// says whether that worked, and sends queued spans until the queue's
 /// sender is gone (the tracer was dropped). A panic in the export loop is
 /// logged and the loop started again.
 fn export_thread(
     endpoint: String,
-    resource: Resource,
-    spans: mpsc::Receiver<SpanData>,
+    resource: PbResource,
+    spans: mpsc::Receiver<pb::Span>,
     counts: Arc<SpanCounts>,
     built: std::sync::mpsc::Sender<anyhow::Result<()>>,
 ) {
@@ -506,13 +570,11 @@ fn export_thread(
         }
     };
     runtime.block_on(async move {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .with_timeout(EXPORT_TIMEOUT)
-            .build();
-        let mut exporter = match exporter {
-            Ok(e) => e,
+        let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+            Ok(e) => e
+                .timeout(EXPORT_TIMEOUT)
+                .connect_timeout(EXPORT_TIMEOUT)
+                .connect_lazy(),
             Err(e) => {
                 let _ = built.send(Err(anyhow::anyhow!(
                     "telemetry.otlp_endpoint {endpoint:?}: {e}"
@@ -520,12 +582,17 @@ fn export_thread(
                 return;
             }
         };
-        exporter.set_resource(&resource);
         let _ = built.send(Ok(()));
-        let exporter = Arc::new(exporter);
+        let client = TraceServiceClient::new(channel);
         let spans = Arc::new(tokio::sync::Mutex::new(spans));
+        let resource = Arc::new(resource);
         Task::supervised("span export", move || {
-            export(spans.clone(), exporter.clone(), counts.clone())
+            export(
+                spans.clone(),
+                client.clone(),
+                resource.clone(),
+                counts.clone(),
+            )
         })
         .finished()
         .await;
@@ -535,17 +602,23 @@ fn export_thread(
 /// Sends queued spans in batches: as many as are waiting (up to
 /// [`BATCH`]), after at most [`BATCH_WAIT`] once the first arrives.
 async fn export(
-    spans: Arc<tokio::sync::Mutex<mpsc::Receiver<SpanData>>>,
-    exporter: Arc<opentelemetry_otlp::SpanExporter>,
+    spans: Arc<tokio::sync::Mutex<mpsc::Receiver<pb::Span>>>,
+    mut client: TraceServiceClient<tonic::transport::Channel>,
+    resource: Arc<PbResource>,
     counts: Arc<SpanCounts>,
 ) {
     let mut spans = spans.lock().await;
-    let mut batch = Vec::with_capacity(BATCH);
     let mut failing = false;
+    let scope = pb_common::InstrumentationScope {
+        name: "agentmesh".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    };
     loop {
         let Some(first) = spans.recv().await else {
             return;
         };
+        let mut batch = Vec::with_capacity(BATCH);
         batch.push(first);
         let until = tokio::time::Instant::now() + BATCH_WAIT;
         while batch.len() < BATCH {
@@ -555,11 +628,21 @@ async fn export(
             }
         }
         let n = batch.len() as u64;
-        let sent =
-            tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch)));
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![pb::ResourceSpans {
+                resource: Some((*resource).clone()),
+                scope_spans: vec![pb::ScopeSpans {
+                    scope: Some(scope.clone()),
+                    spans: batch,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.export(request));
         let failure = match sent.await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) => Some(format!("{:?}: {}", status.code(), status.message())),
             Err(_) => Some(format!("no answer within {EXPORT_TIMEOUT:?}")),
         };
         match failure {
