@@ -241,9 +241,12 @@ class Proxy:
     """One proxy in front of the agents: kind is agentmesh, nginx, haproxy
     or direct (no proxy: the load goes straight to the agents)."""
 
-    def __init__(self, kind, strategy, label=None, extra=""):
-        """extra: more TOML for an agentmesh cluster (e.g. 'choices = "all"')."""
-        self.kind, self.strategy, self.extra = kind, strategy, extra
+    def __init__(self, kind, strategy, label=None, extra="", top="", headers=()):
+        """extra: more TOML for an agentmesh cluster (e.g. 'choices = "all"');
+        top: more top-level TOML (e.g. a [telemetry] table); headers: metadata
+        ("name: value") the load generator sends with every call to it."""
+        self.kind, self.strategy, self.extra, self.top = kind, strategy, extra, top
+        self.headers = tuple(headers)
         self.label = label or (kind if kind == "direct" else f"{kind} {strategy}")
         self.proc = None
         self.port = None
@@ -274,6 +277,7 @@ max_in_flight_per_endpoint = 1000000
 {self.extra}
 local_port = "127.0.0.1:{self.port}"
 endpoints = [{endpoints}]
+{self.top}
 """)
             self.proc = Proc([BIN, "run", "--config", path], PROXY_CPU,
                              os.path.join(workdir, f"{name}.log"), env={"RUST_LOG": "warn"})
@@ -358,7 +362,7 @@ backend be
 
 def load(targets, duration, concurrency=None, rate=None, connections=4, payload=1024,
          stream=0, delay_ms=0, timeout="30s", sample=None, timeline=None, warmup=0.0,
-         histogram=False):
+         histogram=False, headers=()):
     """Runs `agentmesh load` on the load CPU; returns its JSON report. With
     `sample` (a callable), calls it every 50 ms during the run and returns
     the samples too. `warmup` seconds of calls go first, uncounted; with
@@ -368,6 +372,8 @@ def load(targets, duration, concurrency=None, rate=None, connections=4, payload=
            "--delay-ms", str(delay_ms), "--timeout", timeout, "--warmup", f"{int(warmup * 1000)}ms"]
     if histogram:
         cmd.append("--histogram")
+    for h in headers:
+        cmd += ["--header", h]
     for t in targets:
         cmd += ["--target", t]
     if timeline is not None:
@@ -410,11 +416,13 @@ def grpc_body(path, payload):
         f.write(b"\x00" + len(message).to_bytes(4, "big") + message)
 
 
-def h2load(target, body, requests, clients=4, streams=16, authority=None):
+def h2load(target, body, requests, clients=4, streams=16, authority=None, headers=()):
     """Cross-check with nghttp2's h2load: requests/s for unary Invoke."""
     url = f"http://{target}/agentmesh.demo.v1.Agent/Invoke"
     cmd = ["taskset", "-c", LOAD_CPU, "h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams),
            "-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers", url]
+    for h in headers:
+        cmd[-1:-1] = ["-H", h]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     for line in out.stdout.splitlines():
         if line.startswith("finished in"):
@@ -517,6 +525,35 @@ def all_errors(reports):
         for code, n in (r["errors"] or {}).items():
             out[code] = out.get(code, 0) + n
     return out
+
+
+class OtlpSink:
+    """An OTLP/gRPC receiver that keeps nothing (bench/otlp_sink.py, in the
+    Python environment of scripts/python-env), on the load CPU."""
+
+    def __init__(self, workdir):
+        python = subprocess.run([os.path.join(ROOT, "scripts", "python-env")], check=True,
+                                stdout=subprocess.PIPE, text=True).stdout.strip()
+        self.port = free_port()
+        self.proc = Proc([python, os.path.join(ROOT, "bench", "otlp_sink.py"), str(self.port)], LOAD_CPU,
+                         os.path.join(workdir, "otlp-sink.log"))
+        wait_port(self.port, proc=self.proc)
+
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.stop()
+
+
+def telemetry(endpoint, ratio):
+    """The [telemetry] table of a traced agentmesh."""
+    return f'[telemetry]\notlp_endpoint = "{endpoint}"\nsample_ratio = {ratio}\n'
+
+
+# A caller's traceparent with the sampled flag off: what an instrumented
+# caller that does not sample sends.
+UNSAMPLED = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 
 
 def workdir():

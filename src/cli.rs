@@ -122,6 +122,35 @@ pub struct LoadArgs {
     /// several runs can be merged.
     #[arg(long)]
     histogram: bool,
+    /// Metadata sent with every call, as NAME:VALUE; repeat for more.
+    #[arg(long, value_parser = parse_header)]
+    header: Vec<(
+        tonic::metadata::AsciiMetadataKey,
+        tonic::metadata::AsciiMetadataValue,
+    )>,
+}
+
+fn parse_header(
+    s: &str,
+) -> Result<
+    (
+        tonic::metadata::AsciiMetadataKey,
+        tonic::metadata::AsciiMetadataValue,
+    ),
+    String,
+> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:VALUE"))?;
+    let name = name
+        .trim()
+        .parse()
+        .map_err(|_| format!("{name:?} is not a metadata name"))?;
+    let value = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a metadata value"))?;
+    Ok((name, value))
 }
 
 impl LoadArgs {
@@ -141,6 +170,13 @@ impl LoadArgs {
             timeline: self.timeline,
             calls: self.calls,
             histogram: self.histogram,
+            metadata: {
+                let mut m = tonic::metadata::MetadataMap::new();
+                for (name, value) in &self.header {
+                    m.append(name.clone(), value.clone());
+                }
+                m
+            },
             ..Default::default()
         }
     }

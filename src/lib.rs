@@ -22,6 +22,7 @@ pub mod endpoint;
 pub mod listener;
 pub mod mesh;
 pub mod proxy;
+pub mod telemetry;
 pub mod tools;
 pub(crate) mod util;
 pub(crate) mod wire;

@@ -8,8 +8,12 @@
 //!   turned away while full.
 //! - `GET /clusters`: one line per cluster: calls in flight, endpoints
 //!   ejected, limit and rate-limit refusals, retries, panics.
+//! - `GET /stats?format=json`: the same per cluster and endpoint as JSON,
+//!   with each endpoint's calls by status and latency percentiles over the
+//!   last 30 to 60 s.
 //! - `GET /mesh` (with `[mesh]`): JSON: this node, its peers, the gossip
 //!   counters, and per endpoint the local and the mesh view.
+//! - `GET /metrics`: Prometheus text format (see [`crate::telemetry::metrics`]).
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -25,11 +29,14 @@ use tokio::net::TcpListener;
 use crate::app::drain;
 use crate::cluster::Router;
 use crate::mesh::Mesh;
+use crate::telemetry::calls::{OUTCOMES, outcome_name};
+use crate::telemetry::metrics::{self, Metrics};
 
 pub async fn serve(
     listener: Arc<TcpListener>,
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
+    metrics: Arc<Metrics>,
     mut drain: drain::Watch,
 ) {
     loop {
@@ -41,10 +48,10 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let (router, mesh) = (router.clone(), mesh.clone());
+        let (router, mesh, metrics) = (router.clone(), mesh.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &router, mesh.as_deref());
+                let response = respond(&req, &router, mesh.as_deref(), &metrics);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -56,9 +63,26 @@ pub async fn serve(
     }
 }
 
-fn respond(req: &Request<Incoming>, router: &Router, mesh: Option<&Mesh>) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<Incoming>,
+    router: &Router,
+    mesh: Option<&Mesh>,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
     let mut content_type = "text/plain; charset=utf-8";
+    let json = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "format=json"));
     let (status, body) = match req.uri().path() {
+        "/metrics" => {
+            content_type = metrics::CONTENT_TYPE;
+            (StatusCode::OK, metrics.render())
+        }
+        "/stats" if json => {
+            content_type = "application/json";
+            (StatusCode::OK, stats_json(router))
+        }
         "/mesh" => match mesh {
             Some(mesh) => {
                 content_type = "application/json";
@@ -75,7 +99,7 @@ fn respond(req: &Request<Incoming>, router: &Router, mesh: Option<&Mesh>) -> Res
         "/clusters" => (StatusCode::OK, clusters(router)),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /stats, /clusters or /mesh\n".to_string(),
+            "not found; try /live, /ready, /stats, /stats?format=json, /clusters, /metrics or /mesh\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -116,6 +140,89 @@ pub fn stats(router: &Router) -> String {
             );
         }
     }
+    out
+}
+
+/// `/stats?format=json`: per cluster its figures, and per endpoint its
+/// counters, calls by outcome and recent latency percentiles.
+pub fn stats_json(router: &Router) -> String {
+    use crate::cluster::ClusterStats as S;
+    use serde_json::json;
+    let now = tokio::time::Instant::now();
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+    let clusters: Vec<_> = router
+        .clusters()
+        .iter()
+        .map(|c| {
+            let st = c.stats();
+            let snapshot = c.snapshot();
+            let endpoints: Vec<_> = c
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    let s = e.stats();
+                    let outcomes = e.calls().outcomes();
+                    let mut by_code = serde_json::Map::new();
+                    for (i, &n) in outcomes.iter().enumerate().take(OUTCOMES) {
+                        if n > 0 {
+                            by_code.insert(outcome_name(i).into(), n.into());
+                        }
+                    }
+                    let latency = e.calls().percentiles(now).map(|p| {
+                        json!({
+                            "window_calls": p.calls,
+                            "p50_ms": ms(p.p50),
+                            "p90_ms": ms(p.p90),
+                            "p99_ms": ms(p.p99),
+                        })
+                    });
+                    json!({
+                        "address": e.address(),
+                        "weight": e.weight().get(),
+                        "zone": e.zone(),
+                        "priority": e.priority(),
+                        "version": e.version(),
+                        "state": s.state,
+                        "in_flight": s.in_flight,
+                        "calls": s.calls,
+                        "failures": s.failures,
+                        "calls_by_status": by_code,
+                        "latency": latency,
+                        "connect_failures": s.connect_failures,
+                        "connections": s.connections_opened,
+                        "connected": e.connection().is_open(),
+                        "ejections": s.ejections,
+                        "spared": s.spared,
+                        "unhealthy": s.marked_unhealthy,
+                        "health_checks": {"passed": s.health_passed, "failed": s.health_failed},
+                        "full": s.full,
+                        "mesh_in_flight": s.mesh_in_flight,
+                        "mesh_ejections": s.mesh_ejections,
+                    })
+                })
+                .collect();
+            let (ejected, max_ejected) = c.ejected();
+            json!({
+                "name": c.name(),
+                "strategy": c.strategy().as_str(),
+                "in_flight": c.in_flight(),
+                "ready": snapshot.ready().len(),
+                "panic": snapshot.is_panic(),
+                "ejected": ejected,
+                "max_ejected": max_ejected,
+                "panics": S::get(&st.panics),
+                "over_max_in_flight": S::get(&st.over_max_in_flight),
+                "endpoints_full": S::get(&st.endpoints_full),
+                "rate_limited": S::get(&st.rate_limited),
+                "retries": S::get(&st.retries),
+                "retries_refused": S::get(&st.retries_refused),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let mut out =
+        serde_json::to_string_pretty(&json!({ "clusters": clusters })).unwrap_or_default();
+    out.push('\n');
     out
 }
 

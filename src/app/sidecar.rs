@@ -13,6 +13,8 @@ use crate::app::drain::Drain;
 use crate::cluster::Router;
 use crate::config::Config;
 use crate::mesh::Mesh;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::Traces;
 use crate::util::Task;
 use crate::{admin, listener};
 
@@ -74,6 +76,14 @@ impl Sidecar {
             None => None,
         };
 
+        let traces = Traces::start(&config.telemetry)?;
+        if let Some(traces) = &traces {
+            for cluster in router.clusters() {
+                cluster.set_traces(traces.clone());
+            }
+        }
+        let metrics = Arc::new(Metrics::new(router.clone(), mesh.clone(), traces));
+
         let mut tasks = Vec::new();
         tasks.push(Task::supervised("proxy listener", {
             let (ctx, watch) = (ctx.clone(), drain.watch());
@@ -81,7 +91,15 @@ impl Sidecar {
         }));
         tasks.push(Task::supervised("admin listener", {
             let (router, mesh, watch) = (router.clone(), mesh.clone(), drain.watch());
-            move || admin::serve(admin.clone(), router.clone(), mesh.clone(), watch.clone())
+            move || {
+                admin::serve(
+                    admin.clone(),
+                    router.clone(),
+                    mesh.clone(),
+                    metrics.clone(),
+                    watch.clone(),
+                )
+            }
         }));
         if let Some(mesh) = &mesh {
             tasks.push(mesh.start());

@@ -66,6 +66,16 @@ impl Affinity {
         self.clock.now_ms()
     }
 
+    /// The endpoint id session `key` is pinned to, if it is and the pin is
+    /// fresh.
+    pub fn pinned(&self, key: &str) -> Option<u64> {
+        let now = self.now_ms();
+        self.table.get(key).and_then(|pin| {
+            let fresh = now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms;
+            fresh.then_some(pin.endpoint)
+        })
+    }
+
     /// The index in `ready` for session `key`: its pinned endpoint while
     /// that is ready (and not tried), otherwise a new placement, pinned.
     pub fn pick(&self, key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<usize> {

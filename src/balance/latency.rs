@@ -22,9 +22,9 @@ impl Latency {
 }
 
 impl Picker for Latency {
-    fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
+    fn pick(&self, call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
         let now = Instant::now();
-        self.draw.cheapest(ready, |e| {
+        self.draw.cheapest(call, ready, |e| {
             e.load().rtt_estimate(now) * (e.in_flight() + 1) as f64 / f64::from(e.weight().get())
         })
     }
@@ -39,7 +39,7 @@ mod tests {
     use crate::config::Choices;
 
     fn call_on<'a>(headers: &'a http::HeaderMap) -> Call<'a> {
-        Call { path: "/", headers }
+        Call::new("/", headers)
     }
 
     #[tokio::test(start_paused = true)]

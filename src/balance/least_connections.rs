@@ -26,13 +26,13 @@ impl LeastConnections {
 }
 
 impl Picker for LeastConnections {
-    fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
+    fn pick(&self, call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
         if self.mesh {
-            return self.draw.cheapest(ready, |e| {
+            return self.draw.cheapest(call, ready, |e| {
                 e.load().mesh_wide_in_flight() / f64::from(e.weight().get())
             });
         }
-        self.draw.cheapest(ready, |e| {
+        self.draw.cheapest(call, ready, |e| {
             e.in_flight() as f64 / f64::from(e.weight().get())
         })
     }
@@ -47,7 +47,7 @@ mod tests {
     use crate::config::Choices;
 
     fn call_on<'a>(headers: &'a http::HeaderMap) -> Call<'a> {
-        Call { path: "/", headers }
+        Call::new("/", headers)
     }
 
     #[test]

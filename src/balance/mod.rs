@@ -12,6 +12,7 @@
 //! own picker. A call with a session key is placed by [`affinity`] instead.
 
 pub mod affinity;
+pub mod explain;
 mod latency;
 mod least_connections;
 mod performance;
@@ -41,6 +42,18 @@ use crate::endpoint::Endpoint;
 pub struct Call<'a> {
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// Filled in with why the call went where it went, if present.
+    pub explain: explain::Explain<'a>,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(path: &'a str, headers: &'a HeaderMap) -> Call<'a> {
+        Call {
+            path,
+            headers,
+            explain: None,
+        }
+    }
 }
 
 pub trait Picker: Send + Sync + 'static {
@@ -100,7 +113,12 @@ impl Draw {
 
     /// Of `ready`, the index with the lowest `cost` among the candidates;
     /// ties are broken at random.
-    pub fn cheapest(&self, ready: &[Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> usize {
+    pub fn cheapest(
+        &self,
+        call: &Call<'_>,
+        ready: &[Arc<Endpoint>],
+        cost: impl Fn(&Endpoint) -> f64,
+    ) -> usize {
         let n = ready.len();
         if n <= 1 {
             return 0;
@@ -127,7 +145,9 @@ impl Draw {
         };
         for step in 0..k {
             let i = (start + step * stride) % n;
-            best.offer(i, cost(&ready[i]));
+            let c = cost(&ready[i]);
+            explain::candidate(call.explain, &ready[i], c);
+            best.offer(i, c);
         }
         if let Some(runner_up) = &self.runner_up {
             // May be none (usize::MAX), or stale from a larger set.
@@ -136,7 +156,9 @@ impl Draw {
                 let offset = (m + n - start) % n;
                 let drawn = k == n || offset % stride == 0 && offset / stride < k;
                 if !drawn {
-                    best.offer(m, cost(&ready[m]));
+                    let c = cost(&ready[m]);
+                    explain::candidate(call.explain, &ready[m], c);
+                    best.offer(m, c);
                 }
             }
             // Written only when it changes: every caller's pick reads it,
@@ -302,7 +324,12 @@ impl Snapshot {
         }
         if let Some(affinity) = affinity {
             if let Some(key) = affinity.key(call.headers) {
+                let pinned = call.explain.and_then(|_| affinity.pinned(key));
                 if let Some(i) = affinity.pick(key, &self.ready, tried) {
+                    if let Some(x) = call.explain {
+                        let hit = pinned == Some(self.ready[i].id());
+                        x.borrow_mut().affinity = Some(if hit { "pinned" } else { "new pin" });
+                    }
                     return Some(&self.ready[i]);
                 }
             }
@@ -319,6 +346,14 @@ impl Snapshot {
             }
         };
         if let Some(g) = group {
+            if let Some(x) = call.explain.filter(|_| self.groups.len() > 1) {
+                let index = self
+                    .groups
+                    .iter()
+                    .position(|h| std::ptr::eq(h, g))
+                    .unwrap_or(0);
+                x.borrow_mut().group = Some((index, self.groups.len(), g.endpoints.len()));
+            }
             let n = g.endpoints.len();
             let first = g.picker.pick(call, &g.endpoints) % n;
             let found = (0..n)
@@ -420,10 +455,7 @@ mod tests {
     #[test]
     fn pick_skips_tried_endpoints_and_gives_up_when_all_are_tried() {
         let headers = HeaderMap::new();
-        let call = Call {
-            path: "/s/m",
-            headers: &headers,
-        };
+        let call = Call::new("/s/m", &headers);
         let eps = test_support::endpoints(&[1, 1, 1]);
         let config = ClusterConfig::for_test("test", &[]);
         let snapshot = Snapshot::build(&config, None, &eps, Instant::now());
@@ -458,7 +490,7 @@ mod tests {
             let draw = Draw::new(choices, remember);
             let mut hits = [0; 4];
             for _ in 0..4000 {
-                hits[draw.cheapest(&eps, |_| 1.0)] += 1;
+                hits[draw.cheapest(&Call::new("/", &http::HeaderMap::new()), &eps, |_| 1.0)] += 1;
             }
             assert!(
                 hits.iter().all(|&h| h > 800),
@@ -467,11 +499,24 @@ mod tests {
         }
         let third = eps[2].id();
         let cost = |e: &Endpoint| if e.id() == third { 0.5 } else { 1.0 };
-        assert_eq!(Draw::new(Choices::All, false).cheapest(&eps, cost), 2);
+        assert_eq!(
+            Draw::new(Choices::All, false).cheapest(
+                &Call::new("/", &http::HeaderMap::new()),
+                &eps,
+                cost
+            ),
+            2
+        );
         // A cost that compares with nothing still picks an endpoint.
         let three = Choices::Random(std::num::NonZeroUsize::new(3).unwrap());
         for choices in [Choices::All, two, three] {
-            assert!(Draw::new(choices, true).cheapest(&eps, |_| f64::NAN) < 4);
+            assert!(
+                Draw::new(choices, true).cheapest(
+                    &Call::new("/", &http::HeaderMap::new()),
+                    &eps,
+                    |_| f64::NAN
+                ) < 4
+            );
         }
     }
 
@@ -484,7 +529,9 @@ mod tests {
         let mut in_flight = std::collections::VecDeque::new();
         let (mut misses, mut piled) = (0, 0);
         for _ in 0..20_000 {
-            let i = draw.cheapest(&eps, |e| e.in_flight() as f64);
+            let i = draw.cheapest(&Call::new("/", &http::HeaderMap::new()), &eps, |e| {
+                e.in_flight() as f64
+            });
             let least = eps.iter().map(|e| e.in_flight()).min().unwrap_or(0);
             misses += usize::from(eps[i].in_flight() > least);
             in_flight.push_back(eps[i].start_call());

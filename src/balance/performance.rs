@@ -38,7 +38,7 @@ impl Performance {
 }
 
 impl Picker for Performance {
-    fn pick(&self, _call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
+    fn pick(&self, call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
         let now = Instant::now();
         // The fastest mean latency among all ready endpoints normalises the
         // latency score (one pass; the sets are small).
@@ -49,7 +49,7 @@ impl Picker for Performance {
             .min()
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_micros(1));
-        self.draw.cheapest(ready, |e| {
+        self.draw.cheapest(call, ready, |e| {
             let (success, latency) = match e.load().summary(now) {
                 None => (1.0, 1.0),
                 Some(s) => {
@@ -84,10 +84,7 @@ mod tests {
             record(2, false, 10); // best: 0.7 + 0.3 * 0.5
         }
         let headers = http::HeaderMap::new();
-        let call = Call {
-            path: "/",
-            headers: &headers,
-        };
+        let call = Call::new("/", &headers);
         let p = Performance::new(
             Draw::new(Choices::All, false),
             &PerformanceConfig::default(),
@@ -111,10 +108,7 @@ mod tests {
     async fn unmeasured_endpoints_score_as_the_mesh_saw_them() {
         let ready = endpoints(&[1, 1]);
         let headers = http::HeaderMap::new();
-        let call = Call {
-            path: "/",
-            headers: &headers,
-        };
+        let call = Call::new("/", &headers);
         let p = Performance::new(
             Draw::new(Choices::All, false),
             &PerformanceConfig::default(),

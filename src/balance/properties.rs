@@ -79,7 +79,7 @@ proptest! {
         let _load: Vec<_> = busy.iter().filter_map(|&i| endpoints.get(i)).map(|e| e.start_call()).collect();
         let any_ready = specs.iter().any(|s| s.4);
         let headers = HeaderMap::new();
-        let call = Call { path: "/", headers: &headers };
+        let call = Call::new("/", &headers);
         let mut tried = Tried::default();
         for _ in 0..50 {
             let e = snapshot.pick(&call, &Tried::default(), None).expect("a ready set is never empty");
@@ -105,7 +105,7 @@ proptest! {
         let total: u32 = weights.iter().sum();
         let n = 20 * total as usize;
         let headers = HeaderMap::new();
-        let call = Call { path: "/", headers: &headers };
+        let call = Call::new("/", &headers);
         let mut counts: HashMap<u64, usize> = HashMap::new();
         for _ in 0..n {
             *counts.entry(snapshot.pick(&call, &Tried::default(), None).unwrap().id()).or_default() += 1;
@@ -128,7 +128,7 @@ proptest! {
             .collect();
         let (endpoints, snapshot) = build(&config, &specs, None);
         let headers = HeaderMap::new();
-        let call = Call { path: "/", headers: &headers };
+        let call = Call::new("/", &headers);
         let n = 5000;
         let canary = (0..n)
             .filter(|_| snapshot.pick(&call, &Tried::default(), None).unwrap().version() == Some("v2"))
@@ -158,10 +158,7 @@ fn affinity_moves_only_the_sessions_it_must() {
                 );
                 let snapshot =
                     Snapshot::with_readiness(&config, None, ready, vec![true; ready.len()], false);
-                let call = Call {
-                    path: "/",
-                    headers: &headers,
-                };
+                let call = Call::new("/", &headers);
                 snapshot
                     .pick(&call, &Tried::default(), Some(&affinity))
                     .unwrap()

@@ -44,10 +44,7 @@ mod tests {
     fn visits_every_endpoint_once_per_turn() {
         let ready = endpoints(&[1, 1, 1, 1]);
         let headers = http::HeaderMap::new();
-        let call = Call {
-            path: "/",
-            headers: &headers,
-        };
+        let call = Call::new("/", &headers);
         let rr = RoundRobin::new();
         let mut counts = [0; 4];
         for _ in 0..400 {

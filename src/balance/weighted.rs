@@ -56,10 +56,7 @@ mod tests {
     fn picks(weights: &[u32], n: usize) -> Vec<usize> {
         let ready = endpoints(weights);
         let headers = http::HeaderMap::new();
-        let call = Call {
-            path: "/",
-            headers: &headers,
-        };
+        let call = Call::new("/", &headers);
         let w = Weighted::new(&ready);
         (0..n).map(|_| w.pick(&call, &ready)).collect()
     }

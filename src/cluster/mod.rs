@@ -26,6 +26,7 @@ pub use update::{Applied, Update};
 use crate::balance::{Affinity, Snapshot};
 use crate::config::{ClusterConfig, Strategy};
 use crate::endpoint::{EjectionBudget, Endpoint};
+use crate::telemetry::trace::Traces;
 use crate::util::Clock;
 use limit::RateLimit;
 use retry_budget::{RetryBudget, RetryBudgetConfig};
@@ -83,6 +84,8 @@ pub struct Cluster {
     clock: Clock,
     /// When a refusal was last logged, in ms on `clock` (0: never).
     refusal_logged_ms: AtomicU64,
+    /// The tracer, when tracing is on (set once, at start).
+    traces: std::sync::OnceLock<Arc<Traces>>,
 }
 
 /// Refusals are logged at most this often per cluster; `/clusters` counts
@@ -138,9 +141,19 @@ impl Cluster {
             stats: ClusterStats::default(),
             clock: Clock::new(),
             refusal_logged_ms: AtomicU64::new(0),
+            traces: std::sync::OnceLock::new(),
         };
         cluster.apply(Update::Reset(config.endpoints.clone()));
         cluster
+    }
+
+    /// Turns tracing on for the cluster's calls.
+    pub fn set_traces(&self, traces: Arc<Traces>) {
+        let _ = self.traces.set(traces);
+    }
+
+    pub fn traces(&self) -> Option<&Arc<Traces>> {
+        self.traces.get()
     }
 
     /// Counts a call refused by a limit in `counter`, and logs it, at most

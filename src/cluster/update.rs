@@ -365,10 +365,7 @@ mod tests {
         c.apply(Update::Remove(vec![addr(0).to_string()]));
         assert!(c.endpoints().is_empty());
         let headers = HeaderMap::new();
-        let call = Call {
-            path: "/s/m",
-            headers: &headers,
-        };
+        let call = Call::new("/s/m", &headers);
         assert!(c.snapshot().pick(&call, &Tried::default(), None).is_none());
         assert_eq!(c.ejected(), (0, 1), "one may always be ejected");
         c.apply(Update::Reset(vec![endpoint(5, 1)]));
@@ -407,10 +404,7 @@ mod tests {
         assert!(before[2].is_retired());
         // The weighted table follows: 3:1:1 over five picks.
         let headers = HeaderMap::new();
-        let call = Call {
-            path: "/s/m",
-            headers: &headers,
-        };
+        let call = Call::new("/s/m", &headers);
         let snapshot = c.snapshot();
         let mut first = 0;
         for _ in 0..50 {
@@ -429,10 +423,7 @@ mod tests {
         let place = |c: &Cluster, key: &str| {
             let mut headers = HeaderMap::new();
             headers.insert(header.clone(), key.parse().unwrap());
-            let call = Call {
-                path: "/s/m",
-                headers: &headers,
-            };
+            let call = Call::new("/s/m", &headers);
             let snapshot = c.snapshot();
             let e = snapshot
                 .pick(&call, &Tried::default(), c.affinity())

@@ -36,6 +36,34 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     /// Gossip with peer sidecars; `None`: no `[mesh]`, no gossip.
     pub mesh: Option<MeshConfig>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: traces sent to an OpenTelemetry backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryConfig {
+    /// Where spans go (OTLP over gRPC): `otlp_endpoint`, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; `None`: no tracing at all.
+    pub otlp_endpoint: Option<String>,
+    /// The share of calls without a sampled parent that get a span.
+    pub sample_ratio: f64,
+    /// `service_name`, else `OTEL_SERVICE_NAME`, else `agentmesh`.
+    pub service_name: String,
+    /// Spans waiting for export at most; more are dropped and counted.
+    pub max_queued_spans: usize,
+}
+
+pub const DEFAULT_MAX_QUEUED_SPANS: usize = 2048;
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            sample_ratio: 0.0,
+            service_name: "agentmesh".into(),
+            max_queued_spans: DEFAULT_MAX_QUEUED_SPANS,
+        }
+    }
 }
 
 /// `[mesh]`: gossip with peer sidecars (see [`crate::mesh`]).
@@ -496,7 +524,7 @@ impl Config {
             }
             err(key, reason)
         })?;
-        raw.validate(file)
+        raw.validate(file, env)
     }
 
     /// A small valid config for tests: everything on ephemeral loopback ports.
@@ -514,6 +542,7 @@ impl Config {
             runtime: RuntimeConfig::default(),
             clusters,
             mesh: None,
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

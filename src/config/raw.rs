@@ -23,6 +23,19 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) cluster: Vec<RawCluster>,
     pub(super) mesh: Option<RawMesh>,
+    #[serde(default)]
+    pub(super) telemetry: RawTelemetry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    #[serde(default)]
+    pub(super) otlp_endpoint: String,
+    pub(super) sample_ratio: Option<f64>,
+    #[serde(default)]
+    pub(super) service_name: String,
+    pub(super) max_queued_spans: Option<i64>,
 }
 
 #[derive(Deserialize)]

@@ -432,3 +432,79 @@ fn mesh_addresses_and_timing_are_checked() {
     );
     assert!(first_error(&stale).contains("mesh.stale_after"));
 }
+
+#[test]
+fn telemetry_is_off_unless_an_endpoint_is_given_by_the_file_or_the_environment() {
+    let off = parse(GOOD).unwrap().telemetry;
+    assert_eq!(off, TelemetryConfig::default());
+    assert_eq!(off.otlp_endpoint, None);
+
+    let file = format!(
+        "{GOOD}\n[telemetry]\notlp_endpoint = \"http://collector:4317\"\nsample_ratio = 0.25\nservice_name = \"caller-sidecar\"\nmax_queued_spans = 100\n"
+    );
+    let on = parse(&file).unwrap().telemetry;
+    assert_eq!(on.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+    assert_eq!(on.sample_ratio, 0.25);
+    assert_eq!(on.service_name, "caller-sidecar");
+    assert_eq!(on.max_queued_spans, 100);
+
+    // The standard variables stand in for what the file leaves out.
+    let env = |name: &str| match name {
+        "OTEL_EXPORTER_OTLP_ENDPOINT" => {
+            Some("http://otel-collector.observability:4317".to_string())
+        }
+        "OTEL_SERVICE_NAME" => Some("planner-caller".to_string()),
+        "PLANNER_HOST" => Some("10.0.0.9".to_string()),
+        _ => None,
+    };
+    let from_env = Config::parse(Path::new("mesh.toml"), GOOD, &env)
+        .unwrap()
+        .telemetry;
+    assert_eq!(
+        from_env.otlp_endpoint.as_deref(),
+        Some("http://otel-collector.observability:4317")
+    );
+    assert_eq!(from_env.service_name, "planner-caller");
+    // The file wins over the environment.
+    let both = Config::parse(Path::new("mesh.toml"), &file, &env)
+        .unwrap()
+        .telemetry;
+    assert_eq!(both.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+    assert_eq!(both.service_name, "caller-sidecar");
+}
+
+#[test]
+fn bad_telemetry_values_name_their_keys() {
+    let with = |body: &str| format!("{GOOD}\n[telemetry]\n{body}\n");
+    let e = first_error(&with("otlp_endpoint = \"collector:4317\""));
+    assert!(
+        e.contains("telemetry.otlp_endpoint") && e.contains("http://"),
+        "{e}"
+    );
+    let e = first_error(&with("otlp_endpoint = \"https://collector:4317\""));
+    assert!(
+        e.contains("telemetry.otlp_endpoint") && e.contains("no TLS"),
+        "{e}"
+    );
+    let e = first_error(&with(
+        "otlp_endpoint = \"http://c:4317\"\nsample_ratio = 1.5",
+    ));
+    assert!(
+        e.contains("telemetry.sample_ratio") && e.contains("between 0 and 1"),
+        "{e}"
+    );
+    let e = first_error(&with("max_queued_spans = 0"));
+    assert!(e.contains("telemetry.max_queued_spans"), "{e}");
+    let e = first_error(&with("sample_rate = 0.5"));
+    assert!(e.contains("sample_rate"), "{e}");
+    let env = |name: &str| match name {
+        "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("nonsense".to_string()),
+        "PLANNER_HOST" => Some("10.0.0.9".to_string()),
+        _ => None,
+    };
+    let e = Config::parse(Path::new("mesh.toml"), GOOD, &env)
+        .unwrap_err()
+        .0[0]
+        .to_string();
+    assert!(e.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
+}

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use super::raw::{
     RawAffinity, RawBreaker, RawChoices, RawCluster, RawConfig, RawHealthCheck, RawLatency,
-    RawMesh, RawOutlier, RawPerformance, RawRateLimit, RawRetry,
+    RawMesh, RawOutlier, RawPerformance, RawRateLimit, RawRetry, RawTelemetry,
 };
 use super::{
     AdminConfig, AffinityConfig, BreakerConfig, Choices, ClusterConfig, Config, ConfigError,
     ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT, DEFAULT_OVERPROVISIONING,
-    DEFAULT_PANIC_THRESHOLD, DEFAULT_REQUEST_TIMEOUT, EndpointConfig, HealthCheckConfig,
-    LatencyConfig, ListenerConfig, LocalityConfig, MeshConfig, OutlierConfig, PerformanceConfig,
-    RetryConfig, RuntimeConfig,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT, DEFAULT_MAX_QUEUED_SPANS,
+    DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD, DEFAULT_REQUEST_TIMEOUT, EndpointConfig,
+    HealthCheckConfig, LatencyConfig, ListenerConfig, LocalityConfig, MeshConfig, OutlierConfig,
+    PerformanceConfig, RetryConfig, RuntimeConfig, TelemetryConfig,
 };
 use crate::endpoint::FailureClasses;
 use crate::wire::grpc::parse_code;
@@ -54,7 +54,13 @@ impl Problems<'_> {
 }
 
 impl RawConfig {
-    pub(super) fn validate(self, file: &Path) -> Result<Config, ConfigErrors> {
+    /// Checks every value; `env` gives the OpenTelemetry variables that
+    /// `[telemetry]` falls back on.
+    pub(super) fn validate(
+        self,
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let mut p = Problems {
             file,
             found: Vec::new(),
@@ -237,6 +243,7 @@ impl RawConfig {
             });
         }
         let mesh = self.mesh.map(|m| validate_mesh(&mut p, m));
+        let telemetry = validate_telemetry(&mut p, self.telemetry, env);
 
         if self.runtime.workers > 1024 {
             p.add("runtime.workers", "must be at most 1024 (0: one per CPU)");
@@ -261,6 +268,7 @@ impl RawConfig {
                     admin: AdminConfig { listen: admin },
                     clusters,
                     mesh: None,
+                    telemetry,
                 };
                 config.set_mesh(mesh.flatten());
                 Ok(config)
@@ -798,6 +806,61 @@ fn check_host_port(address: &str) -> Result<(), String> {
 }
 
 /// `[mesh]`: addresses, the key, and the timing knobs.
+/// `[telemetry]`, with the standard OpenTelemetry environment as the
+/// default for what the file leaves out.
+fn validate_telemetry(
+    p: &mut Problems,
+    raw: RawTelemetry,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TelemetryConfig {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let endpoint = match raw.otlp_endpoint.trim() {
+        "" => env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
+        e => Some(("telemetry.otlp_endpoint", e.to_string())),
+    };
+    if let Some((key, e)) = &endpoint {
+        match e.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+            Ok(uri) if uri.scheme_str() == Some("https") => p.add(
+                *key,
+                format!("{e:?}: https is not supported yet (this build has no TLS); send spans to a collector over http:// (a node-local one, say)"),
+            ),
+            _ => p.add(
+                *key,
+                format!("{e:?} is not an http:// address of an OTLP/gRPC receiver (e.g. \"http://127.0.0.1:4317\")"),
+            ),
+        }
+    }
+    let sample_ratio = raw.sample_ratio.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        p.add(
+            "telemetry.sample_ratio",
+            format!("{sample_ratio} is not between 0 and 1"),
+        );
+    }
+    let max_queued_spans = match raw.max_queued_spans {
+        None => DEFAULT_MAX_QUEUED_SPANS,
+        Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+        Some(n) => {
+            p.add(
+                "telemetry.max_queued_spans",
+                format!("{n} is not between 1 and 1000000"),
+            );
+            DEFAULT_MAX_QUEUED_SPANS
+        }
+    };
+    let service_name = match raw.service_name.trim() {
+        "" => env("OTEL_SERVICE_NAME").unwrap_or_else(|| "agentmesh".into()),
+        s => s.to_string(),
+    };
+    TelemetryConfig {
+        otlp_endpoint: endpoint.map(|(_, e)| e),
+        sample_ratio,
+        service_name,
+        max_queued_spans,
+    }
+}
+
 fn validate_mesh(p: &mut Problems, raw: RawMesh) -> Option<MeshConfig> {
     use super::{DEFAULT_MAX_REPORT_ENDPOINTS, DEFAULT_MESH_INTERVAL, DEFAULT_MESH_STALE_AFTER};
     let listen = p.socket_addr("mesh.listen", &raw.listen);

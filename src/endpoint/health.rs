@@ -107,6 +107,7 @@ pub async fn run(endpoint: Arc<Endpoint>, config: HealthCheckConfig) {
     loop {
         let result = check(connection, &config).await;
         let passed = result.is_ok();
+        endpoint.health_checked(passed);
         if let Err(reason) = result {
             tracing::debug!(endpoint = endpoint.address(), %reason, "health check failed");
             last_failure = reason;

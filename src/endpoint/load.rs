@@ -57,6 +57,10 @@ impl Keep {
     };
 }
 
+/// The clock mesh report times are kept on.
+static MESH_CLOCK: std::sync::LazyLock<crate::util::Clock> =
+    std::sync::LazyLock::new(crate::util::Clock::new);
+
 pub struct Load {
     in_flight: AtomicU64,
     /// Peers' calls in flight here, in sixteenths, as the mesh last
@@ -66,6 +70,9 @@ pub struct Load {
     mesh_rtt_ns: AtomicU64,
     /// Peers' mean success rate in millionths, plus one; 0 for none.
     mesh_success: AtomicU64,
+    /// When the newest of those reports came, in ms on [`MESH_CLOCK`], plus
+    /// one; 0 for none.
+    mesh_newest_ms: AtomicU64,
     latency: LatencyConfig,
     ewma: Option<Mutex<PeakEwma>>,
     window: Option<Mutex<CallWindow>>,
@@ -79,6 +86,7 @@ impl Load {
             mesh_in_flight: AtomicU64::new(0),
             mesh_rtt_ns: AtomicU64::new(0),
             mesh_success: AtomicU64::new(0),
+            mesh_newest_ms: AtomicU64::new(0),
             ewma: keep.rtt.then(|| {
                 Mutex::new(PeakEwma {
                     estimate_ns: latency.default_rtt.as_nanos() as f64,
@@ -161,6 +169,26 @@ impl Load {
         self.mesh_rtt_ns.store(rtt, Ordering::Relaxed);
         let success = success.map_or(0, |s| (s.clamp(0.0, 1.0) * 1e6) as u64 + 1);
         self.mesh_success.store(success, Ordering::Relaxed);
+    }
+
+    /// When the newest report behind the mesh's figures came (the gossip
+    /// task, each interval).
+    pub fn set_mesh_newest(&self, at: Option<Instant>) {
+        let ms = at.map_or(0, |t| MESH_CLOCK.ms(t) + 1);
+        self.mesh_newest_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How old the newest report behind the mesh's figures is; `None` when
+    /// no peer reports this endpoint's load or latency.
+    pub fn mesh_age(&self, now: Instant) -> Option<Duration> {
+        let ms = self.mesh_newest_ms.load(Ordering::Relaxed).checked_sub(1)?;
+        Some(Duration::from_millis(MESH_CLOCK.ms(now).saturating_sub(ms)))
+    }
+
+    /// Peers' mean latency estimate, if they have one.
+    pub fn mesh_rtt_ns(&self) -> Option<f64> {
+        let ns = self.mesh_rtt_ns.load(Ordering::Relaxed);
+        (ns > 0).then_some(ns as f64)
     }
 
     /// A call's answer started arriving `rtt` after it was sent. The first

@@ -26,6 +26,7 @@ pub use load::{Keep, Load, WindowSummary};
 pub use outcome::{FailureClasses, Outcome};
 
 use crate::config::{ClusterConfig, EndpointConfig};
+use crate::telemetry::calls::Calls;
 use crate::util::lock;
 use breaker::{Breaker, Transition};
 
@@ -43,6 +44,8 @@ pub struct Endpoint {
     connection: Connection,
     load: Load,
     stats: Stats,
+    /// Outcomes and durations of the calls that ended here.
+    calls: Calls,
     breaker: Mutex<Breaker>,
     /// The breaker is closed: the hot path need not lock it to admit a call.
     breaker_closed: AtomicBool,
@@ -74,6 +77,8 @@ struct Stats {
     unhealthy: AtomicU64,
     full: AtomicU64,
     mesh_ejections: AtomicU64,
+    health_passed: AtomicU64,
+    health_failed: AtomicU64,
 }
 
 /// What one endpoint has seen, copied out.
@@ -94,6 +99,9 @@ pub struct StatsSnapshot {
     pub full: u64,
     /// Of `ejections`, those a peer's report made (see [`crate::mesh`]).
     pub mesh_ejections: u64,
+    /// Active health checks passed and failed.
+    pub health_passed: u64,
+    pub health_failed: u64,
     /// Peers' calls in flight here, as the mesh last reported (0 without
     /// one).
     pub mesh_in_flight: f64,
@@ -157,6 +165,7 @@ impl Endpoint {
             version: config.version.as_deref().map(Arc::from),
             load: Load::new(&cluster.latency, &cluster.performance, keep),
             stats: Stats::default(),
+            calls: Calls::default(),
         }
     }
 
@@ -166,6 +175,11 @@ impl Endpoint {
     }
 
     pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The address, shared (for a span's attributes, without a copy).
+    pub fn address_shared(&self) -> &Arc<str> {
         &self.address
     }
 
@@ -268,6 +282,21 @@ impl Endpoint {
 
     pub fn connection(&self) -> &Connection {
         &self.connection
+    }
+
+    /// Outcomes and durations of the calls that ended here.
+    pub fn calls(&self) -> &Calls {
+        &self.calls
+    }
+
+    /// One active health check's result, counted.
+    pub fn health_checked(&self, passed: bool) {
+        let counter = if passed {
+            &self.stats.health_passed
+        } else {
+            &self.stats.health_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn load(&self) -> &Load {
@@ -523,6 +552,8 @@ impl Endpoint {
             marked_unhealthy: self.stats.unhealthy.load(Ordering::Relaxed),
             full: self.stats.full.load(Ordering::Relaxed),
             mesh_ejections: self.stats.mesh_ejections.load(Ordering::Relaxed),
+            health_passed: self.stats.health_passed.load(Ordering::Relaxed),
+            health_failed: self.stats.health_failed.load(Ordering::Relaxed),
             mesh_in_flight: self.load.mesh_in_flight(),
             state: self.state(Instant::now()),
         }
@@ -611,15 +642,21 @@ impl InFlight {
         if failed {
             self.endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.endpoint
-            .load
-            .observe_outcome(failed, now - self.sent, now);
+        let elapsed = now - self.sent;
+        self.endpoint.load.observe_outcome(failed, elapsed, now);
+        self.endpoint.calls.record(outcome, elapsed, now);
         self.endpoint.record(outcome, self.probe, now);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if !self.recorded && !self.unsent {
+            // Sent, and given up before it ended (the caller went away,
+            // or the deadline passed).
+            let now = Instant::now();
+            self.endpoint.calls.record_abandoned(now - self.sent, now);
+        }
         self.endpoint.leave();
         if self.probe && !self.recorded {
             self.endpoint.with_breaker(Breaker::probe_abandoned);

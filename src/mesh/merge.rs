@@ -131,6 +131,8 @@ pub struct Figures {
     /// Peers' mean success rate, from 0 to 1.
     pub success: Option<f64>,
     pub ejection: Option<PeerEjection>,
+    /// When the newest report that counted for the load or latency came.
+    pub newest: Option<Instant>,
 }
 
 /// A peer's verdict that takes an endpoint out here too.
@@ -315,18 +317,24 @@ impl View {
                 continue;
             }
             let age = now.saturating_duration_since(entry.received);
+            let mut counted = false;
             if rules.share_load && entry.report.in_flight > 0 {
                 figures.in_flight += f64::from(entry.report.in_flight) * rules.weight(age);
+                counted = true;
             }
             if rules.warm_start && age < rules.slow_stale() {
                 if let Some(ns) = rtt_ns(entry.report.rtt) {
                     rtt_sum += ns;
                     rtt_n += 1;
+                    counted = true;
                 }
                 if let Some(ok) = entry.report.success {
                     ok_sum += f64::from(ok) / 200.0;
                     ok_n += 1;
                 }
+            }
+            if counted && figures.newest.is_none_or(|t| entry.received > t) {
+                figures.newest = Some(entry.received);
             }
             if !rules.share_ejections || !trusted(node) {
                 continue;

@@ -27,7 +27,43 @@ pub use node::Mesh;
 
 use crate::util::lock;
 
+/// The mesh's counters, copied out (for `/metrics`).
+#[derive(Clone, Debug, Default)]
+pub struct MeshFigures {
+    pub peers_alive: usize,
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// By reason; `undecodable` last.
+    pub dropped: Vec<(&'static str, u64)>,
+    pub reports_published: u64,
+    pub reports_merged: u64,
+    pub reporters_ignored: u64,
+}
+
 impl Mesh {
+    pub fn figures(&self) -> MeshFigures {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        let mut dropped: Vec<_> = seal::Dropped::ALL
+            .iter()
+            .map(|&why| (why.name(), self.drops.get(why)))
+            .collect();
+        dropped.push(("undecodable", c.undecodable.load(Relaxed)));
+        MeshFigures {
+            peers_alive: lock(&self.peers).values().filter(|p| p.alive).count(),
+            datagrams_sent: c.datagrams_sent.load(Relaxed),
+            datagrams_received: c.datagrams_received.load(Relaxed),
+            bytes_sent: c.bytes_sent.load(Relaxed),
+            bytes_received: c.bytes_received.load(Relaxed),
+            dropped,
+            reports_published: c.items_published.load(Relaxed),
+            reports_merged: c.items_merged.load(Relaxed),
+            reporters_ignored: c.reporters_ignored.load(Relaxed),
+        }
+    }
+
     /// Whether this sidecar sees the peer `node_id` in the mesh and alive.
     pub fn sees_alive(&self, node_id: &str) -> bool {
         lock(&self.peers).get(node_id).is_some_and(|p| p.alive)

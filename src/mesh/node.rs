@@ -718,6 +718,7 @@ impl Mesh {
                     trusted,
                 );
                 e.load().set_mesh(f.in_flight, f.rtt_ns, f.success);
+                e.load().set_mesh_newest(f.newest);
                 if let Some(ejection) = f.ejection {
                     e.eject_by_peer(ejection.until, &ejection.node, &ejection.reason);
                 }

@@ -5,6 +5,7 @@
 //! backoff, or the end of the call.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,13 +20,16 @@ use super::replay::{CallShared, RequestBody, Template};
 use super::response::{CallGuard, ResponseBody};
 use super::retry::{Failed, backoff, give_up, wants_retry};
 use super::{Deadline, REPLAY_LIMIT};
+use crate::balance::explain::Explanation;
 use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
 use crate::config::RetryConfig;
 use crate::endpoint::{Endpoint, InFlight, Outcome, Refused, Sender};
+use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
 use crate::wire::stream::{Pump, Received};
 use crate::wire::timer::Timer;
+use opentelemetry::KeyValue;
 
 /// What the caller gets.
 pub(super) type Answer = Result<Response<ResponseBody>, ProxyError>;
@@ -79,6 +83,9 @@ pub(super) struct Attempts<'c> {
     connecting: Option<Arc<Endpoint>>,
     /// Set when a step ends the call.
     answer: Option<Answer>,
+    /// The call's span, when it is sampled; handed to the response body
+    /// once there is one.
+    trace: &'c mut Option<Box<CallSpan>>,
 }
 
 impl<'c> Attempts<'c> {
@@ -89,6 +96,7 @@ impl<'c> Attempts<'c> {
         req: Request<h2::RecvStream>,
         deadline: Deadline,
         admitted: Admitted,
+        trace: &'c mut Option<Box<CallSpan>>,
     ) -> Attempts<'c> {
         let config = cluster.config();
         let policy = config.retry.as_ref().filter(|r| r.covers(req.uri().path()));
@@ -125,6 +133,14 @@ impl<'c> Attempts<'c> {
             failed: Failed::Nothing(Cow::Borrowed("the cluster has no ready endpoint")),
             connecting: None,
             answer: None,
+            trace,
+        }
+    }
+
+    /// Notes on the span, if the call has one.
+    fn note(&mut self, f: impl FnOnce(&mut CallSpan)) {
+        if let Some(span) = self.trace.as_deref_mut() {
+            f(span);
         }
     }
 
@@ -153,14 +169,19 @@ impl<'c> Attempts<'c> {
         let Some(req) = self.next.as_ref() else {
             return Err(Flow::Again);
         };
+        // A sampled call notes why it went where it went.
+        let explain = self.trace.is_some().then(RefCell::<Explanation>::default);
         let call = Call {
-            path: req.uri().path(),
-            headers: req.headers(),
+            explain: explain.as_ref(),
+            ..Call::new(req.uri().path(), req.headers())
         };
         let picked = self
             .snapshot
             .pick(&call, &self.tried, self.cluster.affinity())
             .cloned();
+        if let (Some(x), Some(e)) = (explain, &picked) {
+            self.note(|t| t.picked(e, x.into_inner()));
+        }
         let (endpoint, waited_for) = match picked {
             Some(e) => (e, false),
             // Every other endpoint was full or refused: wait for the one
@@ -177,18 +198,31 @@ impl<'c> Attempts<'c> {
             // at worst (a draining or unplugged endpoint): it goes on in the
             // background while this call goes to a connected endpoint.
             endpoint.connection().warm();
+            self.note(|t| t.passed_over(endpoint.address_shared(), "not connected yet"));
             self.connecting.get_or_insert(endpoint);
             return Err(Flow::Again);
         }
         let max = self.cluster.config().max_in_flight_per_endpoint;
         match endpoint.try_start_call(max) {
-            Ok(in_flight) => Ok(Claimed {
-                endpoint,
-                in_flight,
-                pooled,
-            }),
+            Ok(in_flight) => {
+                self.note(|t| t.attempt(endpoint.address()));
+                Ok(Claimed {
+                    endpoint,
+                    in_flight,
+                    pooled,
+                })
+            }
             Err(refused) => {
                 self.full += usize::from(refused == Refused::Full);
+                self.note(|t| {
+                    t.passed_over(
+                        endpoint.address_shared(),
+                        match refused {
+                            Refused::Full => "max_in_flight_per_endpoint reached",
+                            _ => "not taking calls",
+                        },
+                    )
+                });
                 Err(Flow::Again)
             }
         }
@@ -230,11 +264,23 @@ impl<'c> Attempts<'c> {
                 {
                     None => {
                         in_flight.not_sent();
+                        self.note(|t| {
+                            t.attempt_ended(
+                                endpoint.address_shared(),
+                                "deadline passed while connecting",
+                            )
+                        });
                         let phase = format!("while connecting to {}", endpoint.address());
                         return Err(self.end(Err(self.expired(phase))));
                     }
                     Some(Err(e)) => {
                         tracing::debug!(cluster = self.cluster.name(), error = %e, "endpoint unreachable; trying another");
+                        self.note(|t| {
+                            t.attempt_ended(
+                                endpoint.address_shared(),
+                                format!("connect failed: {e}"),
+                            )
+                        });
                         endpoint.connect_failed(&e);
                         in_flight.not_sent();
                         self.failed = Failed::Nothing(e.to_string().into());
@@ -266,6 +312,12 @@ impl<'c> Attempts<'c> {
             return match within(self.deadline.at, exchange(&mut sender, req)).await {
                 None => {
                     in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
+                    self.note(|t| {
+                        t.attempt_ended(
+                            endpoint.address_shared(),
+                            "deadline passed waiting for the answer",
+                        )
+                    });
                     self.shared.cancel();
                     let phase = format!("waiting for {} to answer", endpoint.address());
                     Err(self.end(Err(self.expired(phase))))
@@ -284,6 +336,12 @@ impl<'c> Attempts<'c> {
                     // The connection closed (or went away) before the
                     // stream opened: nothing was sent.
                     self.next = Some(self.template.request(body));
+                    self.note(|t| {
+                        t.attempt_ended(
+                            endpoint.address_shared(),
+                            "not sent: the connection closed",
+                        )
+                    });
                     if handed_back {
                         in_flight.not_sent();
                         self.failed = Failed::Nothing(
@@ -316,6 +374,12 @@ impl<'c> Attempts<'c> {
                     Some(code) => in_flight.finished(Outcome::Status(code)),
                     None => in_flight.responded(),
                 }
+                self.note(|t| {
+                    t.attempt_ended(
+                        endpoint.address_shared(),
+                        trailers_only.map_or("answered", grpc::code_name),
+                    )
+                });
                 self.answered += 1;
                 let retry = trailers_only.is_some_and(|code| {
                     wants_retry(self.policy, code, self.answered) && self.shared.can_replay()
@@ -325,7 +389,15 @@ impl<'c> Attempts<'c> {
                     self.failed = Failed::Answered(Box::new(Response::from_parts(parts, body)));
                     return Err(Flow::Retry);
                 }
+                let mut trace = self.trace.take();
+                if let Some(code) = trailers_only {
+                    // The answer is whole already: the call is over.
+                    if let Some(span) = trace.take() {
+                        span.end(code, grpc::message(&parts.headers).unwrap_or_default());
+                    }
+                }
                 body.guard(CallGuard {
+                    trace,
                     state: self.shared.clone(),
                     in_flight,
                     _admitted: self.admitted.take(),
@@ -340,6 +412,9 @@ impl<'c> Attempts<'c> {
                 // Refused or cut off by GOAWAY before the endpoint
                 // processed it: as good as never sent.
                 in_flight.not_sent();
+                self.note(|t| {
+                    t.attempt_ended(endpoint.address_shared(), format!("not processed: {error}"))
+                });
                 tracing::debug!(cluster = self.cluster.name(), endpoint = endpoint.address(), %error, "call not processed; trying another endpoint");
                 self.failed = Failed::Nothing(format!("{}: {error}", endpoint.address()).into());
                 if self.shared.can_replay() {
@@ -351,6 +426,12 @@ impl<'c> Attempts<'c> {
             Err(error) => {
                 in_flight.finished(Outcome::Reset);
                 self.answered += 1;
+                self.note(|t| {
+                    t.attempt_ended(
+                        endpoint.address_shared(),
+                        format!("stream broke: {}", grpc::describe(&error)),
+                    )
+                });
                 let code = grpc::code_for_upstream_error(&error);
                 self.failed = Failed::Broke(ProxyError::UpstreamFailed {
                     cluster: self.cluster.name().to_string(),
@@ -379,6 +460,15 @@ impl<'c> Attempts<'c> {
             if !budget.try_withdraw(Instant::now()) {
                 let stats = self.cluster.stats();
                 stats.retries_refused.fetch_add(1, Ordering::Relaxed);
+                self.note(|t| {
+                    t.event(
+                        "retry refused",
+                        vec![KeyValue::new(
+                            "agentmesh.reason",
+                            "the retry budget is spent",
+                        )],
+                    )
+                });
                 tracing::debug!(
                     cluster = self.cluster.name(),
                     "retry budget spent; not retrying"
@@ -389,9 +479,28 @@ impl<'c> Attempts<'c> {
         }
         let pause = backoff(policy, self.answered);
         if Instant::now() + pause >= self.deadline.at {
+            self.note(|t| {
+                t.event(
+                    "retry refused",
+                    vec![KeyValue::new(
+                        "agentmesh.reason",
+                        "the backoff would pass the deadline",
+                    )],
+                )
+            });
             self.shared.cancel();
             return Err(self.give_up());
         }
+        let attempt = i64::from(self.answered + 1);
+        self.note(|t| {
+            t.event(
+                "retry",
+                vec![
+                    KeyValue::new("agentmesh.attempt", attempt),
+                    KeyValue::new("agentmesh.backoff_ms", pause.as_millis() as i64),
+                ],
+            )
+        });
         self.cluster.stats().retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             cluster = self.cluster.name(),

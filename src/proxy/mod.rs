@@ -26,6 +26,7 @@ pub mod error;
 mod replay;
 mod response;
 mod retry;
+mod trace;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,9 +38,11 @@ pub use replay::RequestBody;
 pub use response::ResponseBody;
 
 use crate::cluster::{Admitted, Cluster};
+use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
 use attempt::{Answer, Attempts, Flow};
 use error::ProxyError;
+use opentelemetry::KeyValue;
 
 /// How much of a request body is kept for re-sending a call that never
 /// reached an endpoint, when no retry policy names a larger bound.
@@ -60,7 +63,7 @@ struct Deadline {
 /// becomes a gRPC status for the caller.
 pub async fn forward(
     cluster: Arc<Cluster>,
-    req: Request<h2::RecvStream>,
+    mut req: Request<h2::RecvStream>,
 ) -> Response<ResponseBody> {
     let own = grpc::timeout(req.headers());
     let limit = cluster.config().request_timeout;
@@ -74,19 +77,39 @@ pub async fn forward(
         source,
         own,
     };
-    match send(&cluster, req, deadline).await {
+    let mut trace = match cluster.traces() {
+        None => None,
+        Some(traces) => trace::start(traces, &cluster, &mut req),
+    };
+    match send(&cluster, req, deadline, &mut trace).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(cluster = cluster.name(), %error, "call failed in the proxy");
-            grpc::status_response(&error.to_status())
+            let status = error.to_status();
+            if let Some(span) = trace {
+                span.end(status.code(), status.message());
+            }
+            grpc::status_response(&status)
         }
     }
 }
 
 /// Admits the call and runs its attempts until one gives the answer.
-async fn send(cluster: &Arc<Cluster>, req: Request<h2::RecvStream>, deadline: Deadline) -> Answer {
-    let admitted = admit(cluster, req.headers())?;
-    let mut attempts = Attempts::new(cluster, req, deadline, admitted);
+async fn send(
+    cluster: &Arc<Cluster>,
+    req: Request<h2::RecvStream>,
+    deadline: Deadline,
+    trace: &mut Option<Box<CallSpan>>,
+) -> Answer {
+    let admitted = admit(cluster, req.headers()).inspect_err(|error| {
+        if let Some(span) = trace {
+            span.event(
+                "refused",
+                vec![KeyValue::new("agentmesh.reason", error.to_string())],
+            );
+        }
+    })?;
+    let mut attempts = Attempts::new(cluster, req, deadline, admitted, trace);
     loop {
         // Each step leads to the next, or says where the call goes instead.
         let flow = match attempts.request().and_then(|()| attempts.claim()) {

@@ -19,6 +19,7 @@ use super::replay::CallShared;
 use crate::cluster::{Admitted, Cluster};
 use crate::endpoint::InFlight;
 use crate::endpoint::Outcome;
+use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
 use crate::wire::stream::{Abandon, Received};
 use crate::wire::timer::Timer;
@@ -26,6 +27,8 @@ use crate::wire::timer::Timer;
 /// A call in flight on an endpoint. Dropped before the response finished,
 /// it gives the call up.
 pub(super) struct CallGuard {
+    /// The call's span, when sampled and not ended yet.
+    pub(super) trace: Option<Box<CallSpan>>,
     pub(super) state: Arc<CallShared>,
     pub(super) in_flight: InFlight,
     /// The call's place under the cluster's `max_in_flight`, held until
@@ -57,6 +60,8 @@ impl Drop for CallGuard {
         if !self.finished {
             self.state.cancel();
         }
+        // A span still open here: the caller went away (the span says so
+        // when dropped).
     }
 }
 
@@ -117,7 +122,11 @@ impl ResponseBody {
             guard.record(outcome);
             let error = error(&guard);
             tracing::debug!(cluster = guard.cluster.name(), %error, "call ended by the proxy");
-            grpc::put_status(&mut trailers, &error.to_status());
+            let status = error.to_status();
+            if let Some(span) = guard.trace.take() {
+                span.end(status.code(), status.message());
+            }
+            grpc::put_status(&mut trailers, &status);
         }
         Frame::trailers(trailers)
     }
@@ -126,7 +135,14 @@ impl ResponseBody {
     fn finish(&mut self, trailers: &HeaderMap) {
         if let Some(mut guard) = self.guard.take() {
             guard.finished = true;
-            guard.record(grpc::status_code(trailers).map_or(Outcome::Reset, Outcome::Status));
+            let code = grpc::status_code(trailers);
+            if let Some(span) = guard.trace.take() {
+                span.end(
+                    code.unwrap_or(tonic::Code::Unknown),
+                    grpc::message(trailers).unwrap_or_default(),
+                );
+            }
+            guard.record(code.map_or(Outcome::Reset, Outcome::Status));
         }
     }
 

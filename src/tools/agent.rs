@@ -250,6 +250,7 @@ impl Agent for AgentService {
     ) -> Result<Response<InvokeReply>, Status> {
         let tracked = Tracked::start(&self.stats);
         let echo = request.metadata().get("x-echo").cloned();
+        let traceparent = request.metadata().get("traceparent").cloned();
         let r = request.into_inner();
         self.pause(r.delay_ms).await;
         let result = self.outcome(&r);
@@ -259,6 +260,13 @@ impl Agent for AgentService {
             if let Some(echo) = echo {
                 // A header of the caller's, sent back, to show headers pass.
                 response.metadata_mut().insert("x-echo", echo);
+            }
+            if let Some(traceparent) = traceparent {
+                // The trace context the agent was given, for the tracing
+                // tests to see whose span is its parent.
+                response
+                    .metadata_mut()
+                    .insert("x-traceparent-received", traceparent);
             }
             response
         })

@@ -50,6 +50,8 @@ pub struct LoadOptions {
     pub delay_ms: u32,
     /// Per-call deadline.
     pub timeout: Duration,
+    /// Metadata sent with every call.
+    pub metadata: tonic::metadata::MetadataMap,
     /// Open loop: calls allowed in flight at once; beyond it a call is
     /// counted as an error (`overload`) rather than queued.
     pub max_in_flight: usize,
@@ -82,6 +84,7 @@ impl Default for LoadOptions {
             timeline: None,
             calls: None,
             histogram: false,
+            metadata: tonic::metadata::MetadataMap::new(),
         }
     }
 }
@@ -321,6 +324,9 @@ async fn call(
         ..Default::default()
     };
     let mut request = tonic::Request::new(message);
+    if !options.metadata.is_empty() {
+        *request.metadata_mut() = options.metadata.clone();
+    }
     request.set_timeout(options.timeout);
     let outcome = if options.stream > 0 {
         match client.stream(request).await {

@@ -61,6 +61,13 @@ impl Task {
         self.handle.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
+    /// Waits until the task ends by itself.
+    pub async fn finished(mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+
     /// Aborts the task and waits until it is gone.
     pub async fn stop(mut self) {
         if let Some(handle) = self.handle.take() {

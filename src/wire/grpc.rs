@@ -60,6 +60,11 @@ pub fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
     Some(tonic::Code::from_bytes(value.as_bytes()))
 }
 
+/// The `grpc-message` in `headers`, as sent (percent-encoded).
+pub fn message(headers: &HeaderMap) -> Option<&str> {
+    headers.get("grpc-message")?.to_str().ok()
+}
+
 /// The spec's status names, indexed by code number.
 const CODE_NAMES: [&str; 17] = [
     "OK",
