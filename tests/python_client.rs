@@ -13,18 +13,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("AGENTMESH_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with grpcio: run scripts/python-env (or scripts/test), or set AGENTMESH_PYTHON"
-    );
-    venv
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_through_grpc_proxy_reaches_every_agent() {
     bounded(Duration::from_secs(120), async {

@@ -134,18 +134,6 @@ fn int(attributes: &[KeyValue], key: &str) -> Option<i64> {
     }
 }
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("AGENTMESH_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with grpcio and the OpenTelemetry SDK: run scripts/python-env (or scripts/test), or set AGENTMESH_PYTHON"
-    );
-    venv
-}
-
 /// Runs the Python caller once; its JSON report.
 async fn python_call(target: SocketAddr, receiver: SocketAddr, mode: &str) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/traced_client.py");

@@ -66,14 +66,18 @@ impl Affinity {
         self.clock.now_ms()
     }
 
+    /// Whether `pin` was used within the TTL before `now`.
+    fn fresh(&self, pin: &Pin, now: u64) -> bool {
+        now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms
+    }
+
     /// The endpoint id session `key` is pinned to, if it is and the pin is
     /// fresh.
     pub fn pinned(&self, key: &str) -> Option<u64> {
         let now = self.now_ms();
-        self.table.get(key).and_then(|pin| {
-            let fresh = now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms;
-            fresh.then_some(pin.endpoint)
-        })
+        self.table
+            .get(key)
+            .and_then(|pin| self.fresh(&pin, now).then_some(pin.endpoint))
     }
 
     /// The index in `ready` for session `key`: its pinned endpoint while
@@ -82,8 +86,7 @@ impl Affinity {
         let now = self.now_ms();
         // Copy out of the map before doing anything else with it.
         let pinned = self.table.get(key).and_then(|pin| {
-            let fresh = now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms;
-            fresh.then(|| {
+            self.fresh(&pin, now).then(|| {
                 pin.last_used_ms.store(now, Ordering::Relaxed);
                 pin.endpoint
             })
@@ -118,9 +121,7 @@ impl Affinity {
     /// Forgets sessions unused for longer than the TTL.
     pub fn sweep(&self) {
         let now = self.now_ms();
-        self.table.retain(|_, pin| {
-            now.saturating_sub(pin.last_used_ms.load(Ordering::Relaxed)) < self.ttl_ms
-        });
+        self.table.retain(|_, pin| self.fresh(pin, now));
     }
 
     /// How often [`sweep`](Self::sweep) should run.

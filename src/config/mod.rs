@@ -54,13 +54,14 @@ pub struct TelemetryConfig {
 }
 
 pub const DEFAULT_MAX_QUEUED_SPANS: usize = 2048;
+pub const DEFAULT_SERVICE_NAME: &str = "agentmesh";
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             otlp_endpoint: None,
             sample_ratio: 0.0,
-            service_name: "agentmesh".into(),
+            service_name: DEFAULT_SERVICE_NAME.into(),
             max_queued_spans: DEFAULT_MAX_QUEUED_SPANS,
         }
     }

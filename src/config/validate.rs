@@ -15,9 +15,10 @@ use super::{
     AdminConfig, AffinityConfig, BreakerConfig, Choices, ClusterConfig, Config, ConfigError,
     ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT, DEFAULT_MAX_QUEUED_SPANS,
-    DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD, DEFAULT_REQUEST_TIMEOUT, EndpointConfig,
-    HealthCheckConfig, LatencyConfig, ListenerConfig, LocalityConfig, MeshConfig, OutlierConfig,
-    PerformanceConfig, RetryConfig, RuntimeConfig, TelemetryConfig,
+    DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SERVICE_NAME, EndpointConfig, HealthCheckConfig, LatencyConfig, ListenerConfig,
+    LocalityConfig, MeshConfig, OutlierConfig, PerformanceConfig, RetryConfig, RuntimeConfig,
+    TelemetryConfig,
 };
 use crate::endpoint::FailureClasses;
 use crate::wire::grpc::parse_code;
@@ -805,7 +806,6 @@ fn check_host_port(address: &str) -> Result<(), String> {
     }
 }
 
-/// `[mesh]`: addresses, the key, and the timing knobs.
 /// `[telemetry]`, with the standard OpenTelemetry environment as the
 /// default for what the file leaves out.
 fn validate_telemetry(
@@ -850,7 +850,7 @@ fn validate_telemetry(
         }
     };
     let service_name = match raw.service_name.trim() {
-        "" => env("OTEL_SERVICE_NAME").unwrap_or_else(|| "agentmesh".into()),
+        "" => env("OTEL_SERVICE_NAME").unwrap_or_else(|| DEFAULT_SERVICE_NAME.into()),
         s => s.to_string(),
     };
     TelemetryConfig {
@@ -861,6 +861,7 @@ fn validate_telemetry(
     }
 }
 
+/// `[mesh]`: addresses, the key, and the timing knobs.
 fn validate_mesh(p: &mut Problems, raw: RawMesh) -> Option<MeshConfig> {
     use super::{DEFAULT_MAX_REPORT_ENDPOINTS, DEFAULT_MESH_INTERVAL, DEFAULT_MESH_STALE_AFTER};
     let listen = p.socket_addr("mesh.listen", &raw.listen);

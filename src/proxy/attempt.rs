@@ -460,15 +460,7 @@ impl<'c> Attempts<'c> {
             if !budget.try_withdraw(Instant::now()) {
                 let stats = self.cluster.stats();
                 stats.retries_refused.fetch_add(1, Ordering::Relaxed);
-                self.note(|t| {
-                    t.event(
-                        "retry refused",
-                        vec![KeyValue::new(
-                            "agentmesh.reason",
-                            "the retry budget is spent",
-                        )],
-                    )
-                });
+                self.note(|t| t.retry_refused("the retry budget is spent"));
                 tracing::debug!(
                     cluster = self.cluster.name(),
                     "retry budget spent; not retrying"
@@ -479,15 +471,7 @@ impl<'c> Attempts<'c> {
         }
         let pause = backoff(policy, self.answered);
         if Instant::now() + pause >= self.deadline.at {
-            self.note(|t| {
-                t.event(
-                    "retry refused",
-                    vec![KeyValue::new(
-                        "agentmesh.reason",
-                        "the backoff would pass the deadline",
-                    )],
-                )
-            });
+            self.note(|t| t.retry_refused("the backoff would pass the deadline"));
             self.shared.cancel();
             return Err(self.give_up());
         }

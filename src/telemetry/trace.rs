@@ -225,10 +225,6 @@ pub struct CallSpan {
 }
 
 impl CallSpan {
-    pub fn set(&mut self, attribute: KeyValue) {
-        self.span.attributes.push(to_pb(attribute));
-    }
-
     pub fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
         self.span.events.push(pb::span::Event {
             time_unix_nano: unix_nanos(SystemTime::now()),
@@ -302,6 +298,14 @@ impl CallSpan {
         self.event("pick", attributes);
     }
 
+    /// A retry the policy wanted was not made, and why.
+    pub fn retry_refused(&mut self, why: &'static str) {
+        self.event(
+            "retry refused",
+            vec![KeyValue::new("agentmesh.reason", why)],
+        );
+    }
+
     /// The picker's choice was passed over for another, and why.
     pub fn passed_over(&mut self, endpoint: &Arc<str>, why: &'static str) {
         self.event(
@@ -337,20 +341,21 @@ impl CallSpan {
         }
         let mut span = std::mem::take(&mut self.span);
         span.end_time_unix_nano = unix_nanos(SystemTime::now());
+        use pb_common::any_value::Value as V;
         if !self.peer.is_empty() {
             let (host, port) = split_host_port(&self.peer);
-            span.attributes
-                .push(pb_str("network.peer.address", host.to_string()));
+            let address = pb_attr("network.peer.address", V::StringValue(host.to_string()));
+            span.attributes.push(address);
             if let Some(port) = port {
-                span.attributes
-                    .push(pb_int("network.peer.port", i64::from(port)));
+                let port = pb_attr("network.peer.port", V::IntValue(i64::from(port)));
+                span.attributes.push(port);
             }
         }
         let name = crate::wire::grpc::code_name(code);
         span.attributes.extend([
-            pb_int("agentmesh.attempts", i64::from(self.attempts)),
-            pb_int("rpc.grpc.status_code", code as i64),
-            pb_str("rpc.response.status_code", name.to_string()),
+            pb_attr("agentmesh.attempts", V::IntValue(i64::from(self.attempts))),
+            pb_attr("rpc.grpc.status_code", V::IntValue(code as i64)),
+            pb_attr("rpc.response.status_code", V::StringValue(name.to_string())),
         ]);
         if code != tonic::Code::Ok {
             span.status = Some(pb::Status {
@@ -503,22 +508,11 @@ fn to_pb(kv: KeyValue) -> pb_common::KeyValue {
     }
 }
 
-fn pb_str(key: &str, value: String) -> pb_common::KeyValue {
+/// An attribute made straight as a protobuf (no `KeyValue` in between).
+fn pb_attr(key: &str, value: pb_common::any_value::Value) -> pb_common::KeyValue {
     pb_common::KeyValue {
         key: key.to_string(),
-        value: Some(pb_common::AnyValue {
-            value: Some(pb_common::any_value::Value::StringValue(value)),
-        }),
-        ..Default::default()
-    }
-}
-
-fn pb_int(key: &str, value: i64) -> pb_common::KeyValue {
-    pb_common::KeyValue {
-        key: key.to_string(),
-        value: Some(pb_common::AnyValue {
-            value: Some(pb_common::any_value::Value::IntValue(value)),
-        }),
+        value: Some(pb_common::AnyValue { value: Some(value) }),
         ..Default::default()
     }
 }

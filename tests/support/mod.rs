@@ -188,6 +188,21 @@ pub async fn spread(
     counts
 }
 
+/// The Python the cross-language tests run: `$AGENTMESH_PYTHON`, or
+/// `.venv/bin/python` as `scripts/python-env` makes it (grpcio and the
+/// OpenTelemetry SDK).
+pub fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("AGENTMESH_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with grpcio and the OpenTelemetry SDK: run scripts/python-env (or scripts/test), or set AGENTMESH_PYTHON"
+    );
+    venv
+}
+
 /// Waits (polling, for at most `limit`) until `check` holds.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
