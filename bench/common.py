@@ -234,7 +234,7 @@ class Agents:
             p.stop()
 
 
-AGENTMESH_STRATEGIES = ["round_robin", "weighted", "least_connections", "latency", "performance"]
+AGENTMESH_STRATEGIES = ["round_robin", "weighted", "least_connections", "latency", "performance", "hot_cold"]
 
 
 class Proxy:

@@ -11,6 +11,15 @@
 //! The table is bounded: past `max_sessions`, the least recently used tenth
 //! is dropped.
 //!
+//! With `balance_factor` (consistent hashing with bounded loads, Mirrokni,
+//! Thorup and Zadimoghaddam 2018; Envoy's `hash_balance_factor`), a new key
+//! goes down its rendezvous list to the first endpoint whose calls in
+//! flight, counted over the mesh, are under `balance_factor` times its
+//! weighted share of them all (plus this call), rounded up. Keys already
+//! pinned stay where they are. Every sidecar ranks a key's endpoints the
+//! same way, and with gossip they see the same load, so they place a key
+//! alike but for what changed within a gossip interval.
+//!
 //! The hash is FNV-1a with a SplitMix64 finaliser, written out here so that
 //! it cannot change between builds, and sidecars of different versions agree.
 
@@ -28,6 +37,7 @@ use crate::util::Clock;
 
 pub struct Affinity {
     header: HeaderName,
+    balance_factor: Option<f64>,
     ttl_ms: u64,
     max_sessions: usize,
     clock: Clock,
@@ -43,6 +53,7 @@ impl Affinity {
     pub fn new(config: &AffinityConfig) -> Affinity {
         Affinity {
             header: config.header.clone(),
+            balance_factor: config.balance_factor,
             ttl_ms: config.ttl.as_millis() as u64,
             max_sessions: config.max_sessions,
             clock: Clock::new(),
@@ -98,7 +109,10 @@ impl Affinity {
                 }
             }
         }
-        let i = rendezvous(key, ready, tried)?;
+        let i = match self.balance_factor {
+            None => rendezvous(key, ready, tried)?,
+            Some(factor) => bounded(key, ready, tried, factor)?,
+        };
         self.table.insert(
             key.into(),
             Pin {
@@ -162,16 +176,50 @@ pub fn rendezvous(key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<u
         .iter()
         .enumerate()
         .filter(|(_, e)| !tried.contains(e.id()))
-        .map(|(i, e)| {
-            let h = splitmix64(fnv1a(e.address().as_bytes(), key_hash));
-            // A uniform draw in (0, 1), turned into a weighted score:
-            // -w / ln(u) is largest for the winner with probability
-            // proportional to w.
-            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            (i, -f64::from(e.weight().get()) / u.ln())
-        })
+        .map(|(i, e)| (i, score(key_hash, e)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(i, _)| i)
+}
+
+/// Endpoint `e`'s weighted rendezvous score for the key hashed to
+/// `key_hash`.
+fn score(key_hash: u64, e: &Endpoint) -> f64 {
+    let h = splitmix64(fnv1a(e.address().as_bytes(), key_hash));
+    // A uniform draw in (0, 1), turned into a weighted score: -w / ln(u) is
+    // largest for the winner with probability proportional to w.
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -f64::from(e.weight().get()) / u.ln()
+}
+
+/// The first endpoint on `key`'s rendezvous list (not tried) whose calls in
+/// flight over the mesh are under its bound: `factor` times its weighted
+/// share of all of them plus this call, rounded up.
+pub fn bounded(key: &str, ready: &[Arc<Endpoint>], tried: &Tried, factor: f64) -> Option<usize> {
+    let key_hash = fnv1a(key.as_bytes(), FNV_OFFSET);
+    let mut ranked: Vec<(usize, f64)> = ready
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !tried.contains(e.id()))
+        .map(|(i, e)| (i, score(key_hash, e)))
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    let load = |i: usize| ready[i].load().mesh_wide_in_flight();
+    let total: f64 = ranked.iter().map(|&(i, _)| load(i)).sum();
+    let weights: f64 = ranked
+        .iter()
+        .map(|&(i, _)| f64::from(ready[i].weight().get()))
+        .sum();
+    let under_bound = |i: usize| {
+        let share = f64::from(ready[i].weight().get()) / weights;
+        load(i) < (factor * (total + 1.0) * share).ceil()
+    };
+    // The bounds add up to more than the load, so one is under its bound;
+    // the first on the list stands in should rounding say otherwise.
+    ranked
+        .iter()
+        .map(|&(i, _)| i)
+        .find(|&i| under_bound(i))
+        .or_else(|| ranked.first().map(|&(i, _)| i))
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

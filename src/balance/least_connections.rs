@@ -1,11 +1,13 @@
 //! `least_connections`: the fewest calls in flight, divided by weight, among
-//! candidates drawn by [`Draw`]: two at random (power of two choices, as in
-//! Mitzenmacher's analysis and tower's `p2c`) and the last runner-up, or
-//! all.
+//! candidates drawn by [`Draw`]: all of a group of up to 16 endpoints; in a
+//! larger one, two at random (power of two choices, as in Mitzenmacher's
+//! analysis and tower's `p2c`) and the last runner-up. Ties go to the
+//! endpoint whose recent answers came faster.
 //!
 //! Two random candidates avoid the herd that "always the least loaded"
 //! causes when many pickers (or sidecars) act on the same stale view, and
-//! cost O(1) per call.
+//! cost O(1) per call; on a few endpoints the full scan costs little and
+//! misses the least loaded never, which is what a tail latency sees.
 
 use std::sync::Arc;
 
@@ -27,13 +29,23 @@ impl LeastConnections {
 
 impl Picker for LeastConnections {
     fn pick(&self, call: &Call<'_>, ready: &[Arc<Endpoint>]) -> usize {
+        // Ties go to the endpoint that has been answering faster: among
+        // idle endpoints, a slow one is otherwise as likely as any to get
+        // the next call, and holds it the longest.
+        let faster = |e: &Endpoint| e.load().recent_rtt_ns() as f64;
         if self.mesh {
             return self.draw.cheapest(call, ready, |e| {
-                e.load().mesh_wide_in_flight() / f64::from(e.weight().get())
+                (
+                    e.load().mesh_wide_in_flight() / f64::from(e.weight().get()),
+                    faster(e),
+                )
             });
         }
         self.draw.cheapest(call, ready, |e| {
-            e.in_flight() as f64 / f64::from(e.weight().get())
+            (
+                e.in_flight() as f64 / f64::from(e.weight().get()),
+                faster(e),
+            )
         })
     }
 }
@@ -74,6 +86,29 @@ mod tests {
         // Endpoint 1 wins whenever it is a candidate (2/3 of the time);
         // endpoint 2 (cost 2) beats endpoint 0 (cost 5) otherwise.
         assert!(hits[0] == 0 && hits[1] > 1800 && hits[2] > 800, "{hits:?}");
+    }
+
+    #[test]
+    fn ties_go_to_the_endpoint_that_answers_faster() {
+        let ready = endpoints(&[1, 1, 1]);
+        let headers = http::HeaderMap::new();
+        let now = tokio::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        ready[0].load().observe_rtt(ms(200), now);
+        ready[1].load().observe_rtt(ms(5), now);
+        ready[2].load().observe_rtt(ms(6), now);
+        let all = LeastConnections::new(Draw::new(Choices::Auto, true), false);
+        assert_eq!(all.pick(&call_on(&headers), &ready), 1);
+        // The slow one is still picked when it is the least loaded.
+        let _busy = (ready[1].start_call(), ready[2].start_call());
+        assert_eq!(all.pick(&call_on(&headers), &ready), 0);
+        // A failure counts as a slow answer: endpoint 1 fails fast.
+        drop(_busy);
+        for _ in 0..4 {
+            let mut call = ready[1].start_call();
+            call.finished(crate::endpoint::Outcome::Status(tonic::Code::Unavailable));
+        }
+        assert_eq!(all.pick(&call_on(&headers), &ready), 2);
     }
 
     #[test]

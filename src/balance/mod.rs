@@ -13,6 +13,7 @@
 
 pub mod affinity;
 pub mod explain;
+mod hot_cold;
 mod latency;
 mod least_connections;
 mod performance;
@@ -29,13 +30,14 @@ use http::HeaderMap;
 use tokio::time::Instant;
 
 pub use affinity::Affinity;
+pub use hot_cold::HotCold;
 pub use latency::Latency;
 pub use least_connections::LeastConnections;
 pub use performance::Performance;
 pub use round_robin::RoundRobin;
 pub use weighted::Weighted;
 
-use crate::config::{Choices, ClusterConfig, Strategy};
+use crate::config::{Choices, ClusterConfig, FULL_SCAN_UP_TO, PerformanceScore, Strategy};
 use crate::endpoint::Endpoint;
 
 /// What a picker may look at of a call.
@@ -71,13 +73,18 @@ pub fn picker_for(config: &ClusterConfig, ready: &[Arc<Endpoint>]) -> Box<dyn Pi
             Box::new(LeastConnections::new(draw(config), config.mesh_load))
         }
         Strategy::Latency => Box::new(Latency::new(draw(config))),
-        // The performance score does not count calls in flight: a
+        // The seed's performance score does not count calls in flight: a
         // remembered runner-up would keep drawing calls to the same two
         // endpoints, so its candidates are only the random ones.
-        Strategy::Performance => Box::new(Performance::new(
-            Draw::new(config.choices, false),
-            &config.performance,
-        )),
+        Strategy::Performance => {
+            let remember = config.remember_runner_up
+                && config.performance.score == PerformanceScore::LoadAware;
+            Box::new(Performance::new(
+                Draw::new(config.choices, remember),
+                &config.performance,
+            ))
+        }
+        Strategy::HotCold => Box::new(HotCold::new(draw(config), config.hot_quantile)),
     }
 }
 
@@ -86,8 +93,9 @@ fn draw(config: &ClusterConfig) -> Draw {
 }
 
 /// How a load-aware picker draws the candidates it compares: `choices` at
-/// random (or all), and, unless told not to, the runner-up of its previous
-/// pick as one more.
+/// random (or all; by default all of a small group and two at random of a
+/// larger one), and, unless told not to, the runner-up of its previous
+/// random draw as one more.
 ///
 /// The runner-up is the candidate that came second last time: a likely
 /// light endpoint that is not the one that just got a call. Comparing it
@@ -113,11 +121,11 @@ impl Draw {
 
     /// Of `ready`, the index with the lowest `cost` among the candidates;
     /// ties are broken at random.
-    pub fn cheapest(
+    pub fn cheapest<C: Cost>(
         &self,
         call: &Call<'_>,
         ready: &[Arc<Endpoint>],
-        cost: impl Fn(&Endpoint) -> f64,
+        cost: impl Fn(&Endpoint) -> C,
     ) -> usize {
         let n = ready.len();
         if n <= 1 {
@@ -125,6 +133,8 @@ impl Draw {
         }
         let k = match self.choices {
             Choices::All => n,
+            Choices::Auto if n <= FULL_SCAN_UP_TO => n,
+            Choices::Auto => 2,
             Choices::Random(k) => k.get().min(n),
         };
         let mut best = Best::new();
@@ -146,18 +156,19 @@ impl Draw {
         for step in 0..k {
             let i = (start + step * stride) % n;
             let c = cost(&ready[i]);
-            explain::candidate(call.explain, &ready[i], c);
+            explain::candidate(call.explain, &ready[i], c.shown());
             best.offer(i, c);
         }
-        if let Some(runner_up) = &self.runner_up {
+        // A full scan has no use for the runner-up (it saw every endpoint).
+        if let Some(runner_up) = self.runner_up.as_ref().filter(|_| k < n) {
             // May be none (usize::MAX), or stale from a larger set.
             let m = runner_up.load(Ordering::Relaxed);
             if m < n {
                 let offset = (m + n - start) % n;
-                let drawn = k == n || offset % stride == 0 && offset / stride < k;
+                let drawn = offset % stride == 0 && offset / stride < k;
                 if !drawn {
                     let c = cost(&ready[m]);
-                    explain::candidate(call.explain, &ready[m], c);
+                    explain::candidate(call.explain, &ready[m], c.shown());
                     best.offer(m, c);
                 }
             }
@@ -173,28 +184,51 @@ impl Draw {
     }
 }
 
-/// The two lowest costs offered so far, ties for the lowest broken at
-/// random (reservoir sampling: each tie is kept with equal odds).
-struct Best {
-    first: usize,
-    first_cost: f64,
-    ties: u32,
-    second: usize,
-    second_cost: f64,
+/// What a picker compares candidates by: lower wins.
+pub trait Cost: Copy + PartialOrd {
+    /// Higher than any cost a candidate has.
+    const WORST: Self;
+    /// The figure an explanation shows.
+    fn shown(self) -> f64;
 }
 
-impl Best {
-    fn new() -> Best {
+impl Cost for f64 {
+    const WORST: f64 = f64::INFINITY;
+    fn shown(self) -> f64 {
+        self
+    }
+}
+
+/// A cost and a tie-breaker, compared in that order.
+impl Cost for (f64, f64) {
+    const WORST: (f64, f64) = (f64::INFINITY, f64::INFINITY);
+    fn shown(self) -> f64 {
+        self.0
+    }
+}
+
+/// The two lowest costs offered so far, ties for the lowest broken at
+/// random (reservoir sampling: each tie is kept with equal odds).
+struct Best<C> {
+    first: usize,
+    first_cost: C,
+    ties: u32,
+    second: usize,
+    second_cost: C,
+}
+
+impl<C: Cost> Best<C> {
+    fn new() -> Best<C> {
         Best {
             first: usize::MAX,
-            first_cost: f64::INFINITY,
+            first_cost: C::WORST,
             ties: 0,
             second: usize::MAX,
-            second_cost: f64::INFINITY,
+            second_cost: C::WORST,
         }
     }
 
-    fn offer(&mut self, i: usize, cost: f64) {
+    fn offer(&mut self, i: usize, cost: C) {
         if cost < self.first_cost || self.first == usize::MAX && cost == self.first_cost {
             (self.second, self.second_cost) = (self.first, self.first_cost);
             (self.first, self.first_cost, self.ties) = (i, cost, 1);

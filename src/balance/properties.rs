@@ -14,12 +14,13 @@ use super::{Affinity, Call, Snapshot, Tried};
 use crate::config::{AffinityConfig, Choices, ClusterConfig, Strategy};
 use crate::endpoint::Endpoint;
 
-const STRATEGIES: [Strategy; 5] = [
+const STRATEGIES: [Strategy; 6] = [
     Strategy::RoundRobin,
     Strategy::Weighted,
     Strategy::LeastConnections,
     Strategy::Latency,
     Strategy::Performance,
+    Strategy::HotCold,
 ];
 
 /// (weight, zone, priority, version, ready) per endpoint.
@@ -212,4 +213,128 @@ fn two_sidecars_place_sessions_alike() {
         let b = super::affinity::rendezvous(&key, &theirs, &tried).unwrap();
         assert_eq!(a, b, "{key}");
     }
+}
+
+/// The bound a new session's endpoint must be under: `factor` times its
+/// weighted share of the calls in flight plus one, rounded up.
+fn bound(ready: &[Arc<Endpoint>], i: usize, factor: f64) -> f64 {
+    let total: f64 = ready.iter().map(|e| e.load().mesh_wide_in_flight()).sum();
+    let weights: f64 = ready.iter().map(|e| f64::from(e.weight().get())).sum();
+    (factor * (total + 1.0) * f64::from(ready[i].weight().get()) / weights).ceil()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    /// Bounded-load affinity, 10,000 sessions over 5 endpoints, each session
+    /// holding a call: every new session lands under its endpoint's bound
+    /// (so none ends above `factor` times its share), and when an endpoint
+    /// is added and another removed, only the removed one's sessions move.
+    #[test]
+    fn bounded_load_affinity_keeps_every_endpoint_under_its_bound(
+        factor in 1.05f64..2.0,
+        weights in proptest::collection::vec(1u32..4, 6),
+    ) {
+        let config = cluster(Strategy::RoundRobin, Choices::default(), false);
+        let all: Vec<_> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| endpoint(&config, i, w, None, 0, None))
+            .collect();
+        let affinity = Affinity::new(&AffinityConfig {
+            balance_factor: Some(factor),
+            max_sessions: 1_000_000,
+            ..AffinityConfig::default()
+        });
+        let tried = Tried::default();
+        let mut calls: HashMap<String, crate::endpoint::InFlight> = HashMap::new();
+        let mut placed: HashMap<String, u64> = HashMap::new();
+        let place = |key: String, ready: &[Arc<Endpoint>], calls: &mut HashMap<_, _>| {
+            let pinned = affinity.pinned(&key);
+            let i = affinity.pick(&key, ready, &tried).expect("a ready endpoint");
+            if pinned.is_none() {
+                let load = ready[i].load().mesh_wide_in_flight();
+                let limit = bound(ready, i, factor);
+                prop_assert!(load < limit, "{key}: placed at {load} of a bound of {limit}");
+            }
+            calls.entry(key.clone()).or_insert_with(|| ready[i].start_call());
+            Ok(ready[i].id())
+        };
+        let five = &all[..5];
+        for k in 0..10_000 {
+            let key = format!("s{k}");
+            let id = place(key.clone(), five, &mut calls)?;
+            placed.insert(key, id);
+        }
+        let weight_of = |ready: &[Arc<Endpoint>]| -> f64 {
+            ready.iter().map(|e| f64::from(e.weight().get())).sum()
+        };
+        for e in five {
+            let share = f64::from(e.weight().get()) / weight_of(five);
+            prop_assert!(
+                e.in_flight() as f64 <= (factor * 10_000.0 * share).ceil(),
+                "{} calls against a share of {share:.3}", e.in_flight()
+            );
+        }
+        // Endpoint 5 joins and endpoint 1 leaves: its calls end and its
+        // sessions are forgotten.
+        let gone = all[1].id();
+        affinity.forget(gone);
+        calls.retain(|_, call| call.endpoint().id() != gone);
+        let after: Vec<_> = all.iter().filter(|e| e.id() != gone).cloned().collect();
+        for k in 0..10_000 {
+            let key = format!("s{k}");
+            let id = place(key.clone(), &after, &mut calls)?;
+            if placed[&key] == gone {
+                prop_assert_ne!(id, gone);
+            } else {
+                prop_assert_eq!(id, placed[&key], "{} moved", key);
+            }
+        }
+    }
+}
+
+/// Two sidecars that see the same load (the other's calls through gossip)
+/// place bounded-load sessions alike, though every session's call is made
+/// on one of them only.
+#[test]
+fn two_sidecars_place_bounded_sessions_alike() {
+    let config = cluster(Strategy::RoundRobin, Choices::default(), false);
+    let mine: Vec<_> = (0..5)
+        .map(|i| endpoint(&config, i, 1, None, 0, None))
+        .collect();
+    let theirs: Vec<_> = (0..5)
+        .map(|i| endpoint(&config, i, 1, None, 0, None))
+        .collect();
+    let settings = AffinityConfig {
+        balance_factor: Some(1.25),
+        ..AffinityConfig::default()
+    };
+    let (a, b) = (Affinity::new(&settings), Affinity::new(&settings));
+    let tried = Tried::default();
+    let mut calls = Vec::new();
+    let mut moved = 0;
+    for k in 0..2_000 {
+        let key = format!("s{k}");
+        let i = a.pick(&key, &mine, &tried).unwrap();
+        let j = b.pick(&key, &theirs, &tried).unwrap();
+        assert_eq!(i, j, "{key}");
+        moved += usize::from(i != super::affinity::rendezvous(&key, &mine, &tried).unwrap());
+        // The call goes through one sidecar or the other; gossip tells the
+        // other.
+        let (here, there) = if k % 2 == 0 {
+            (&mine, &theirs)
+        } else {
+            (&theirs, &mine)
+        };
+        calls.push(here[i].start_call());
+        for (e, f) in here.iter().zip(there.iter()) {
+            f.load().set_mesh(e.in_flight() as f64, None, None);
+            e.load().set_mesh(f.in_flight() as f64, None, None);
+        }
+    }
+    assert!(
+        moved > 0,
+        "the bound never took a session off its first choice"
+    );
 }

@@ -146,6 +146,9 @@ pub struct ClusterConfig {
     pub remember_runner_up: bool,
     pub latency: LatencyConfig,
     pub performance: PerformanceConfig,
+    /// `hot_cold`: an endpoint whose calls in flight are above this
+    /// quantile of the cluster's is hot.
+    pub hot_quantile: f64,
     pub affinity: Option<AffinityConfig>,
     /// Traffic shares by endpoint version, e.g. `[("v1", 90), ("v2", 10)]`;
     /// empty for no split.
@@ -326,18 +329,22 @@ impl EndpointConfig {
     }
 }
 
-/// `choices = 2` (power of two random choices) or `choices = "all"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `choices = 2` (power of two random choices), `choices = "all"`, or by
+/// default (`"auto"`) all of a group of up to [`FULL_SCAN_UP_TO`]
+/// endpoints and two at random in a larger one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Choices {
     Random(std::num::NonZeroUsize),
     All,
+    #[default]
+    Auto,
 }
 
-impl Default for Choices {
-    fn default() -> Self {
-        Choices::Random(std::num::NonZeroUsize::new(2).expect("2 is not 0"))
-    }
-}
+/// With `choices = "auto"`, groups of up to this many endpoints are
+/// compared whole: on so few, a full scan costs a few dozen nanoseconds and
+/// finds the least loaded every time, where two random candidates miss it
+/// often enough to show in the tail (`bench/quality`).
+pub const FULL_SCAN_UP_TO: usize = 16;
 
 /// The `latency` strategy's knobs.
 #[derive(Clone, Debug, PartialEq)]
@@ -367,6 +374,30 @@ pub struct PerformanceConfig {
     pub window: Duration,
     pub success_weight: f64,
     pub latency_weight: f64,
+    pub score: PerformanceScore,
+}
+
+/// Which latency the `performance` score rewards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PerformanceScore {
+    /// The time a new call can expect: recent round trips times (calls in
+    /// flight + 1), divided by weight. An endpoint with calls waiting
+    /// scores lower.
+    #[default]
+    LoadAware,
+    /// The agent frameworks' `calculatePerformanceScore`: the window's mean
+    /// latency, whatever is waiting.
+    PerformanceBased,
+}
+
+impl PerformanceScore {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PerformanceScore::LoadAware => "load_aware",
+            PerformanceScore::PerformanceBased => "performance_based",
+        }
+    }
 }
 
 impl Default for PerformanceConfig {
@@ -375,12 +406,13 @@ impl Default for PerformanceConfig {
             window: Duration::from_secs(300),
             success_weight: 0.7,
             latency_weight: 0.3,
+            score: PerformanceScore::default(),
         }
     }
 }
 
 /// `[cluster.session_affinity]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AffinityConfig {
     /// The metadata header whose value is the session key.
     pub header: http::HeaderName,
@@ -388,6 +420,11 @@ pub struct AffinityConfig {
     pub ttl: Duration,
     /// The most sessions remembered; the least recently used leave first.
     pub max_sessions: usize,
+    /// Bounded load: a new session does not go to an endpoint that already
+    /// carries more than this many times its share of the calls in flight
+    /// (over the mesh), but to the next on the session's list. `None`:
+    /// unbounded.
+    pub balance_factor: Option<f64>,
 }
 
 impl Default for AffinityConfig {
@@ -396,6 +433,7 @@ impl Default for AffinityConfig {
             header: http::HeaderName::from_static("x-session-id"),
             ttl: Duration::from_secs(3600),
             max_sessions: 100_000,
+            balance_factor: None,
         }
     }
 }
@@ -410,6 +448,7 @@ pub enum Strategy {
     LeastConnections,
     Latency,
     Performance,
+    HotCold,
 }
 
 impl Strategy {
@@ -420,10 +459,13 @@ impl Strategy {
             Strategy::LeastConnections => "least_connections",
             Strategy::Latency => "latency",
             Strategy::Performance => "performance",
+            Strategy::HotCold => "hot_cold",
         }
     }
 }
 
+/// Prequal's: about one endpoint in six is hot.
+pub const DEFAULT_HOT_QUANTILE: f64 = 0.84;
 pub const DEFAULT_PROXY: &str = "127.0.0.1:15001";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -600,6 +642,7 @@ impl ClusterConfig {
             remember_runner_up: true,
             latency: LatencyConfig::default(),
             performance: PerformanceConfig::default(),
+            hot_quantile: DEFAULT_HOT_QUANTILE,
             affinity: None,
             split: Vec::new(),
             overprovisioning: DEFAULT_OVERPROVISIONING,

@@ -141,6 +141,7 @@ pub(super) struct RawCluster {
     pub(super) latency: RawLatency,
     #[serde(default)]
     pub(super) performance: RawPerformance,
+    pub(super) hot_quantile: Option<f64>,
     pub(super) session_affinity: Option<RawAffinity>,
     #[serde(default)]
     pub(super) split: std::collections::BTreeMap<String, u32>,
@@ -262,6 +263,7 @@ pub(super) struct RawPerformance {
     pub(super) window: Option<Duration>,
     pub(super) success_weight: Option<f64>,
     pub(super) latency_weight: Option<f64>,
+    pub(super) score: Option<super::PerformanceScore>,
 }
 
 #[derive(Deserialize)]
@@ -271,6 +273,7 @@ pub(super) struct RawAffinity {
     #[serde(default, with = "humantime_serde")]
     pub(super) ttl: Option<Duration>,
     pub(super) max_sessions: Option<usize>,
+    pub(super) balance_factor: Option<f64>,
 }
 
 fn default_proxy() -> String {

@@ -86,6 +86,48 @@ fn choices_and_the_runner_up_are_read_and_checked() {
 }
 
 #[test]
+fn the_second_round_of_picking_knobs_are_read_and_checked() {
+    let base = "[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]\n";
+    let c = parse(&format!(
+        "{base}strategy = \"hot_cold\"\nchoices = \"auto\"\nhot_quantile = 0.9\n\
+         performance = {{ score = \"performance_based\" }}\n\
+         session_affinity = {{ balance_factor = 1.25 }}"
+    ))
+    .unwrap();
+    let cl = &c.clusters[0];
+    assert_eq!(cl.strategy, Strategy::HotCold);
+    assert_eq!(cl.choices, Choices::Auto);
+    assert_eq!(cl.hot_quantile, 0.9);
+    assert_eq!(
+        cl.performance.score,
+        crate::config::PerformanceScore::PerformanceBased
+    );
+    assert_eq!(cl.affinity.as_ref().unwrap().balance_factor, Some(1.25));
+    let c = parse(base).unwrap();
+    assert_eq!(c.clusters[0].choices, Choices::Auto);
+    assert_eq!(c.clusters[0].hot_quantile, DEFAULT_HOT_QUANTILE);
+    assert_eq!(
+        c.clusters[0].performance.score,
+        crate::config::PerformanceScore::LoadAware
+    );
+    for (text, key) in [
+        ("hot_quantile = 0.0", "cluster[0].hot_quantile: must be more than 0"),
+        ("hot_quantile = 1.5", "cluster[0].hot_quantile: must be more than 0"),
+        (
+            "session_affinity = { balance_factor = 0.9 }",
+            "cluster[0].session_affinity.balance_factor: must be from 1 to 100",
+        ),
+        (
+            "performance = { score = \"fastest\" }",
+            "cluster[0].performance.score: unknown variant `fastest`",
+        ),
+    ] {
+        let e = first_error(&format!("{base}{text}"));
+        assert!(e.starts_with(&format!("mesh.toml: {key}")), "{text}: {e}");
+    }
+}
+
+#[test]
 fn unknown_strategy_names_the_key_and_the_choices() {
     let e = first_error(&GOOD.replace("\"weighted\"", "\"fastest\""));
     assert!(

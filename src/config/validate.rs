@@ -13,12 +13,12 @@ use super::raw::{
 };
 use super::{
     AdminConfig, AffinityConfig, BreakerConfig, Choices, ClusterConfig, Config, ConfigError,
-    ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT, DEFAULT_MAX_QUEUED_SPANS,
-    DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD, DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_SERVICE_NAME, EndpointConfig, HealthCheckConfig, LatencyConfig, ListenerConfig,
-    LocalityConfig, MeshConfig, OutlierConfig, PerformanceConfig, RetryConfig, RuntimeConfig,
-    TelemetryConfig,
+    ConfigErrors, DEFAULT_HOT_QUANTILE, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_ENDPOINT,
+    DEFAULT_MAX_QUEUED_SPANS, DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_SERVICE_NAME, EndpointConfig, HealthCheckConfig,
+    LatencyConfig, ListenerConfig, LocalityConfig, MeshConfig, OutlierConfig, PerformanceConfig,
+    RetryConfig, RuntimeConfig, TelemetryConfig,
 };
 use crate::endpoint::FailureClasses;
 use crate::wire::grpc::parse_code;
@@ -178,19 +178,27 @@ impl RawConfig {
             let choices = match c.choices {
                 None => Choices::default(),
                 Some(RawChoices::Word(w)) if w == "all" => Choices::All,
+                Some(RawChoices::Word(w)) if w == "auto" => Choices::Auto,
                 Some(RawChoices::Count(n)) if n >= 1 => Choices::Random(
                     std::num::NonZeroUsize::new(n as usize).unwrap_or(std::num::NonZeroUsize::MIN),
                 ),
                 Some(_) => {
                     p.add(
                         format!("{at}.choices"),
-                        "must be a whole number of at least 1 (2 is the usual) or \"all\"",
+                        "must be a whole number of at least 1 (2 is the usual), \"all\" or \"auto\"",
                     );
                     Choices::default()
                 }
             };
             let latency = validate_latency(&mut p, &at, c.latency);
             let performance = validate_performance(&mut p, &at, c.performance);
+            let hot_quantile = c.hot_quantile.unwrap_or(DEFAULT_HOT_QUANTILE);
+            if !(hot_quantile > 0.0 && hot_quantile <= 1.0) {
+                p.add(
+                    format!("{at}.hot_quantile"),
+                    "must be more than 0 and at most 1 (0.84 is the usual)",
+                );
+            }
             let affinity = c
                 .session_affinity
                 .map(|a| validate_affinity(&mut p, &at, a));
@@ -237,6 +245,7 @@ impl RawConfig {
                 remember_runner_up: c.remember_runner_up,
                 latency,
                 performance,
+                hot_quantile,
                 affinity,
                 split,
                 overprovisioning,
@@ -663,6 +672,7 @@ fn validate_performance(p: &mut Problems, at: &str, raw: RawPerformance) -> Perf
         window: raw.window.unwrap_or(d.window),
         success_weight: raw.success_weight.unwrap_or(d.success_weight),
         latency_weight: raw.latency_weight.unwrap_or(d.latency_weight),
+        score: raw.score.unwrap_or(d.score),
     };
     if out.window < Duration::from_secs(1) {
         p.add(format!("{at}.performance.window"), "must be at least 1s");
@@ -703,7 +713,16 @@ fn validate_affinity(p: &mut Problems, at: &str, raw: RawAffinity) -> AffinityCo
         header,
         ttl: raw.ttl.unwrap_or(d.ttl),
         max_sessions: raw.max_sessions.unwrap_or(d.max_sessions),
+        balance_factor: raw.balance_factor,
     };
+    if let Some(f) = out.balance_factor {
+        if !(1.0..=100.0).contains(&f) {
+            p.add(
+                format!("{at}.session_affinity.balance_factor"),
+                "must be from 1 to 100 (1.25 is the usual)",
+            );
+        }
+    }
     if out.ttl < Duration::from_millis(1) {
         p.add(format!("{at}.session_affinity.ttl"), "must be at least 1ms");
     }

@@ -44,7 +44,7 @@ pub struct Keep {
 impl Keep {
     pub fn for_strategy(strategy: Strategy) -> Keep {
         Keep {
-            rtt: strategy == Strategy::Latency,
+            rtt: matches!(strategy, Strategy::Latency | Strategy::HotCold),
             window: strategy == Strategy::Performance,
         }
     }
@@ -63,6 +63,11 @@ static MESH_CLOCK: std::sync::LazyLock<crate::util::Clock> =
 
 pub struct Load {
     in_flight: AtomicU64,
+    /// A moving average of this endpoint's round trips in nanoseconds (each
+    /// answer moves it an eighth of the way), 0 before the first: kept
+    /// whatever the strategy, without a lock (a lost update under a race
+    /// costs one sample), for pickers that break ties by it.
+    recent_rtt_ns: AtomicU64,
     /// Peers' calls in flight here, in sixteenths, as the mesh last
     /// computed them (0 without a mesh).
     mesh_in_flight: AtomicU64,
@@ -83,6 +88,7 @@ impl Load {
         let now = Instant::now();
         Load {
             in_flight: AtomicU64::new(0),
+            recent_rtt_ns: AtomicU64::new(0),
             mesh_in_flight: AtomicU64::new(0),
             mesh_rtt_ns: AtomicU64::new(0),
             mesh_success: AtomicU64::new(0),
@@ -141,6 +147,12 @@ impl Load {
         }
     }
 
+    /// The moving average of this endpoint's recent round trips, in
+    /// nanoseconds; 0 before its first answer.
+    pub fn recent_rtt_ns(&self) -> u64 {
+        self.recent_rtt_ns.load(Ordering::Relaxed)
+    }
+
     /// The estimate measured here, if a sample came within the decay time
     /// (what this sidecar tells its peers).
     pub fn own_rtt_estimate(&self, now: Instant) -> Option<f64> {
@@ -195,6 +207,7 @@ impl Load {
     /// sample blends into the mesh's estimate where peers have one, rather
     /// than into `default_rtt`.
     pub fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        self.blend_recent_rtt(rtt);
         if let Some(ewma) = &self.ewma {
             let mut ewma = lock(ewma);
             if !ewma.sampled {
@@ -202,6 +215,17 @@ impl Load {
             }
             ewma.observe(rtt, now, self.latency.decay);
         }
+    }
+
+    fn blend_recent_rtt(&self, rtt: Duration) {
+        let sample = rtt.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
+        let old = self.recent_rtt_ns.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.recent_rtt_ns.store(new.max(1), Ordering::Relaxed);
     }
 
     fn seed_from_mesh(&self, ewma: &mut PeakEwma, now: Instant) {
@@ -214,6 +238,10 @@ impl Load {
 
     /// A call ended, after `elapsed`; `failed` as the breaker would count it.
     pub fn observe_outcome(&self, failed: bool, elapsed: Duration, now: Instant) {
+        if failed {
+            // An endpoint that fails fast must not look fast.
+            self.blend_recent_rtt(elapsed.max(self.latency.failure_penalty));
+        }
         if let (true, Some(ewma)) = (failed, &self.ewma) {
             let penalty = elapsed.max(self.latency.failure_penalty);
             let mut ewma = lock(ewma);
