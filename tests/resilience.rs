@@ -789,3 +789,52 @@ async fn a_connection_whose_ping_goes_unanswered_is_dropped_and_its_calls_fail_f
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_answers_for_the_deadline_it_imposed_whoever_notices_first() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let mut cluster = planner(&agents.addrs);
+        cluster.request_timeout = Duration::from_millis(200);
+        // Every call here expires: keep the breaker out of it.
+        cluster.breaker.enabled = false;
+        cluster.outlier = None;
+        let sidecar = sidecar(vec![cluster]).await;
+        let mut client = planner_client(Way::Connect, &sidecar).await;
+        // The caller allows 5 s; the cluster 200 ms, which the agent is
+        // sent as the time left and gives up on by itself too (CANCELLED
+        // "Timeout expired"). The deadline is the sidecar's: so is the answer.
+        for i in 0..10 {
+            let mut req = tonic::Request::new(InvokeRequest {
+                delay_ms: 500,
+                ..request(b"x")
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let status = client.invoke(req).await.unwrap_err();
+            assert_eq!(status.code(), Code::DeadlineExceeded, "call {i}: {status:?}");
+            assert!(
+                status.message().starts_with(
+                    "agentmesh: cluster \"planner.agents\": deadline of 200ms (cluster.request_timeout) exceeded"
+                ),
+                "call {i}: {}",
+                status.message()
+            );
+        }
+        // The caller's own deadline, forwarded as it came: the caller gets
+        // DEADLINE_EXCEEDED, from the sidecar, naming the caller's header.
+        for i in 0..10 {
+            let req = InvokeRequest {
+                delay_ms: 500,
+                ..request(b"x")
+            };
+            let status = raw_unary(Way::Connect, &sidecar, &req, &[("grpc-timeout", "200m")]).await;
+            assert_eq!(status["grpc-status"], "4", "call {i}: {status:?}");
+            let message = status["grpc-message"].to_str().unwrap().replace("%20", " ");
+            assert!(
+                message.contains("deadline of 200ms (grpc-timeout) exceeded"),
+                "call {i}: {message}"
+            );
+        }
+    })
+    .await;
+}

@@ -534,7 +534,12 @@ impl<'c> Attempts<'c> {
 
 /// Runs `f` until `deadline`; `None` if the deadline came first. When both
 /// are ready at once the deadline wins, so that an answer racing the
-/// deadline is not mistaken for one that beat it.
+/// deadline is not mistaken for one that beat it; so does a deadline that
+/// passed while its timer had yet to fire (timers fire on the next tick).
+/// An endpoint that was sent the deadline gives up no sooner than the
+/// proxy does (see [`grpc::set_remaining`]): its own answer to it
+/// (CANCELLED "Timeout expired" from tonic) arrives when the deadline has
+/// passed, and the caller gets the proxy's DEADLINE_EXCEEDED instead.
 async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
     let mut f = std::pin::pin!(f);
     // Most of what is awaited here is ready at once (a pooled connection):
@@ -548,7 +553,9 @@ async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
         if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        f.as_mut().poll(cx).map(Some)
+        f.as_mut()
+            .poll(cx)
+            .map(|out| (Instant::now() < deadline).then_some(out))
     })
     .await
 }

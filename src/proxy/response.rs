@@ -78,7 +78,7 @@ pub struct ResponseBody {
 /// never arm one.
 enum DeadlineTimer {
     At(Instant),
-    Armed(Pin<Box<Timer>>),
+    Armed(Pin<Box<Timer>>, Instant),
 }
 
 impl Default for ResponseBody {
@@ -146,11 +146,16 @@ impl ResponseBody {
         }
     }
 
+    /// Whether the deadline has passed, even if its timer has yet to fire
+    /// (timers fire on the next tick): an answer that comes after the
+    /// deadline loses to it.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.deadline {
             None => false,
             Some(DeadlineTimer::At(at)) => Instant::now() >= *at,
-            Some(DeadlineTimer::Armed(timer)) => timer.as_mut().poll(cx).is_ready(),
+            Some(DeadlineTimer::Armed(timer, at)) => {
+                timer.as_mut().poll(cx).is_ready() || Instant::now() >= *at
+            }
         }
     }
 
@@ -159,7 +164,7 @@ impl ResponseBody {
         if let Some(DeadlineTimer::At(at)) = self.deadline {
             let mut timer = Box::pin(Timer::at(at));
             let fired = timer.as_mut().poll(cx).is_ready();
-            self.deadline = Some(DeadlineTimer::Armed(timer));
+            self.deadline = Some(DeadlineTimer::Armed(timer, at));
             return fired;
         }
         false
@@ -206,6 +211,9 @@ impl Body for ResponseBody {
                 Poll::Pending
             }
             Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_trailers() && this.expired(cx) {
+                    return Poll::Ready(Some(Ok(this.deadline_exceeded())));
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     this.inner = None;
                     this.finish(trailers);

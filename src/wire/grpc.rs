@@ -38,15 +38,22 @@ fn parse_timeout(value: &[u8]) -> Option<Duration> {
 /// Tells the endpoint how much of the call's time is left, when connecting
 /// has used up a noticeable part of the `original` timeout (the header is
 /// left as the caller sent it otherwise).
+///
+/// Rounded up, never down: the endpoint starts counting after the proxy
+/// did, so its deadline then cannot pass before the proxy's, and when the
+/// deadline is the proxy's to answer for, the proxy notices it first.
 pub fn set_remaining(headers: &mut HeaderMap, remaining: Duration, original: Option<Duration>) {
     let used = original.map_or(Duration::ZERO, |o| o.saturating_sub(remaining));
     if used < Duration::from_millis(1) {
         return;
     }
     // At most 8 digits: milliseconds cover 27 hours, seconds beyond.
-    let value = match remaining.as_millis() {
+    let value = match remaining.as_nanos().div_ceil(1_000_000) {
         ms if ms < 100_000_000 => format!("{}m", ms.max(1)),
-        _ => format!("{}S", remaining.as_secs().min(99_999_999)),
+        _ => format!(
+            "{}S",
+            remaining.as_nanos().div_ceil(1_000_000_000).min(99_999_999)
+        ),
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(&GRPC_TIMEOUT, v);
@@ -227,6 +234,12 @@ mod tests {
         );
         assert_eq!(h[&GRPC_TIMEOUT], "3000m");
         assert_eq!(timeout(&h), Some(Duration::from_secs(3)));
+        set_remaining(
+            &mut h,
+            Duration::from_micros(199_100),
+            Some(Duration::from_secs(5)),
+        );
+        assert_eq!(h[&GRPC_TIMEOUT], "200m", "rounded up, never down");
         set_remaining(&mut h, Duration::ZERO, Some(Duration::from_secs(5)));
         assert_eq!(h[&GRPC_TIMEOUT], "1m");
     }
