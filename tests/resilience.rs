@@ -838,3 +838,68 @@ async fn the_sidecar_answers_for_the_deadline_it_imposed_whoever_notices_first()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_ejected_endpoint_takes_the_calls_in_panic_mode() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        agents.stats[0].set_fail_ratio(1.0);
+        let mut cluster = planner(&agents.addrs);
+        cluster.breaker.open_for = Duration::from_millis(1500);
+        cluster.outlier = None;
+        let sidecar = sidecar(vec![cluster]).await;
+        let mut client = planner_client(Way::Connect, &sidecar).await;
+        let endpoint = sidecar.router().clusters()[0].endpoints()[0].clone();
+        for _ in 0..5 {
+            let status = client.invoke(request(b"x")).await.unwrap_err();
+            assert!(status.message().contains("injected failure"), "{status:?}");
+        }
+        assert_eq!(endpoint.stats().state, "ejected");
+        assert_eq!(endpoint.stats().ejections, 1);
+        agents.stats[0].set_fail_ratio(0.0);
+        // Ejected and alone: no endpoint is ready, so the cluster balances
+        // over every endpoint it can reach, this one.
+        assert!(
+            eventually(Duration::from_secs(1), || cluster_column(&sidecar, "panic")
+                == "true")
+            .await,
+            "{}",
+            agentmesh::admin::clusters(sidecar.router())
+        );
+        for i in 0..10 {
+            if let Err(status) = client.invoke(request(b"x")).await {
+                panic!("call {i} in panic mode: {status:?}");
+            }
+        }
+        assert_eq!(endpoint.stats().state, "ejected");
+        assert_eq!(agents.stats[0].get(&agents.stats[0].calls), 15);
+        // Half-open: one probe at a time, and it is slow. The cluster has
+        // no other endpoint, so the other calls go to this one too.
+        assert!(
+            eventually(Duration::from_secs(3), || endpoint.stats().state
+                == "probing")
+            .await,
+            "{:?}",
+            endpoint.stats()
+        );
+        let mut prober = client.clone();
+        let probe = tokio::spawn(async move {
+            prober
+                .invoke(InvokeRequest {
+                    delay_ms: 800,
+                    ..request(b"probe")
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 0..5 {
+            if let Err(status) = client.invoke(request(b"x")).await {
+                panic!("call {i} while the probe is out: {status:?}");
+            }
+        }
+        probe.await.unwrap().expect("the probe succeeds");
+        assert_eq!(endpoint.stats().state, "ready");
+        assert_eq!(endpoint.stats().ejections, 1);
+    })
+    .await;
+}

@@ -356,6 +356,18 @@ impl Endpoint {
     /// calls or its breaker admits none now; the returned guard counts the
     /// call finished on drop.
     pub fn try_start_call(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
+        self.enter(max, true)
+    }
+
+    /// As [`Endpoint::try_start_call`], but an open breaker (or a half-open
+    /// one whose probe is out) does not refuse the call: panic mode, when
+    /// too few endpoints take calls, sends them to every reachable one
+    /// (Envoy's panic threshold). A half-open breaker still gets its probe.
+    pub fn try_start_call_in_panic(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
+        self.enter(max, false)
+    }
+
+    fn enter(self: &Arc<Self>, max: u32, heed_breaker: bool) -> Result<InFlight, Refused> {
         if !self.load.try_enter(u64::from(max)) {
             self.stats.full.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Full);
@@ -371,6 +383,7 @@ impl Endpoint {
         } else {
             match self.with_breaker(Breaker::admit) {
                 Some(probe) => probe,
+                None if !heed_breaker => false,
                 None => {
                     self.leave();
                     return Err(Refused::Breaker);
