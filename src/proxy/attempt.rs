@@ -346,7 +346,7 @@ impl<'c> Attempts<'c> {
             // upstream stream; the in-flight count ends with it.
             return match within(self.deadline.at, exchange(&mut sender, req)).await {
                 None => {
-                    in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
+                    in_flight.finished(self.deadline.outcome());
                     self.note(|t| {
                         t.attempt_ended(
                             endpoint.address_shared(),
@@ -405,14 +405,24 @@ impl<'c> Attempts<'c> {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let trailers_only = grpc::status_code(&parts.headers);
+                // The endpoint's HTTP layer refused the request itself
+                // (431 for headers too large): the caller gets that answer
+                // as it came, and it says nothing of the endpoint.
+                let refused = trailers_only.is_none() && grpc::refuses_the_request(parts.status);
                 match trailers_only {
-                    Some(code) => in_flight.finished(Outcome::Status(code)),
+                    Some(code) => in_flight.finished(self.shared.outcome_of(code)),
+                    None if refused => in_flight
+                        .finished(Outcome::Excused(grpc::code_for_http_status(parts.status))),
                     None => in_flight.responded(),
                 }
                 self.note(|t| {
                     t.attempt_ended(
                         endpoint.address_shared(),
-                        trailers_only.map_or("answered", grpc::code_name),
+                        match trailers_only {
+                            Some(code) => grpc::code_name(code),
+                            None if refused => "refused the request",
+                            None => "answered",
+                        },
                     )
                 });
                 self.answered += 1;
@@ -439,7 +449,7 @@ impl<'c> Attempts<'c> {
                     cluster: self.cluster.clone(),
                     deadline: self.deadline,
                     finished: false,
-                    recorded: trailers_only.is_some(),
+                    recorded: trailers_only.is_some() || refused,
                 });
                 Ok(Response::from_parts(parts, body))
             }

@@ -142,7 +142,8 @@ impl ResponseBody {
                     grpc::message(trailers).unwrap_or_default(),
                 );
             }
-            guard.record(code.map_or(Outcome::Reset, Outcome::Status));
+            let outcome = code.map_or(Outcome::Reset, |c| guard.state.outcome_of(c));
+            guard.record(outcome);
         }
     }
 
@@ -171,13 +172,13 @@ impl ResponseBody {
     }
 
     fn deadline_exceeded(&mut self) -> Frame<Bytes> {
-        self.abort(Outcome::Status(tonic::Code::DeadlineExceeded), |g| {
-            ProxyError::DeadlineExceeded {
-                cluster: g.cluster.name().to_string(),
-                timeout: g.deadline.timeout,
-                set_by: g.deadline.source,
-                phase: format!("while {} was responding", g.endpoint_address()),
-            }
+        let outcome = self.guard.as_ref().map(|g| g.deadline.outcome());
+        let outcome = outcome.unwrap_or(Outcome::Status(tonic::Code::DeadlineExceeded));
+        self.abort(outcome, |g| ProxyError::DeadlineExceeded {
+            cluster: g.cluster.name().to_string(),
+            timeout: g.deadline.timeout,
+            set_by: g.deadline.source,
+            phase: format!("while {} was responding", g.endpoint_address()),
         })
     }
 }

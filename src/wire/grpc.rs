@@ -72,6 +72,10 @@ pub fn message(headers: &HeaderMap) -> Option<&str> {
     headers.get("grpc-message")?.to_str().ok()
 }
 
+/// The bytes before each message of a gRPC body: a compressed flag and a
+/// 4-byte length.
+pub const PREFIX_LEN: usize = 5;
+
 /// The spec's status names, indexed by code number.
 const CODE_NAMES: [&str; 17] = [
     "OK",
@@ -160,6 +164,30 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
 /// last stream below this one. Such a call is safe to send elsewhere.
 pub fn is_unprocessed(error: &h2::Error) -> bool {
     error.is_remote() && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// Whether an HTTP status sent without `grpc-status` is the endpoint's HTTP
+/// layer refusing the request itself (400 Bad Request, 413 Content Too
+/// Large, 431 Request Header Fields Too Large, ...): any 4xx but 408
+/// Request Timeout and 429 Too Many Requests, which speak of the endpoint.
+pub fn refuses_the_request(status: http::StatusCode) -> bool {
+    status.is_client_error()
+        && status != http::StatusCode::REQUEST_TIMEOUT
+        && status != http::StatusCode::TOO_MANY_REQUESTS
+}
+
+/// The gRPC status a caller reads from an HTTP status sent without
+/// `grpc-status`, as gRPC's HTTP mapping says.
+pub fn code_for_http_status(status: http::StatusCode) -> tonic::Code {
+    use tonic::Code;
+    match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
 }
 
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded
