@@ -73,6 +73,7 @@ impl AgentArgs {
             fail_ratio: self.fail_ratio,
             max_concurrency: self.max_concurrency,
             delay_after: self.delay_after,
+            max_header_list_size: None,
         }
     }
 }

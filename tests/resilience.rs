@@ -15,6 +15,7 @@ use agentmesh::cluster::limit::RateLimitConfig;
 use agentmesh::config::{ClusterConfig, HealthCheckConfig, OutlierConfig, RetryConfig};
 use agentmesh::pb::InvokeRequest;
 use agentmesh::pb::agent_client::AgentClient;
+use agentmesh::tools::agent::AgentOptions;
 use support::*;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -786,6 +787,297 @@ async fn a_connection_whose_ping_goes_unanswered_is_dropped_and_its_calls_fail_f
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(status.message().contains(&port.to_string()), "{status:?}");
         signal(&agent, "-CONT");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_answers_for_the_deadline_it_imposed_whoever_notices_first() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let mut cluster = planner(&agents.addrs);
+        cluster.request_timeout = Duration::from_millis(200);
+        // Every call here expires: keep the breaker out of it.
+        cluster.breaker.enabled = false;
+        cluster.outlier = None;
+        let sidecar = sidecar(vec![cluster]).await;
+        let mut client = planner_client(Way::Connect, &sidecar).await;
+        // The caller allows 5 s; the cluster 200 ms, which the agent is
+        // sent as the time left and gives up on by itself too (CANCELLED
+        // "Timeout expired"). The deadline is the sidecar's: so is the answer.
+        for i in 0..10 {
+            let mut req = tonic::Request::new(InvokeRequest {
+                delay_ms: 500,
+                ..request(b"x")
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let status = client.invoke(req).await.unwrap_err();
+            assert_eq!(status.code(), Code::DeadlineExceeded, "call {i}: {status:?}");
+            assert!(
+                status.message().starts_with(
+                    "agentmesh: cluster \"planner.agents\": deadline of 200ms (cluster.request_timeout) exceeded"
+                ),
+                "call {i}: {}",
+                status.message()
+            );
+        }
+        // The caller's own deadline, forwarded as it came: the caller gets
+        // DEADLINE_EXCEEDED, from the sidecar, naming the caller's header.
+        for i in 0..10 {
+            let req = InvokeRequest {
+                delay_ms: 500,
+                ..request(b"x")
+            };
+            let status = raw_unary(Way::Connect, &sidecar, &req, &[("grpc-timeout", "200m")]).await;
+            assert_eq!(status["grpc-status"], "4", "call {i}: {status:?}");
+            let message = status["grpc-message"].to_str().unwrap().replace("%20", " ");
+            assert!(
+                message.contains("deadline of 200ms (grpc-timeout) exceeded"),
+                "call {i}: {message}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_ejected_endpoint_takes_the_calls_in_panic_mode() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        agents.stats[0].set_fail_ratio(1.0);
+        let mut cluster = planner(&agents.addrs);
+        cluster.breaker.open_for = Duration::from_millis(1500);
+        cluster.outlier = None;
+        let sidecar = sidecar(vec![cluster]).await;
+        let mut client = planner_client(Way::Connect, &sidecar).await;
+        let endpoint = sidecar.router().clusters()[0].endpoints()[0].clone();
+        for _ in 0..5 {
+            let status = client.invoke(request(b"x")).await.unwrap_err();
+            assert!(status.message().contains("injected failure"), "{status:?}");
+        }
+        assert_eq!(endpoint.stats().state, "ejected");
+        assert_eq!(endpoint.stats().ejections, 1);
+        agents.stats[0].set_fail_ratio(0.0);
+        // Ejected and alone: no endpoint is ready, so the cluster balances
+        // over every endpoint it can reach, this one.
+        assert!(
+            eventually(Duration::from_secs(1), || cluster_column(&sidecar, "panic")
+                == "true")
+            .await,
+            "{}",
+            agentmesh::admin::clusters(sidecar.router())
+        );
+        for i in 0..10 {
+            if let Err(status) = client.invoke(request(b"x")).await {
+                panic!("call {i} in panic mode: {status:?}");
+            }
+        }
+        assert_eq!(endpoint.stats().state, "ejected");
+        assert_eq!(agents.stats[0].get(&agents.stats[0].calls), 15);
+        // Half-open: one probe at a time, and it is slow. The cluster has
+        // no other endpoint, so the other calls go to this one too.
+        assert!(
+            eventually(Duration::from_secs(3), || endpoint.stats().state
+                == "probing")
+            .await,
+            "{:?}",
+            endpoint.stats()
+        );
+        let mut prober = client.clone();
+        let probe = tokio::spawn(async move {
+            prober
+                .invoke(InvokeRequest {
+                    delay_ms: 800,
+                    ..request(b"probe")
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 0..5 {
+            if let Err(status) = client.invoke(request(b"x")).await {
+                panic!("call {i} while the probe is out: {status:?}");
+            }
+        }
+        probe.await.unwrap().expect("the probe succeeds");
+        assert_eq!(endpoint.stats().state, "ready");
+        assert_eq!(endpoint.stats().ejections, 1);
+    })
+    .await;
+}
+
+/// A cluster over `agents` whose breaker opens after 3 failures in a row
+/// and whose error-rate ejection needs only 5 calls: low enough that calls
+/// counted against the endpoint by mistake eject it.
+fn touchy(addrs: &[SocketAddr]) -> ClusterConfig {
+    let mut cluster = planner(addrs);
+    cluster.breaker.failure_threshold = NonZeroU32::new(3).unwrap();
+    cluster.outlier = Some(OutlierConfig {
+        min_success_rate: 0.8,
+        window: Duration::from_secs(10),
+        min_calls: 5,
+    });
+    cluster
+}
+
+/// The endpoint was never ejected, counted no failure, and takes a normal
+/// call.
+async fn judged_healthy(sidecar: &agentmesh::app::Sidecar, client: &mut AgentClient<Channel>) {
+    let endpoint = sidecar.router().clusters()[0].endpoints()[0].clone();
+    let stats = endpoint.stats();
+    assert_eq!(
+        (stats.state, stats.failures, stats.ejections, stats.spared),
+        ("ready", 0, 0, 0),
+        "{stats:?}"
+    );
+    let json = agentmesh::admin::stats_json(sidecar.router());
+    assert!(json.contains("\"ejections\": 0,"), "{json}");
+    client
+        .invoke(request(b"x"))
+        .await
+        .expect("a normal call succeeds");
+    assert_eq!(endpoint.stats().ejections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_the_callers_chose_do_not_count_against_the_endpoint() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let sidecar = sidecar(vec![touchy(&agents.addrs)]).await;
+        let client = planner_client(Way::Connect, &sidecar).await;
+        for _ in 0..5 {
+            let calls: Vec<_> = (0..10)
+                .map(|_| {
+                    let mut client = client.clone();
+                    tokio::spawn(async move {
+                        let mut req = tonic::Request::new(InvokeRequest {
+                            delay_ms: 500,
+                            ..request(b"x")
+                        });
+                        req.set_timeout(Duration::from_millis(50));
+                        client.invoke(req).await.unwrap_err()
+                    })
+                })
+                .collect();
+            for c in calls {
+                // The sidecar's DEADLINE_EXCEEDED, or the caller's library
+                // giving up first (CANCELLED "Timeout expired").
+                let status = c.await.unwrap();
+                assert!(
+                    matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+                    "{status:?}"
+                );
+            }
+        }
+        judged_healthy(&sidecar, &mut client.clone()).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_cancel_do_not_count_against_the_endpoint() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let sidecar = sidecar(vec![touchy(&agents.addrs)]).await;
+        let client = planner_client(Way::Connect, &sidecar).await;
+        for _ in 0..5 {
+            let calls: Vec<_> = (0..10)
+                .map(|_| {
+                    let mut client = client.clone();
+                    tokio::spawn(async move {
+                        let call = client.invoke(InvokeRequest {
+                            delay_ms: 500,
+                            ..request(b"x")
+                        });
+                        // Dropping the call resets its stream.
+                        tokio::time::timeout(Duration::from_millis(50), call).await
+                    })
+                })
+                .collect();
+            for c in calls {
+                assert!(c.await.unwrap().is_err(), "the call was given up");
+            }
+        }
+        assert!(eventually(Duration::from_secs(5), || agents.cancelled(0) == 50).await);
+        judged_healthy(&sidecar, &mut client.clone()).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_own_request_timeout_counts_against_the_endpoint() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let mut cluster = touchy(&agents.addrs);
+        cluster.request_timeout = Duration::from_millis(100);
+        let sidecar = sidecar(vec![cluster]).await;
+        let mut client = planner_client(Way::Connect, &sidecar).await;
+        for _ in 0..3 {
+            let status = client
+                .invoke(InvokeRequest {
+                    delay_ms: 500,
+                    ..request(b"x")
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        }
+        let endpoint = sidecar.router().clusters()[0].endpoints()[0].clone();
+        let stats = endpoint.stats();
+        assert_eq!(
+            (stats.state, stats.failures, stats.ejections),
+            ("ejected", 3, 1),
+            "{stats:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_caller_malformed_do_not_count_against_the_endpoint() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start_with(vec![AgentOptions {
+            max_header_list_size: Some(4096),
+            ..AgentOptions::named("agent-0")
+        }])
+        .await;
+        let sidecar = sidecar(vec![touchy(&agents.addrs)]).await;
+        let message = framed(&request(b"x"));
+        // No message at all: the agent answers INTERNAL, as gRPC servers do
+        // for a unary call without its request.
+        for _ in 0..10 {
+            let (http, status) = raw_call(&sidecar, b"", &[]).await.expect("an answer");
+            assert_eq!(http.as_u16(), 200);
+            assert_eq!(status["grpc-status"], "13", "{status:?}");
+        }
+        // A content-length that promises more than the body has: HTTP/2
+        // says the stream is malformed, and it is reset.
+        for _ in 0..10 {
+            let answer = raw_call(&sidecar, &message, &[("content-length", "1000")]).await;
+            assert!(answer.is_err(), "{answer:?}");
+        }
+        // The same, found out only once the request has reached the agent:
+        // the sidecar resets the stream it sent the agent.
+        for _ in 0..10 {
+            let (head, rest) = message.split_at(3);
+            let answer = raw_call_in_parts(
+                &sidecar,
+                &[head, rest],
+                Duration::from_millis(100),
+                &[("content-length", "1000")],
+            )
+            .await;
+            assert!(answer.is_err(), "{answer:?}");
+        }
+        // Headers larger than the agent takes (though not twice as large,
+        // which h2 takes for abuse and answers by closing the connection):
+        // it answers HTTP 431.
+        let big = "a".repeat(5000);
+        for _ in 0..10 {
+            let answer = raw_call(&sidecar, &message, &[("x-big", &big)]).await;
+            let (http, status) = answer.expect("an answer");
+            assert_eq!(http.as_u16(), 431, "{status:?}");
+        }
+        judged_healthy(&sidecar, &mut planner_client(Way::Connect, &sidecar).await).await;
     })
     .await;
 }

@@ -356,6 +356,18 @@ impl Endpoint {
     /// calls or its breaker admits none now; the returned guard counts the
     /// call finished on drop.
     pub fn try_start_call(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
+        self.enter(max, true)
+    }
+
+    /// As [`Endpoint::try_start_call`], but an open breaker (or a half-open
+    /// one whose probe is out) does not refuse the call: panic mode, when
+    /// too few endpoints take calls, sends them to every reachable one
+    /// (Envoy's panic threshold). A half-open breaker still gets its probe.
+    pub fn try_start_call_in_panic(self: &Arc<Self>, max: u32) -> Result<InFlight, Refused> {
+        self.enter(max, false)
+    }
+
+    fn enter(self: &Arc<Self>, max: u32, heed_breaker: bool) -> Result<InFlight, Refused> {
         if !self.load.try_enter(u64::from(max)) {
             self.stats.full.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Full);
@@ -371,6 +383,7 @@ impl Endpoint {
         } else {
             match self.with_breaker(Breaker::admit) {
                 Some(probe) => probe,
+                None if !heed_breaker => false,
                 None => {
                     self.leave();
                     return Err(Refused::Breaker);
@@ -409,7 +422,7 @@ impl Endpoint {
     /// Feeds an outcome to the breaker; only `settles` outcomes (a probe's,
     /// a connect's) may end a half-open state.
     fn record(&self, outcome: Outcome, settles: bool, now: Instant) {
-        if self.is_retired() {
+        if self.is_retired() || matches!(outcome, Outcome::Excused(_)) {
             return;
         }
         let failed = self.failures_count.contains(outcome);
@@ -638,6 +651,16 @@ impl InFlight {
         let failed = match outcome {
             Outcome::Status(code) => crate::wire::grpc::counts_as_failure(code),
             Outcome::Reset | Outcome::Connect => true,
+            Outcome::Excused(_) => {
+                // Shown, but it says nothing of the endpoint: a probe that
+                // ends so settles nothing, and lets the next one go.
+                self.endpoint.calls.record(outcome, now - self.sent, now);
+                if std::mem::replace(&mut self.probe, false) {
+                    self.endpoint.with_breaker(Breaker::probe_abandoned);
+                    self.endpoint.changed.notify_one();
+                }
+                return;
+            }
         };
         if failed {
             self.endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -662,5 +685,60 @@ impl Drop for InFlight {
             self.endpoint.with_breaker(Breaker::probe_abandoned);
             self.endpoint.changed.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::balance::test_support::endpoint;
+
+    fn cluster() -> ClusterConfig {
+        let mut cluster = ClusterConfig::for_test("test", &[]);
+        cluster.breaker.failure_threshold = NonZeroU32::new(2).unwrap();
+        cluster.breaker.open_for = Duration::from_secs(1);
+        cluster.outlier = None;
+        cluster
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn excused_outcomes_count_neither_for_nor_against_the_endpoint() {
+        let e = endpoint(&cluster(), 0, 1, None, 0, None);
+        e.start_call()
+            .finished(Outcome::Status(tonic::Code::Unavailable));
+        // A success here would end the run of failures; these do not.
+        for _ in 0..10 {
+            e.start_call()
+                .finished(Outcome::Excused(tonic::Code::DeadlineExceeded));
+        }
+        assert_eq!(e.state(Instant::now()), "ready");
+        e.start_call()
+            .finished(Outcome::Status(tonic::Code::Unavailable));
+        assert_eq!(e.state(Instant::now()), "ejected", "two failures in a row");
+        let stats = e.stats();
+        assert_eq!((stats.calls, stats.failures, stats.ejections), (12, 2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_excused_probe_settles_nothing_and_lets_the_next_one_go() {
+        let e = endpoint(&cluster(), 0, 1, None, 0, None);
+        for _ in 0..2 {
+            e.start_call()
+                .finished(Outcome::Status(tonic::Code::Unavailable));
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        e.poll_breaker(Instant::now());
+        assert_eq!(e.state(Instant::now()), "probing");
+        let mut probe = e.try_start_call(100).expect("the probe goes");
+        assert_eq!(e.try_start_call(100).err(), Some(Refused::Breaker));
+        probe.finished(Outcome::Excused(tonic::Code::Cancelled));
+        drop(probe);
+        assert_eq!(e.state(Instant::now()), "probing", "still half-open");
+        let mut next = e.try_start_call(100).expect("the next probe goes");
+        next.finished(Outcome::Status(tonic::Code::Ok));
+        assert_eq!(e.state(Instant::now()), "ready");
     }
 }

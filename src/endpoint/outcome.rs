@@ -1,5 +1,12 @@
 //! What a call ended with, and which of those endings count as failures
 //! for an endpoint's breaker.
+//!
+//! Some endings say nothing of the endpoint's health and are counted
+//! neither for nor against it ([`Outcome::Excused`]): a deadline the caller
+//! chose passed, the caller gave up or its request stream broke, or the
+//! endpoint refused a request the caller malformed. Envoy's outlier
+//! detection draws the same line: it counts the upstream timeouts it
+//! imposed itself, not the caller's.
 
 /// What a call ended with, as far as breaking is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,6 +17,10 @@ pub enum Outcome {
     Reset,
     /// No connection could be made.
     Connect,
+    /// The call ended with this status for a reason of the caller's own
+    /// (see the module's doc): shown in the endpoint's figures, but fed to
+    /// neither its breaker nor its load estimates.
+    Excused(tonic::Code),
 }
 
 /// A set of outcomes, as `failures = ["connect", "reset", "UNAVAILABLE"]`.
@@ -39,6 +50,7 @@ impl FailureClasses {
             Outcome::Status(code) => 1 << (code as u32).min(16),
             Outcome::Reset => RESET_BIT,
             Outcome::Connect => CONNECT_BIT,
+            Outcome::Excused(_) => return false,
         };
         self.0 & bit != 0
     }

@@ -72,9 +72,16 @@ pub(super) struct Attempts<'c> {
     /// The request for the next attempt, when one is at hand.
     next: Option<Request<RequestBody>>,
     snapshot: Arc<Snapshot>,
+    /// Endpoints picked: sent the call, or passed over.
     tried: Tried,
+    /// Of `tried`, those the call went to (a connect, or the request).
+    sent_to: usize,
     /// Endpoints passed over because they carried their limit of calls.
     full: usize,
+    /// An endpoint whose breaker refused the call, to send it to anyway if
+    /// no other takes it: then no endpoint takes calls, and the cluster is
+    /// in panic for this call.
+    refused_by_breaker: Option<Arc<Endpoint>>,
     /// Attempts that reached an endpoint.
     answered: u32,
     failed: Failed,
@@ -128,7 +135,9 @@ impl<'c> Attempts<'c> {
             next,
             snapshot: cluster.snapshot(),
             tried: Tried::default(),
+            sent_to: 0,
             full: 0,
+            refused_by_breaker: None,
             answered: 0,
             failed: Failed::Nothing(Cow::Borrowed("the cluster has no ready endpoint")),
             connecting: None,
@@ -164,7 +173,9 @@ impl<'c> Attempts<'c> {
     /// Picks an endpoint the call has not tried and takes a place on it.
     /// Passes over (for another attempt at once) an endpoint that is not
     /// connected while another is, warming its connection, and one that
-    /// refuses the call; gives up when none is left.
+    /// refuses the call; gives up when none is left. In panic mode an
+    /// endpoint's breaker refuses nothing; nor does it when every other
+    /// endpoint was passed over.
     pub(super) fn claim(&mut self) -> Result<Claimed, Flow> {
         let Some(req) = self.next.as_ref() else {
             return Err(Flow::Again);
@@ -182,13 +193,19 @@ impl<'c> Attempts<'c> {
         if let (Some(x), Some(e)) = (explain, &picked) {
             self.note(|t| t.picked(e, x.into_inner()));
         }
+        let mut panic = self.snapshot.is_panic();
         let (endpoint, waited_for) = match picked {
             Some(e) => (e, false),
             // Every other endpoint was full or refused: wait for the one
-            // passed over while it connected.
-            None => match self.connecting.take() {
-                Some(e) => (e, true),
-                None => return Err(self.give_up()),
+            // passed over while it connected, or send the call past a
+            // breaker (no endpoint takes calls: panic, for this call).
+            None => match (self.connecting.take(), self.refused_by_breaker.take()) {
+                (Some(e), _) => (e, true),
+                (None, Some(e)) => {
+                    panic = true;
+                    (e, false)
+                }
+                (None, None) => return Err(self.give_up()),
             },
         };
         self.tried.insert(endpoint.id());
@@ -198,14 +215,20 @@ impl<'c> Attempts<'c> {
             // at worst (a draining or unplugged endpoint): it goes on in the
             // background while this call goes to a connected endpoint.
             endpoint.connection().warm();
-            self.note(|t| t.passed_over(endpoint.address_shared(), "not connected yet"));
+            self.passed_over(&endpoint, "not connected yet");
             self.connecting.get_or_insert(endpoint);
             return Err(Flow::Again);
         }
         let max = self.cluster.config().max_in_flight_per_endpoint;
-        match endpoint.try_start_call(max) {
+        let entered = if panic {
+            endpoint.try_start_call_in_panic(max)
+        } else {
+            endpoint.try_start_call(max)
+        };
+        match entered {
             Ok(in_flight) => {
                 self.note(|t| t.attempt(endpoint.address()));
+                self.sent_to += 1;
                 Ok(Claimed {
                     endpoint,
                     in_flight,
@@ -214,17 +237,29 @@ impl<'c> Attempts<'c> {
             }
             Err(refused) => {
                 self.full += usize::from(refused == Refused::Full);
-                self.note(|t| {
-                    t.passed_over(
-                        endpoint.address_shared(),
-                        match refused {
-                            Refused::Full => "max_in_flight_per_endpoint reached",
-                            _ => "not taking calls",
-                        },
-                    )
-                });
+                self.passed_over(
+                    &endpoint,
+                    match refused {
+                        Refused::Full => "max_in_flight_per_endpoint reached",
+                        Refused::Breaker => "its circuit breaker is open",
+                        Refused::Removed => "removed from the cluster",
+                    },
+                );
+                if refused == Refused::Breaker {
+                    self.refused_by_breaker.get_or_insert(endpoint);
+                }
                 Err(Flow::Again)
             }
+        }
+    }
+
+    /// Notes why the call did not go to `endpoint`; that is the reason
+    /// the caller is given if the call goes nowhere else.
+    fn passed_over(&mut self, endpoint: &Arc<Endpoint>, why: &'static str) {
+        self.note(|t| t.passed_over(endpoint.address_shared(), why));
+        if self.sent_to == 0 {
+            self.failed =
+                Failed::Nothing(format!("{} passed over: {why}", endpoint.address()).into());
         }
     }
 
@@ -311,7 +346,7 @@ impl<'c> Attempts<'c> {
             // upstream stream; the in-flight count ends with it.
             return match within(self.deadline.at, exchange(&mut sender, req)).await {
                 None => {
-                    in_flight.finished(Outcome::Status(tonic::Code::DeadlineExceeded));
+                    in_flight.finished(self.deadline.outcome());
                     self.note(|t| {
                         t.attempt_ended(
                             endpoint.address_shared(),
@@ -370,14 +405,24 @@ impl<'c> Attempts<'c> {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let trailers_only = grpc::status_code(&parts.headers);
+                // The endpoint's HTTP layer refused the request itself
+                // (431 for headers too large): the caller gets that answer
+                // as it came, and it says nothing of the endpoint.
+                let refused = trailers_only.is_none() && grpc::refuses_the_request(parts.status);
                 match trailers_only {
-                    Some(code) => in_flight.finished(Outcome::Status(code)),
+                    Some(code) => in_flight.finished(self.shared.outcome_of(code)),
+                    None if refused => in_flight
+                        .finished(Outcome::Excused(grpc::code_for_http_status(parts.status))),
                     None => in_flight.responded(),
                 }
                 self.note(|t| {
                     t.attempt_ended(
                         endpoint.address_shared(),
-                        trailers_only.map_or("answered", grpc::code_name),
+                        match trailers_only {
+                            Some(code) => grpc::code_name(code),
+                            None if refused => "refused the request",
+                            None => "answered",
+                        },
                     )
                 });
                 self.answered += 1;
@@ -404,7 +449,7 @@ impl<'c> Attempts<'c> {
                     cluster: self.cluster.clone(),
                     deadline: self.deadline,
                     finished: false,
-                    recorded: trailers_only.is_some(),
+                    recorded: trailers_only.is_some() || refused,
                 });
                 Ok(Response::from_parts(parts, body))
             }
@@ -519,7 +564,14 @@ impl<'c> Attempts<'c> {
     fn last_answer(&mut self) -> Answer {
         let failed = std::mem::replace(&mut self.failed, Failed::Nothing(Cow::Borrowed("")));
         let total = self.snapshot.ready().len();
-        give_up(failed, self.cluster, &self.tried, total, self.full)
+        give_up(
+            failed,
+            self.cluster,
+            &self.tried,
+            self.sent_to,
+            total,
+            self.full,
+        )
     }
 
     fn expired(&self, phase: String) -> ProxyError {
@@ -534,7 +586,12 @@ impl<'c> Attempts<'c> {
 
 /// Runs `f` until `deadline`; `None` if the deadline came first. When both
 /// are ready at once the deadline wins, so that an answer racing the
-/// deadline is not mistaken for one that beat it.
+/// deadline is not mistaken for one that beat it; so does a deadline that
+/// passed while its timer had yet to fire (timers fire on the next tick).
+/// An endpoint that was sent the deadline gives up no sooner than the
+/// proxy does (see [`grpc::set_remaining`]): its own answer to it
+/// (CANCELLED "Timeout expired" from tonic) arrives when the deadline has
+/// passed, and the caller gets the proxy's DEADLINE_EXCEEDED instead.
 async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
     let mut f = std::pin::pin!(f);
     // Most of what is awaited here is ready at once (a pooled connection):
@@ -548,7 +605,9 @@ async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
         if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        f.as_mut().poll(cx).map(Some)
+        f.as_mut()
+            .poll(cx)
+            .map(|out| (Instant::now() < deadline).then_some(out))
     })
     .await
 }

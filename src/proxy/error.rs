@@ -15,11 +15,16 @@ pub enum ProxyError {
     #[error("no cluster is named {authority:?} (the call's :authority); known clusters: {known}")]
     UnknownAuthority { authority: String, known: String },
 
-    /// Every endpoint of the cluster was tried and none could take the call.
-    #[error("cluster {cluster:?}: no endpoint reachable (tried {tried} of {total}; last: {last})")]
+    /// No endpoint of the cluster could take the call: each was tried (a
+    /// connect, or the request sent) or passed over (at its limit, removed).
+    #[error(
+        "cluster {cluster:?}: no endpoint reachable (tried {tried} of {total}{}; last: {last})",
+        match passed_over { 0 => String::new(), n => format!(", {n} passed over") }
+    )]
     NoEndpointReachable {
         cluster: String,
         tried: usize,
+        passed_over: usize,
         total: usize,
         last: String,
     },
@@ -110,6 +115,7 @@ mod tests {
         let e = ProxyError::NoEndpointReachable {
             cluster: "planner".into(),
             tried: 3,
+            passed_over: 0,
             total: 3,
             last: "127.0.0.1:1: connection refused".into(),
         };

@@ -38,6 +38,7 @@ pub use replay::RequestBody;
 pub use response::ResponseBody;
 
 use crate::cluster::{Admitted, Cluster};
+use crate::endpoint::Outcome;
 use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
 use attempt::{Answer, Attempts, Flow};
@@ -59,6 +60,26 @@ struct Deadline {
     own: Option<Duration>,
 }
 
+/// `Deadline::source` when the cluster's `request_timeout` set it.
+const REQUEST_TIMEOUT: &str = "cluster.request_timeout";
+
+impl Deadline {
+    /// What the deadline's passing says of the endpoint. The cluster's
+    /// `request_timeout` is the operator's bound on how long an endpoint
+    /// may take: its passing counts as DEADLINE_EXCEEDED (a failure unless
+    /// `failures` leaves it out). A deadline the caller chose is the
+    /// caller's business: a caller asking 50 ms of a 500 ms method would
+    /// otherwise get a healthy endpoint ejected.
+    fn outcome(&self) -> Outcome {
+        let code = tonic::Code::DeadlineExceeded;
+        if self.source == REQUEST_TIMEOUT {
+            Outcome::Status(code)
+        } else {
+            Outcome::Excused(code)
+        }
+    }
+}
+
 /// Proxies `req` to an endpoint of `cluster`. Never fails: what goes wrong
 /// becomes a gRPC status for the caller.
 pub async fn forward(
@@ -69,7 +90,7 @@ pub async fn forward(
     let limit = cluster.config().request_timeout;
     let (timeout, source) = match own {
         Some(t) if t <= limit => (t, "grpc-timeout"),
-        _ => (limit, "cluster.request_timeout"),
+        _ => (limit, REQUEST_TIMEOUT),
     };
     let deadline = Deadline {
         at: Instant::now() + timeout,

@@ -12,7 +12,9 @@ use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body::{Body, Frame};
 
+use crate::endpoint::Outcome;
 use crate::util::lock;
+use crate::wire::grpc;
 use crate::wire::stream::{Abandon, Received};
 
 /// What is kept of a request to send it again.
@@ -155,6 +157,25 @@ impl CallShared {
         }
         let r = self.replay();
         (r.attempt == attempt).then_some(r)
+    }
+
+    /// What the endpoint's status `code` says of it. INTERNAL in answer to
+    /// a request that ended without one whole message (not even the
+    /// 5-byte prefix) is the request's fault: gRPC servers answer a unary
+    /// call without its message so (tonic's "Missing request message").
+    /// Any other status is the endpoint's (see its `failures`).
+    pub(super) fn outcome_of(&self, code: tonic::Code) -> Outcome {
+        if code == tonic::Code::Internal && self.carried_no_message() {
+            Outcome::Excused(code)
+        } else {
+            Outcome::Status(code)
+        }
+    }
+
+    fn carried_no_message(&self) -> bool {
+        let r = self.replay();
+        let ended = r.ended || (r.ahead.is_none() && r.source.is_end_stream());
+        ended && !r.broke && !r.overflowed && r.kept_len < grpc::PREFIX_LEN
     }
 
     /// Starts the next attempt, if the body can be sent again.

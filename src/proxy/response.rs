@@ -78,7 +78,7 @@ pub struct ResponseBody {
 /// never arm one.
 enum DeadlineTimer {
     At(Instant),
-    Armed(Pin<Box<Timer>>),
+    Armed(Pin<Box<Timer>>, Instant),
 }
 
 impl Default for ResponseBody {
@@ -142,15 +142,21 @@ impl ResponseBody {
                     grpc::message(trailers).unwrap_or_default(),
                 );
             }
-            guard.record(code.map_or(Outcome::Reset, Outcome::Status));
+            let outcome = code.map_or(Outcome::Reset, |c| guard.state.outcome_of(c));
+            guard.record(outcome);
         }
     }
 
+    /// Whether the deadline has passed, even if its timer has yet to fire
+    /// (timers fire on the next tick): an answer that comes after the
+    /// deadline loses to it.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.deadline {
             None => false,
             Some(DeadlineTimer::At(at)) => Instant::now() >= *at,
-            Some(DeadlineTimer::Armed(timer)) => timer.as_mut().poll(cx).is_ready(),
+            Some(DeadlineTimer::Armed(timer, at)) => {
+                timer.as_mut().poll(cx).is_ready() || Instant::now() >= *at
+            }
         }
     }
 
@@ -159,20 +165,20 @@ impl ResponseBody {
         if let Some(DeadlineTimer::At(at)) = self.deadline {
             let mut timer = Box::pin(Timer::at(at));
             let fired = timer.as_mut().poll(cx).is_ready();
-            self.deadline = Some(DeadlineTimer::Armed(timer));
+            self.deadline = Some(DeadlineTimer::Armed(timer, at));
             return fired;
         }
         false
     }
 
     fn deadline_exceeded(&mut self) -> Frame<Bytes> {
-        self.abort(Outcome::Status(tonic::Code::DeadlineExceeded), |g| {
-            ProxyError::DeadlineExceeded {
-                cluster: g.cluster.name().to_string(),
-                timeout: g.deadline.timeout,
-                set_by: g.deadline.source,
-                phase: format!("while {} was responding", g.endpoint_address()),
-            }
+        let outcome = self.guard.as_ref().map(|g| g.deadline.outcome());
+        let outcome = outcome.unwrap_or(Outcome::Status(tonic::Code::DeadlineExceeded));
+        self.abort(outcome, |g| ProxyError::DeadlineExceeded {
+            cluster: g.cluster.name().to_string(),
+            timeout: g.deadline.timeout,
+            set_by: g.deadline.source,
+            phase: format!("while {} was responding", g.endpoint_address()),
         })
     }
 }
@@ -206,6 +212,9 @@ impl Body for ResponseBody {
                 Poll::Pending
             }
             Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_trailers() && this.expired(cx) {
+                    return Poll::Ready(Some(Ok(this.deadline_exceeded())));
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     this.inner = None;
                     this.finish(trailers);

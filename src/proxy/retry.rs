@@ -39,12 +39,15 @@ pub(super) fn backoff(policy: &RetryConfig, retry: u32) -> Duration {
 }
 
 /// The answer when no attempt is left: the endpoint's own answer if one
-/// came, else what the proxy saw. `total` is the ready endpoints the call
-/// could choose from; `full`, those it passed over at their limit.
+/// came, else what the proxy saw. `tried` is the endpoints picked, of
+/// which the call went to `sent_to` and passed the others over; `total` is
+/// the ready endpoints the call could choose from; `full`, those it passed
+/// over at their limit.
 pub(super) fn give_up(
     failed: Failed,
     cluster: &Cluster,
     tried: &Tried,
+    sent_to: usize,
     total: usize,
     full: usize,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -62,9 +65,54 @@ pub(super) fn give_up(
         }
         Failed::Nothing(last) => Err(ProxyError::NoEndpointReachable {
             cluster: cluster.name().to_string(),
-            tried: tried.len(),
+            tried: sent_to,
+            passed_over: tried.len().saturating_sub(sent_to),
             total,
             last: last.into_owned(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::ClusterConfig;
+
+    #[tokio::test]
+    async fn endpoints_passed_over_are_not_said_to_be_tried() {
+        let addrs: Vec<SocketAddr> = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        let cluster = Cluster::new(&ClusterConfig::for_test("c", &addrs), None);
+        let mut tried = Tried::default();
+        tried.insert(1);
+        let nothing_sent = give_up(
+            Failed::Nothing("127.0.0.1:1 passed over: removed from the cluster".into()),
+            &cluster,
+            &tried,
+            0,
+            1,
+            0,
+        );
+        assert_eq!(
+            nothing_sent.err().expect("an error").to_string(),
+            "cluster \"c\": no endpoint reachable (tried 0 of 1, 1 passed over; last: 127.0.0.1:1 passed over: removed from the cluster)"
+        );
+        tried.insert(2);
+        let one_sent = give_up(
+            Failed::Nothing("127.0.0.1:2: Connection refused".into()),
+            &cluster,
+            &tried,
+            1,
+            2,
+            0,
+        );
+        assert_eq!(
+            one_sent.err().expect("an error").to_string(),
+            "cluster \"c\": no endpoint reachable (tried 1 of 2, 1 passed over; last: 127.0.0.1:2: Connection refused)"
+        );
     }
 }

@@ -115,7 +115,7 @@ impl Calls {
     /// A call ended with `outcome` after `elapsed`.
     pub fn record(&self, outcome: Outcome, elapsed: Duration, now: Instant) {
         let index = match outcome {
-            Outcome::Status(code) => (code as usize).min(16),
+            Outcome::Status(code) | Outcome::Excused(code) => (code as usize).min(16),
             Outcome::Reset => BROKE,
             // A call that found no connection never started: not counted.
             Outcome::Connect => return,

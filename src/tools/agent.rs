@@ -28,6 +28,10 @@ pub struct AgentOptions {
     pub max_concurrency: usize,
     /// After the first duration, the delay becomes the second.
     pub delay_after: Option<(Duration, Duration)>,
+    /// The largest request header list it takes (HTTP/2
+    /// SETTINGS_MAX_HEADER_LIST_SIZE); a larger one is answered 431.
+    /// `None`: the server's default (16 KiB).
+    pub max_header_list_size: Option<u32>,
 }
 
 impl AgentOptions {
@@ -38,6 +42,7 @@ impl AgentOptions {
             fail_ratio: 0.0,
             max_concurrency: 0,
             delay_after: None,
+            max_header_list_size: None,
         }
     }
 }
@@ -119,6 +124,7 @@ pub async fn serve(
             delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
         });
     }
+    let max_header_list_size = options.max_header_list_size;
     let service = AgentService {
         slots: (options.max_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(options.max_concurrency))),
@@ -129,6 +135,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
+        .http2_max_header_list_size(max_header_list_size)
         .add_service(health_service)
         .add_service(AgentServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)

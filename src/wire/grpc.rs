@@ -38,15 +38,22 @@ fn parse_timeout(value: &[u8]) -> Option<Duration> {
 /// Tells the endpoint how much of the call's time is left, when connecting
 /// has used up a noticeable part of the `original` timeout (the header is
 /// left as the caller sent it otherwise).
+///
+/// Rounded up, never down: the endpoint starts counting after the proxy
+/// did, so its deadline then cannot pass before the proxy's, and when the
+/// deadline is the proxy's to answer for, the proxy notices it first.
 pub fn set_remaining(headers: &mut HeaderMap, remaining: Duration, original: Option<Duration>) {
     let used = original.map_or(Duration::ZERO, |o| o.saturating_sub(remaining));
     if used < Duration::from_millis(1) {
         return;
     }
     // At most 8 digits: milliseconds cover 27 hours, seconds beyond.
-    let value = match remaining.as_millis() {
+    let value = match remaining.as_nanos().div_ceil(1_000_000) {
         ms if ms < 100_000_000 => format!("{}m", ms.max(1)),
-        _ => format!("{}S", remaining.as_secs().min(99_999_999)),
+        _ => format!(
+            "{}S",
+            remaining.as_nanos().div_ceil(1_000_000_000).min(99_999_999)
+        ),
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(&GRPC_TIMEOUT, v);
@@ -64,6 +71,10 @@ pub fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
 pub fn message(headers: &HeaderMap) -> Option<&str> {
     headers.get("grpc-message")?.to_str().ok()
 }
+
+/// The bytes before each message of a gRPC body: a compressed flag and a
+/// 4-byte length.
+pub const PREFIX_LEN: usize = 5;
 
 /// The spec's status names, indexed by code number.
 const CODE_NAMES: [&str; 17] = [
@@ -155,6 +166,30 @@ pub fn is_unprocessed(error: &h2::Error) -> bool {
     error.is_remote() && (error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
+/// Whether an HTTP status sent without `grpc-status` is the endpoint's HTTP
+/// layer refusing the request itself (400 Bad Request, 413 Content Too
+/// Large, 431 Request Header Fields Too Large, ...): any 4xx but 408
+/// Request Timeout and 429 Too Many Requests, which speak of the endpoint.
+pub fn refuses_the_request(status: http::StatusCode) -> bool {
+    status.is_client_error()
+        && status != http::StatusCode::REQUEST_TIMEOUT
+        && status != http::StatusCode::TOO_MANY_REQUESTS
+}
+
+/// The gRPC status a caller reads from an HTTP status sent without
+/// `grpc-status`, as gRPC's HTTP mapping says.
+pub fn code_for_http_status(status: http::StatusCode) -> tonic::Code {
+    use tonic::Code;
+    match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
 /// Writes `status` into `headers` as `grpc-status` and a percent-encoded
 /// `grpc-message`.
 pub fn put_status(headers: &mut HeaderMap, status: &Status) {
@@ -227,6 +262,12 @@ mod tests {
         );
         assert_eq!(h[&GRPC_TIMEOUT], "3000m");
         assert_eq!(timeout(&h), Some(Duration::from_secs(3)));
+        set_remaining(
+            &mut h,
+            Duration::from_micros(199_100),
+            Some(Duration::from_secs(5)),
+        );
+        assert_eq!(h[&GRPC_TIMEOUT], "200m", "rounded up, never down");
         set_remaining(&mut h, Duration::ZERO, Some(Duration::from_secs(5)));
         assert_eq!(h[&GRPC_TIMEOUT], "1m");
     }

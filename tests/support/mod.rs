@@ -321,3 +321,69 @@ pub fn cluster_column(sidecar: &Sidecar, name: &str) -> String {
         .unwrap_or_else(|| panic!("no column {name} in {text}"));
     row[at].to_string()
 }
+
+/// What a hand-made call got: the HTTP status and the status headers (the
+/// trailers, or the headers of a trailers-only answer), or the HTTP/2 error
+/// that ended its stream.
+pub type RawAnswer = Result<(http::StatusCode, http::HeaderMap), h2::Error>;
+
+/// A call to `planner.agents` made by hand with the h2 crate (CONNECT way
+/// in), sending exactly `body` as the request body and `extra` headers:
+/// for requests that a gRPC library would never send (no message, a
+/// content-length that lies, headers too large for the endpoint).
+pub async fn raw_call(sidecar: &Sidecar, body: &[u8], extra: &[(&str, &str)]) -> RawAnswer {
+    raw_call_in_parts(sidecar, &[body], Duration::ZERO, extra).await
+}
+
+/// As [`raw_call`], with the body sent in `parts`, `pause` apart.
+pub async fn raw_call_in_parts(
+    sidecar: &Sidecar,
+    parts: &[&[u8]],
+    pause: Duration,
+    extra: &[(&str, &str)],
+) -> RawAnswer {
+    let io = client::http_connect(sidecar.proxy_addr(), TARGET)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await?;
+    let mut req = http::Request::post(format!("http://{TARGET}/agentmesh.demo.v1.Agent/Invoke"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let empty = parts.iter().all(|p| p.is_empty());
+    let (mut response, mut stream) = send.send_request(req.body(()).unwrap(), empty)?;
+    if !empty {
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            let last = i + 1 == parts.len();
+            stream.send_data(bytes::Bytes::copy_from_slice(part), last)?;
+        }
+    }
+    let response = std::future::poll_fn(|cx| std::pin::Pin::new(&mut response).poll(cx)).await?;
+    let status = response.status();
+    if response.headers().contains_key("grpc-status") {
+        return Ok((status, response.headers().clone()));
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        data?;
+    }
+    let trailers = body.trailers().await?.unwrap_or_default();
+    Ok((status, trailers))
+}
+
+/// A unary Invoke request as framed on the wire: the 5-byte gRPC prefix and
+/// the message.
+pub fn framed(message: &InvokeRequest) -> Vec<u8> {
+    let encoded = prost::Message::encode_to_vec(message);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    framed
+}
