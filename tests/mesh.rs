@@ -32,10 +32,21 @@ fn any_udp() -> SocketAddr {
 /// A sidecar over `clusters`, gossiping as `node` through `seeds` when
 /// `key` is given (no `[mesh]` otherwise).
 async fn node(clusters: Vec<ClusterConfig>, mesh: Option<(&str, &[SocketAddr], &[u8])>) -> Sidecar {
+    node_every(clusters, mesh, None).await
+}
+
+/// [`node`], gossiping every `interval` (default: the default).
+async fn node_every(
+    clusters: Vec<ClusterConfig>,
+    mesh: Option<(&str, &[SocketAddr], &[u8])>,
+    interval: Option<Duration>,
+) -> Sidecar {
     let mut config = Config::for_test(clusters);
-    config.set_mesh(
-        mesh.map(|(name, seeds, key)| MeshConfig::for_test(name, any_udp(), seeds, Some(key))),
-    );
+    config.set_mesh(mesh.map(|(name, seeds, key)| {
+        let mut m = MeshConfig::for_test(name, any_udp(), seeds, Some(key));
+        m.interval = interval.unwrap_or(m.interval);
+        m
+    }));
     let sidecar = Sidecar::start(&config).await.expect("sidecar starts");
     warmed(&sidecar).await;
     sidecar
@@ -469,6 +480,185 @@ async fn sidecars_agree_on_the_ready_set_so_sessions_land_alike() {
             "alone, B still hashes sessions onto the failing agent"
         );
         assert_eq!(meshed, 0);
+    })
+    .await;
+}
+
+/// Three sidecars in one mesh gossiping every `interval` when given (each
+/// on its own otherwise).
+async fn three(clusters: Vec<ClusterConfig>, interval: Option<Duration>) -> [Sidecar; 3] {
+    let gossip = interval.is_some();
+    let a = node_every(
+        clusters.clone(),
+        gossip.then_some(("a", &[][..], KEY)),
+        interval,
+    )
+    .await;
+    let seeds = if gossip {
+        vec![gossip_addr(&a)]
+    } else {
+        vec![]
+    };
+    let b = node_every(
+        clusters.clone(),
+        gossip.then_some(("b", &seeds[..], KEY)),
+        interval,
+    )
+    .await;
+    let c = node_every(clusters, gossip.then_some(("c", &seeds[..], KEY)), interval).await;
+    if gossip {
+        joined(&a, "a", &b, "b").await;
+        joined(&a, "a", &c, "c").await;
+        joined(&b, "b", &c, "c").await;
+    }
+    [a, b, c]
+}
+
+/// Calls through each of `sidecars` at once, one every `every` for
+/// `seconds`, with `tenant` as the rate-limit key; the calls answered OK and
+/// those refused RESOURCE_EXHAUSTED.
+async fn paced(sidecars: &[Sidecar], every: Duration, n: usize, tenant: &str) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for s in sidecars {
+        let mut client = planner_client(Way::Connect, s).await;
+        let tenant = tenant.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            let mut tick = tokio::time::interval(every);
+            for _ in 0..n {
+                tick.tick().await;
+                let mut r = tonic::Request::new(request(b"x"));
+                r.metadata_mut().insert("x-tenant", tenant.parse().unwrap());
+                match client.invoke(r).await {
+                    Ok(_) => ok += 1,
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+                    Err(s) => panic!("unexpected {s:?}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let mut total = (0, 0);
+    for t in tasks {
+        let (ok, refused) = t.await.unwrap();
+        total = (total.0 + ok, total.1 + refused);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_wide_rate_limit_holds_across_three_sidecars() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(2).await;
+        let mut let_through = Vec::new();
+        let ms = Duration::from_millis;
+        for interval in [None, Some(ms(200)), Some(ms(1000))] {
+            let gossip = interval.is_some();
+            let mut c = planner(&agents.addrs);
+            c.rate_limits = vec![agentmesh::cluster::limit::RateLimitConfig {
+                calls: std::num::NonZeroU32::new(100).unwrap(),
+                window: Duration::from_secs(60),
+                key: Some(http::HeaderName::from_static("x-tenant")),
+                max_keys: 100,
+                mesh_wide: gossip,
+            }];
+            let sidecars = three(vec![c], interval).await;
+            // 20 calls a second through each, 80 each: 240 in 4 s, of a
+            // limit of 100 a minute. Once the limit is reached nothing more
+            // passes until the window moves on, so these 4 s are the minute.
+            let (ok, refused) = paced(&sidecars, Duration::from_millis(50), 80, "team-7").await;
+            eprintln!(
+                "gossip every {interval:?}: {ok} of 240 let through, {refused} refused (limit 100 a minute)"
+            );
+            assert_eq!(ok + refused, 240);
+            let_through.push(ok);
+            if interval == Some(ms(200)) {
+                // /mesh shows the key, what this sidecar and its peers used.
+                let doc = mesh_doc(&sidecars[0]);
+                let limit = &doc["clusters"][0]["shared_limits"][0];
+                let key = &limit["busiest_here"][0];
+                assert_eq!(key["key"], "team-7", "{limit}");
+                let total = key["here"].as_f64().unwrap() + key["peers"].as_f64().unwrap();
+                assert!((90.0..=130.0).contains(&total), "{limit}");
+            }
+        }
+        // Alone, each sidecar lets its 80 through.
+        assert_eq!(let_through[0], 240);
+        // Together they hold the limit, but for what the other two admit
+        // within a gossip interval or two (about 40 calls/s x 0.2-0.4 s);
+        // gossip every second lets more through.
+        assert!(
+            (100..=125).contains(&let_through[1]),
+            "the mesh let {} through",
+            let_through[1]
+        );
+        assert!(
+            let_through[2] > let_through[1] && let_through[2] < 240,
+            "every second: {} let through",
+            let_through[2]
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_wide_retry_budget_shares_one_floor_when_every_endpoint_fails() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(2).await;
+        for s in &agents.stats {
+            s.set_fail_ratio(1.0);
+        }
+        let mut retries_made = Vec::new();
+        let ms = Duration::from_millis;
+        for gossip in [false, true] {
+            let mut c = planner(&agents.addrs);
+            c.breaker.enabled = false;
+            c.outlier = None;
+            c.retry = Some(agentmesh::config::RetryConfig {
+                methods: vec!["*".into()],
+                min_retries_per_second: 2,
+                backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(1),
+                mesh_wide_budget: gossip,
+                ..Default::default()
+            });
+            let sidecars = three(vec![c], gossip.then_some(ms(200))).await;
+            let mut tasks = Vec::new();
+            for s in &sidecars {
+                let mut client = planner_client(Way::Connect, s).await;
+                tasks.push(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(40));
+                    for _ in 0..50 {
+                        tick.tick().await;
+                        let status = client.invoke(request(b"x")).await.unwrap_err();
+                        assert!(status.message().contains("injected failure"), "{status:?}");
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let retries: u64 = sidecars
+                .iter()
+                .map(|s| {
+                    let stats = s.router().clusters()[0].stats();
+                    agentmesh::cluster::ClusterStats::get(&stats.retries)
+                })
+                .sum();
+            eprintln!("gossip {gossip}: {retries} retries for 150 failing calls from 3 sidecars");
+            retries_made.push(retries);
+        }
+        // Each alone: 20% of its 50 calls plus its own floor of 20 (2/s over
+        // 10 s), 30 each. Shared: 20% of 150 plus one floor of 20, 50, and
+        // what a gossip interval lets through.
+        assert!(retries_made[0] >= 85, "alone: {}", retries_made[0]);
+        assert!(
+            retries_made[1] <= 62,
+            "the mesh made {} retries",
+            retries_made[1]
+        );
     })
     .await;
 }

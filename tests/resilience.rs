@@ -615,12 +615,14 @@ async fn rate_limits_answer_resource_exhausted_and_keep_memory_bounded() {
                 window: Duration::from_secs(60),
                 key: Some(http::HeaderName::from_static("x-user-id")),
                 max_keys: 100,
+                mesh_wide: false,
             },
             RateLimitConfig {
                 calls: NonZeroU32::new(2000).unwrap(),
                 window: Duration::from_secs(60),
                 key: None,
                 max_keys: 1,
+                mesh_wide: false,
             },
         ];
         let sidecar = sidecar(vec![cluster]).await;

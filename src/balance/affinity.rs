@@ -20,8 +20,9 @@
 //! same way, and with gossip they see the same load, so they place a key
 //! alike but for what changed within a gossip interval.
 //!
-//! The hash is FNV-1a with a SplitMix64 finaliser, written out here so that
-//! it cannot change between builds, and sidecars of different versions agree.
+//! The hash is `util::hash`'s fixed one, so that sidecars of different
+//! versions agree. A key longer than 64 bytes is pinned by a fixed-size hash
+//! of it, so the table is bounded in bytes as well as in length.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,7 @@ use super::Tried;
 use crate::config::AffinityConfig;
 use crate::endpoint::Endpoint;
 use crate::util::Clock;
+use crate::util::hash::{FNV_OFFSET, fnv1a, short_key, splitmix64};
 
 pub struct Affinity {
     header: HeaderName,
@@ -85,6 +87,7 @@ impl Affinity {
     /// The endpoint id session `key` is pinned to, if it is and the pin is
     /// fresh.
     pub fn pinned(&self, key: &str) -> Option<u64> {
+        let key = &*short_key(key);
         let now = self.now_ms();
         self.table
             .get(key)
@@ -94,6 +97,7 @@ impl Affinity {
     /// The index in `ready` for session `key`: its pinned endpoint while
     /// that is ready (and not tried), otherwise a new placement, pinned.
     pub fn pick(&self, key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<usize> {
+        let key = &*short_key(key);
         let now = self.now_ms();
         // Copy out of the map before doing anything else with it.
         let pinned = self.table.get(key).and_then(|pin| {
@@ -222,21 +226,6 @@ pub fn bounded(key: &str, ready: &[Arc<Endpoint>], tried: &Tried, factor: f64) -
         .or_else(|| ranked.first().map(|&(i, _)| i))
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
-    bytes.iter().fold(seed, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,14 +237,6 @@ mod tests {
             max_sessions: max,
             ..AffinityConfig::default()
         })
-    }
-
-    #[test]
-    fn the_hash_is_fixed_across_builds() {
-        // Sidecars of different builds must agree: pin the function down.
-        assert_eq!(fnv1a(b"", FNV_OFFSET), FNV_OFFSET);
-        assert_eq!(fnv1a(b"a", FNV_OFFSET), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
     }
 
     #[test]
@@ -304,6 +285,20 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         a.sweep();
         assert_eq!(a.sessions(), 0);
+    }
+
+    #[test]
+    fn long_session_keys_are_pinned_by_a_fixed_size_hash() {
+        let a = affinity(Duration::from_secs(60), 100);
+        let ready = endpoints(&[1, 1, 1]);
+        let tried = Tried::default();
+        let long = "s".repeat(15 * 1024);
+        let first = a.pick(&long, &ready, &tried).unwrap();
+        assert_eq!(a.pinned(&long), Some(ready[first].id()));
+        assert!(a.table.iter().all(|pin| pin.key().len() <= 64));
+        for _ in 0..5 {
+            assert_eq!(a.pick(&long, &ready, &tried), Some(first));
+        }
     }
 
     #[tokio::test(start_paused = true)]

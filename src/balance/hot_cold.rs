@@ -3,7 +3,10 @@
 //! *hot* when its calls in flight, counted over the whole mesh (this
 //! sidecar's and what its peers gossip), are above a quantile of the
 //! cluster's (0.84 by default, as Prequal); the others are *cold*. Of the
-//! candidates, the cold one with the lowest latency estimate wins; if every
+//! candidates, the cold one with the lowest latency to expect wins (its
+//! peak-EWMA latency times its calls in flight over the mesh plus one,
+//! divided by weight, as Prequal's probes report latency at the replica's
+//! current load); if every
 //! candidate is hot, the least loaded.
 //!
 //! Latency picks well while load is even, and load picks well while the
@@ -72,8 +75,11 @@ impl Picker for HotCold {
             if load > hot_above {
                 (1.0, load)
             } else {
-                let latency = e.load().rtt_estimate(now) / f64::from(e.weight().get());
-                (0.0, latency)
+                let waiting = e.load().mesh_wide_in_flight() + 1.0;
+                (
+                    0.0,
+                    e.load().rtt_estimate(now) * waiting / f64::from(e.weight().get()),
+                )
             }
         })
     }

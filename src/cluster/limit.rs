@@ -34,7 +34,20 @@
 //! the sweep is spread over many insertions. Dropping a busy key forgets its
 //! count, so a flood of distinct keys can let a few extra calls through for
 //! the keys it pushes out; that is the price of bounded memory, and LRU order
-//! keeps the keys that are actually in use.
+//! keeps the keys that are actually in use. A key longer than 64 bytes is
+//! kept as a fixed-size hash of it (`util::hash::short_key`), so the map's
+//! bytes are bounded as well as its length.
+//!
+//! # Mesh-wide limits
+//!
+//! A limit with `mesh_wide` counts the calls every sidecar admitted: the
+//! gossip task publishes this sidecar's estimate per key ([`RateLimit::usage`])
+//! and sets, each interval, what its peers admitted ([`RateLimit::set_peers`]),
+//! each peer's figure discounted by how much of the window has passed since
+//! it published. A call is admitted if this sidecar's estimate plus its
+//! peers' plus one stays within `calls`. Peers' calls are known a gossip
+//! interval or so late, so the mesh can admit a little more than `calls`
+//! (what the other sidecars admit in that time).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -63,6 +76,8 @@ pub struct RateLimitConfig {
     pub key: Option<HeaderName>,
     /// Most keys remembered at once (a keyed limit only); at least 1.
     pub max_keys: usize,
+    /// Count the calls every sidecar of the mesh admitted.
+    pub mesh_wide: bool,
 }
 
 /// Why a call was not admitted.
@@ -125,6 +140,9 @@ struct Counter {
     window: u64,
     current: u32,
     previous: u32,
+    /// Calls peers admitted within the window, as the gossip task last set
+    /// it (0 without a mesh-wide limit).
+    peers: f64,
     /// For idle and least-recently-used eviction of keyed counters.
     last_used: Instant,
 }
@@ -135,16 +153,14 @@ impl Counter {
             window,
             current: 0,
             previous: 0,
+            peers: 0.0,
             last_used: now,
         }
     }
 
-    fn admit(&mut self, at: Position, calls: NonZeroU32, now: Instant) -> bool {
-        self.last_used = self.last_used.max(now);
-        // Callers take `now` before the lock, so a thread can arrive with a
-        // slightly older time than the last one; counting it at the start of
-        // the newer window is the strict choice and never moves back.
-        let fraction = if at.window > self.window {
+    /// Moves the counts on to window `at` (never back).
+    fn roll(&mut self, at: Position) -> f64 {
+        if at.window > self.window {
             self.previous = if at.window == self.window + 1 {
                 self.current
             } else {
@@ -157,8 +173,21 @@ impl Counter {
             at.fraction
         } else {
             0.0
-        };
-        let estimate = f64::from(self.previous) * (1.0 - fraction) + f64::from(self.current);
+        }
+    }
+
+    /// Calls admitted here within the sliding window, estimated.
+    fn estimate(&mut self, at: Position) -> f64 {
+        let fraction = self.roll(at);
+        f64::from(self.previous) * (1.0 - fraction) + f64::from(self.current)
+    }
+
+    fn admit(&mut self, at: Position, calls: NonZeroU32, now: Instant) -> bool {
+        self.last_used = self.last_used.max(now);
+        // Callers take `now` before the lock, so a thread can arrive with a
+        // slightly older time than the last one; counting it at the start of
+        // the newer window is the strict choice and never moves back.
+        let estimate = self.estimate(at) + self.peers;
         if estimate + 1.0 <= f64::from(calls.get()) {
             self.current = self.current.saturating_add(1);
             true
@@ -214,7 +243,8 @@ impl RateLimit {
                 // a known key costs a hash and no allocation. Invalid bytes
                 // become U+FFFD: such values may share a counter, which only
                 // makes the limit stricter for them.
-                let key = String::from_utf8_lossy(value.as_bytes());
+                let value = String::from_utf8_lossy(value.as_bytes());
+                let key = crate::util::hash::short_key(&value);
                 let admitted = {
                     let mut map = lock(map);
                     match map.get_mut(key.as_ref()) {
@@ -233,7 +263,7 @@ impl RateLimit {
                 if admitted {
                     Ok(())
                 } else {
-                    let value = key.chars().take(REFUSAL_VALUE_CHARS).collect();
+                    let value = value.chars().take(REFUSAL_VALUE_CHARS).collect();
                     Err(self.refusal(Some((name.as_str().to_owned(), value))))
                 }
             }
@@ -250,6 +280,64 @@ impl RateLimit {
 
     pub fn config(&self) -> &RateLimitConfig {
         &self.config
+    }
+
+    /// The calls admitted here within the window, estimated, per key (the
+    /// empty key for an unkeyed limit), those above zero: what the gossip
+    /// task tells peers of a mesh-wide limit.
+    pub fn usage(&self, now: Instant) -> Vec<(Box<str>, f64)> {
+        let at = self.position(now);
+        match &self.counters {
+            Counters::Shared(counter) => {
+                let estimate = lock(counter).estimate(at);
+                if estimate > 0.0 {
+                    vec![("".into(), estimate)]
+                } else {
+                    Vec::new()
+                }
+            }
+            Counters::Keyed(map) => lock(map)
+                .iter_mut()
+                .filter_map(|(key, c)| {
+                    let estimate = c.estimate(at);
+                    (estimate > 0.0).then(|| (key.clone(), estimate))
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets what peers admitted within the window, per key (`peers`
+    /// returns it; keys it does not name count 0). A key only peers use is
+    /// remembered like one used here, within `max_keys`.
+    pub fn set_peers(&self, keys: &[(&str, f64)], now: Instant) {
+        let at = self.position(now);
+        match &self.counters {
+            Counters::Shared(counter) => {
+                let peers = keys.iter().find(|(k, _)| k.is_empty()).map_or(0.0, |k| k.1);
+                lock(counter).peers = peers;
+            }
+            Counters::Keyed(map) => {
+                let mut map = lock(map);
+                for counter in map.values_mut() {
+                    counter.peers = 0.0;
+                }
+                for &(key, peers) in keys {
+                    if key.is_empty() {
+                        continue;
+                    }
+                    if let Some(counter) = map.get_mut(key) {
+                        counter.peers = peers;
+                        continue;
+                    }
+                    if map.len() >= self.config.max_keys {
+                        self.make_room(&mut map, now);
+                    }
+                    let mut counter = Counter::new(at.window, now);
+                    counter.peers = peers;
+                    map.insert(key.into(), counter);
+                }
+            }
+        }
     }
 
     fn position(&self, now: Instant) -> Position {
@@ -318,6 +406,7 @@ mod tests {
             window: Duration::from_secs(window_secs),
             key: key.map(HeaderName::from_static),
             max_keys,
+            mesh_wide: false,
         })
     }
 
@@ -332,6 +421,43 @@ mod tests {
         (0..attempts)
             .filter(|_| limit.admit(headers, now).is_ok())
             .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_calls_count_against_a_mesh_wide_limit() {
+        let limit = limit(10, 60, Some("x-tenant"), 100);
+        let a = headers("x-tenant", "a");
+        let now = Instant::now();
+        assert_eq!(admitted(&limit, &a, 3, now), 3);
+        assert_eq!(limit.usage(now), vec![("a".into(), 3.0)]);
+        // Peers admitted 5 for "a" and 4 for "b", a key not seen here.
+        limit.set_peers(&[("a", 5.0), ("b", 4.0)], now);
+        assert_eq!(admitted(&limit, &a, 10, now), 2, "10 - 3 - 5");
+        let b = headers("x-tenant", "b");
+        assert_eq!(admitted(&limit, &b, 10, now), 6, "10 - 4");
+        // Peers' figures are replaced whole: "a" is free of them again.
+        limit.set_peers(&[], now);
+        assert_eq!(admitted(&limit, &a, 10, now), 5);
+        let shared = self::limit(10, 60, None, 1);
+        shared.set_peers(&[("", 9.5)], now);
+        assert_eq!(admitted(&shared, &HeaderMap::new(), 5, now), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_keys_are_counted_by_a_fixed_size_hash() {
+        let limit = limit(1, 60, Some("x-tenant"), 100);
+        let now = Instant::now();
+        let long = "t".repeat(15 * 1024);
+        assert_eq!(admitted(&limit, &headers("x-tenant", &long), 3, now), 1);
+        let mut other = long.clone();
+        other.push('2');
+        assert_eq!(admitted(&limit, &headers("x-tenant", &other), 3, now), 1);
+        let keys = limit.usage(now);
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().all(|(k, _)| k.len() == 33), "{keys:?}");
+        // The refusal still names the caller's value, cut short.
+        let refusal = limit.admit(&headers("x-tenant", &long), now).unwrap_err();
+        assert_eq!(refusal.key.unwrap().1.len(), REFUSAL_VALUE_CHARS);
     }
 
     #[tokio::test(start_paused = true)]

@@ -135,6 +135,7 @@ impl Cluster {
                 RetryBudget::new(RetryBudgetConfig {
                     percent: r.budget_percent,
                     min_per_second: r.min_retries_per_second,
+                    mesh_wide: r.mesh_wide_budget,
                     ..RetryBudgetConfig::default()
                 })
             }),

@@ -18,6 +18,12 @@
 //!
 //! The budget is plain state behind a short `std::sync::Mutex`, and the
 //! caller passes the time in, so tokio's paused clock tests it.
+//!
+//! A mesh-wide budget (`mesh_wide_budget`) counts the calls and retries
+//! every sidecar made to the cluster within `ttl`, as gossip last told
+//! ([`RetryBudget::set_peers`]), with one floor for the whole mesh: without
+//! it, every sidecar's own floor adds up, and a failing cluster called by
+//! many quiet sidecars gets retries from each of them.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -38,6 +44,8 @@ pub struct RetryBudgetConfig {
     pub min_per_second: u32,
     /// How long a call or a retry counts against the budget.
     pub ttl: Duration,
+    /// Count every sidecar's calls and retries (from gossip).
+    pub mesh_wide: bool,
 }
 
 impl Default for RetryBudgetConfig {
@@ -47,6 +55,7 @@ impl Default for RetryBudgetConfig {
             percent: 20.0,
             min_per_second: 10,
             ttl: Duration::from_secs(10),
+            mesh_wide: false,
         }
     }
 }
@@ -58,6 +67,8 @@ pub struct RetryBudget {
     /// `min_per_second * ttl`, worked out once.
     reserve: f64,
     window: Mutex<Window<Counts>>,
+    /// Peers' calls and retries within `ttl`, as gossip last told.
+    peers: Mutex<(f64, f64)>,
 }
 
 /// Calls and retries in one bucket of `ttl / 10`.
@@ -80,6 +91,7 @@ impl RetryBudget {
         RetryBudget {
             reserve: f64::from(config.min_per_second) * config.ttl.as_secs_f64(),
             window: Mutex::new(Window::new(config.ttl, Instant::now())),
+            peers: Mutex::new((0.0, 0.0)),
             config,
         }
     }
@@ -93,14 +105,15 @@ impl RetryBudget {
 
     /// Asks to retry once: true (and counted) if the budget allows it.
     pub fn try_withdraw(&self, now: Instant) -> bool {
+        let (peer_calls, peer_retries) = *lock(&self.peers);
         let mut window = lock(&self.window);
         let (calls, retries) = window
             .live(now)
             .fold((0u64, 0u64), |(c, r), b| (c + b.calls, r + b.retries));
-        let allowed = calls as f64 * self.config.percent / 100.0 + self.reserve;
+        let allowed = (calls as f64 + peer_calls) * self.config.percent / 100.0 + self.reserve;
         // The tolerance absorbs float error in `allowed` (say 0.1 * 10
         // landing just under 1.0) without ever adding a whole retry.
-        if retries as f64 + 1.0 <= allowed + 1e-9 {
+        if retries as f64 + peer_retries + 1.0 <= allowed + 1e-9 {
             let slot = window.slot(now);
             slot.retries = slot.retries.saturating_add(1);
             true
@@ -111,6 +124,18 @@ impl RetryBudget {
 
     pub fn config(&self) -> &RetryBudgetConfig {
         &self.config
+    }
+
+    /// This sidecar's calls and retries within `ttl` (what it tells peers).
+    pub fn usage(&self, now: Instant) -> (u64, u64) {
+        lock(&self.window)
+            .live(now)
+            .fold((0, 0), |(c, r), b| (c + b.calls, r + b.retries))
+    }
+
+    /// Sets peers' calls and retries within `ttl` (the gossip task).
+    pub fn set_peers(&self, calls: f64, retries: f64) {
+        *lock(&self.peers) = (calls.max(0.0), retries.max(0.0));
     }
 }
 
@@ -123,7 +148,26 @@ mod tests {
             percent,
             min_per_second,
             ttl: Duration::from_secs(10),
+            mesh_wide: false,
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mesh_wide_budget_counts_peers_and_shares_one_floor() {
+        let budget = budget(20.0, 1);
+        let now = Instant::now();
+        for _ in 0..100 {
+            budget.deposit(now);
+        }
+        // Alone: 20 retries for 100 calls, plus a floor of 10 (1/s x 10 s).
+        // Peers made 100 calls and 30 retries: 40 + 10 for the mesh, less 30.
+        budget.set_peers(100.0, 30.0);
+        let allowed = (0..100).take_while(|_| budget.try_withdraw(now)).count();
+        assert_eq!(allowed, 20);
+        assert_eq!(budget.usage(now), (100, 20));
+        // Peers retried a lot: nothing is left for this sidecar.
+        budget.set_peers(0.0, 50.0);
+        assert!(!budget.try_withdraw(now));
     }
 
     #[tokio::test(start_paused = true)]

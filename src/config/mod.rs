@@ -271,6 +271,9 @@ pub struct RetryConfig {
     pub min_retries_per_second: u32,
     /// A request body longer than this is not kept for a retry.
     pub buffer_limit: usize,
+    /// The budget counts every sidecar's calls and retries to the cluster
+    /// (from gossip), with one floor for the whole mesh.
+    pub mesh_wide_budget: bool,
 }
 
 impl Default for RetryConfig {
@@ -284,6 +287,7 @@ impl Default for RetryConfig {
             budget_percent: 20.0,
             min_retries_per_second: 10,
             buffer_limit: 64 * 1024,
+            mesh_wide_budget: false,
         }
     }
 }

@@ -214,6 +214,8 @@ pub(super) struct RawRetry {
     pub(super) budget_percent: Option<f64>,
     pub(super) min_retries_per_second: Option<i64>,
     pub(super) buffer_limit: Option<i64>,
+    #[serde(default)]
+    pub(super) mesh_wide_budget: bool,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +226,8 @@ pub(super) struct RawRateLimit {
     pub(super) window: Duration,
     pub(super) key: Option<String>,
     pub(super) max_keys: Option<i64>,
+    #[serde(default)]
+    pub(super) mesh_wide: bool,
 }
 
 #[derive(Deserialize)]

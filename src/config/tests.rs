@@ -111,8 +111,14 @@ fn the_second_round_of_picking_knobs_are_read_and_checked() {
         crate::config::PerformanceScore::LoadAware
     );
     for (text, key) in [
-        ("hot_quantile = 0.0", "cluster[0].hot_quantile: must be more than 0"),
-        ("hot_quantile = 1.5", "cluster[0].hot_quantile: must be more than 0"),
+        (
+            "hot_quantile = 0.0",
+            "cluster[0].hot_quantile: must be more than 0",
+        ),
+        (
+            "hot_quantile = 1.5",
+            "cluster[0].hot_quantile: must be more than 0",
+        ),
         (
             "session_affinity = { balance_factor = 0.9 }",
             "cluster[0].session_affinity.balance_factor: must be from 1 to 100",
@@ -125,6 +131,28 @@ fn the_second_round_of_picking_knobs_are_read_and_checked() {
         let e = first_error(&format!("{base}{text}"));
         assert!(e.starts_with(&format!("mesh.toml: {key}")), "{text}: {e}");
     }
+}
+
+#[test]
+fn mesh_wide_limits_need_a_mesh() {
+    let base = "[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]\n\
+                retry = { methods = [\"*\"], mesh_wide_budget = true }\n\
+                [[cluster.rate_limit]]\ncalls = 100\nwindow = \"1m\"\nmesh_wide = true\n";
+    let e = parse(base).unwrap_err().to_string();
+    assert!(
+        e.contains("mesh.toml: cluster[0].retry.mesh_wide_budget: needs a [mesh]"),
+        "{e}"
+    );
+    assert!(
+        e.contains("mesh.toml: cluster[0].rate_limit[0].mesh_wide: needs a [mesh]"),
+        "{e}"
+    );
+    let c = parse(&format!(
+        "{base}[mesh]\nlisten = \"127.0.0.1:7946\"\ninsecure = true\n"
+    ))
+    .unwrap();
+    assert!(c.clusters[0].rate_limits[0].mesh_wide);
+    assert!(c.clusters[0].retry.as_ref().unwrap().mesh_wide_budget);
 }
 
 #[test]

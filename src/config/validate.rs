@@ -78,6 +78,7 @@ impl RawConfig {
             }
         }
 
+        let has_mesh = self.mesh.is_some();
         let mut names: HashMap<String, String> = HashMap::new();
         let mut clusters = Vec::with_capacity(self.cluster.len());
         for (ci, c) in self.cluster.into_iter().enumerate() {
@@ -214,12 +215,28 @@ impl RawConfig {
             let outlier = validate_outlier(&mut p, &at, c.outlier_detection);
             let health_check = validate_health_check(&mut p, &at, c.health_check);
             let retry = c.retry.map(|r| validate_retry(&mut p, &at, r));
+            if retry.as_ref().is_some_and(|r| r.mesh_wide_budget) && !has_mesh {
+                p.add(
+                    format!("{at}.retry.mesh_wide_budget"),
+                    "needs a [mesh] to share the budget with",
+                );
+            }
+            if c.rate_limit.len() > usize::from(crate::mesh::report::RETRY_BUDGET) {
+                p.add(format!("{at}.rate_limit"), "at most 255 limits per cluster");
+            }
             let rate_limits = c
                 .rate_limit
                 .into_iter()
                 .enumerate()
                 .filter_map(|(i, r)| {
-                    validate_rate_limit(&mut p, &format!("{at}.rate_limit[{i}]"), r)
+                    let at = format!("{at}.rate_limit[{i}]");
+                    if r.mesh_wide && !has_mesh {
+                        p.add(
+                            format!("{at}.mesh_wide"),
+                            "needs a [mesh] to share the limit with",
+                        );
+                    }
+                    validate_rate_limit(&mut p, &at, r)
                 })
                 .collect();
             clusters.push(ClusterConfig {
@@ -592,6 +609,7 @@ fn validate_retry(p: &mut Problems, at: &str, raw: RawRetry) -> RetryConfig {
             d.buffer_limit as u32,
             16 << 20,
         ) as usize,
+        mesh_wide_budget: raw.mesh_wide_budget,
     };
     if !(0.0..=1000.0).contains(&out.budget_percent) {
         p.add(
@@ -647,6 +665,7 @@ fn validate_rate_limit(
         window: raw.window,
         key,
         max_keys: max_keys as usize,
+        mesh_wide: raw.mesh_wide,
     })
 }
 

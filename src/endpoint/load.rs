@@ -39,6 +39,9 @@ pub struct Keep {
     pub rtt: bool,
     /// The call window (`performance`).
     pub window: bool,
+    /// The lock-free moving average of round trips (`least_connections`'
+    /// ties, `performance`'s load-aware score).
+    pub recent: bool,
 }
 
 impl Keep {
@@ -46,6 +49,7 @@ impl Keep {
         Keep {
             rtt: matches!(strategy, Strategy::Latency | Strategy::HotCold),
             window: strategy == Strategy::Performance,
+            recent: matches!(strategy, Strategy::LeastConnections | Strategy::Performance),
         }
     }
 
@@ -54,6 +58,7 @@ impl Keep {
     pub const ALL: Keep = Keep {
         rtt: true,
         window: true,
+        recent: true,
     };
 }
 
@@ -65,9 +70,10 @@ pub struct Load {
     in_flight: AtomicU64,
     /// A moving average of this endpoint's round trips in nanoseconds (each
     /// answer moves it an eighth of the way), 0 before the first: kept
-    /// whatever the strategy, without a lock (a lost update under a race
-    /// costs one sample), for pickers that break ties by it.
+    /// without a lock (a lost update under a race costs one sample), for
+    /// the pickers that read it (`Keep::recent`).
     recent_rtt_ns: AtomicU64,
+    keep_recent: bool,
     /// Peers' calls in flight here, in sixteenths, as the mesh last
     /// computed them (0 without a mesh).
     mesh_in_flight: AtomicU64,
@@ -89,6 +95,7 @@ impl Load {
         Load {
             in_flight: AtomicU64::new(0),
             recent_rtt_ns: AtomicU64::new(0),
+            keep_recent: keep.recent,
             mesh_in_flight: AtomicU64::new(0),
             mesh_rtt_ns: AtomicU64::new(0),
             mesh_success: AtomicU64::new(0),
@@ -218,6 +225,9 @@ impl Load {
     }
 
     fn blend_recent_rtt(&self, rtt: Duration) {
+        if !self.keep_recent {
+            return;
+        }
         let sample = rtt.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
         let old = self.recent_rtt_ns.load(Ordering::Relaxed);
         let new = if old == 0 {

@@ -13,6 +13,10 @@
 //! - **Latency and success rate** (warm start): the means of live peers'
 //!   estimates younger than ten times `stale_after` (estimates change slowly
 //!   and are re-sent when they move by a step, or every five `stale_after`).
+//! - **Shared limits** (mesh-wide rate limits and retry budgets): each live
+//!   peer's newest use of a limit, per key, discounted linearly over the
+//!   limit's window from when it came (its calls leave the sliding window as
+//!   it moves on), summed.
 //! - **Ejection**: a live peer's verdict younger than `stale_after` takes the
 //!   endpoint out until the end of that peer's interval (for failing health
 //!   checks, at most `stale_after` past the report, since the peer re-sends
@@ -29,7 +33,7 @@ use foca::{BroadcastHandler, Identity, Invalidates};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::report::{Item, Report, rtt_ns};
+use super::report::{Item, Report, USAGE_TAG, Usage, rtt_ns};
 use crate::util::lock;
 
 /// A sidecar as the membership protocol knows it.
@@ -163,6 +167,21 @@ pub enum Merged {
 /// inventing node ids can make it hold is bounded.
 pub const MAX_NODES: usize = 4096;
 
+/// The most (limit, key, node) uses of shared limits the view holds.
+pub const MAX_USAGES: usize = 65_536;
+
+/// One peer's newest use of a shared limit, for one key.
+#[derive(Clone, Debug)]
+pub struct UsageEntry {
+    pub seq: u64,
+    pub calls: u32,
+    pub retries: u32,
+    pub received: Instant,
+}
+
+/// (cluster, limit, key) of a shared limit's use.
+type UsageKey = (String, u8, String);
+
 type ByNode = HashMap<String, Entry>;
 
 /// Every peer's newest reports, for the endpoints this sidecar has.
@@ -172,6 +191,12 @@ pub struct View {
     clusters: HashMap<String, HashMap<String, ByNode>>,
     /// Each reporting node's zone, as its latest item said.
     zones: HashMap<String, Option<String>>,
+    /// The limits this sidecar shares, by (cluster, limit).
+    shared: std::collections::HashSet<(String, u8)>,
+    /// Peers' uses of them: (cluster, limit, key) -> node -> use.
+    usage: HashMap<UsageKey, HashMap<String, UsageEntry>>,
+    /// Entries in `usage`, all keys and nodes together.
+    usages: usize,
 }
 
 impl View {
@@ -180,7 +205,90 @@ impl View {
             me: me.to_string(),
             clusters: HashMap::new(),
             zones: HashMap::new(),
+            shared: Default::default(),
+            usage: HashMap::new(),
+            usages: 0,
         }
+    }
+
+    /// Sets the limits this sidecar shares with the mesh, as (cluster,
+    /// limit); uses of others are dropped and refused.
+    pub fn set_shared(&mut self, shared: impl IntoIterator<Item = (String, u8)>) {
+        self.shared = shared.into_iter().collect();
+        let shared = &self.shared;
+        self.usage
+            .retain(|(c, l, _), _| shared.contains(&(c.clone(), *l)));
+        self.usages = self.usage.values().map(HashMap::len).sum();
+    }
+
+    /// Keeps `usage` if it is for a limit this sidecar shares and newer
+    /// than what it holds.
+    pub fn merge_usage(&mut self, usage: Usage, now: Instant) -> Merged {
+        if usage.node == self.me {
+            return Merged::Own;
+        }
+        if !self.shared.contains(&(usage.cluster.clone(), usage.limit)) {
+            return Merged::Unknown;
+        }
+        let key = (usage.cluster, usage.limit, usage.key);
+        let held = self.usage.get(&key).and_then(|n| n.get(&usage.node));
+        if held.is_some_and(|e| e.seq >= usage.seq) {
+            return Merged::Stale;
+        }
+        if held.is_none() && self.usages >= MAX_USAGES {
+            return Merged::Full;
+        }
+        let entry = UsageEntry {
+            seq: usage.seq,
+            calls: usage.calls,
+            retries: usage.retries,
+            received: now,
+        };
+        if self
+            .usage
+            .entry(key)
+            .or_default()
+            .insert(usage.node, entry)
+            .is_none()
+        {
+            self.usages += 1;
+        }
+        Merged::New
+    }
+
+    /// What live peers used of one shared limit, per key: calls and
+    /// retries, each peer's discounted by the share of `window` since it
+    /// came.
+    pub fn peers_usage(
+        &self,
+        cluster: &str,
+        limit: u8,
+        window: Duration,
+        now: Instant,
+        alive: impl Fn(&str) -> bool,
+    ) -> Vec<(&str, f64, f64)> {
+        let mut out = Vec::new();
+        for ((c, l, key), by_node) in &self.usage {
+            if c != cluster || *l != limit {
+                continue;
+            }
+            let (mut calls, mut retries) = (0.0, 0.0);
+            for (node, e) in by_node {
+                if !alive(node) {
+                    continue;
+                }
+                let age = now.saturating_duration_since(e.received);
+                let left = 1.0 - age.as_secs_f64() / window.as_secs_f64().max(1e-9);
+                if left > 0.0 {
+                    calls += f64::from(e.calls) * left;
+                    retries += f64::from(e.retries) * left;
+                }
+            }
+            if calls > 0.0 || retries > 0.0 {
+                out.push((key.as_str(), calls, retries));
+            }
+        }
+        out
     }
 
     /// Sets the endpoints reports are kept for: reports on endpoints no
@@ -239,6 +347,10 @@ impl View {
                 by_node.remove(node);
             }
         }
+        for by_node in self.usage.values_mut() {
+            self.usages -= usize::from(by_node.remove(node).is_some());
+        }
+        self.usage.retain(|_, by_node| !by_node.is_empty());
         self.zones.remove(node);
     }
 
@@ -250,6 +362,11 @@ impl View {
                 by_node.retain(|_, e| now.saturating_duration_since(e.received) < max_age);
             }
         }
+        for by_node in self.usage.values_mut() {
+            by_node.retain(|_, e| now.saturating_duration_since(e.received) < max_age);
+        }
+        self.usage.retain(|_, by_node| !by_node.is_empty());
+        self.usages = self.usage.values().map(HashMap::len).sum();
         for by_node in self.clusters.values().flat_map(|c| c.values()) {
             for node in by_node.keys() {
                 reporting.insert(node, ());
@@ -419,6 +536,27 @@ impl BroadcastHandler<Peer> for Handler {
         data: &[u8],
         sender: Option<&Peer>,
     ) -> Result<Option<ItemKey>, BadItem> {
+        if data.first() == Some(&USAGE_TAG) {
+            let usage = Usage::decode(data).ok_or(BadItem)?;
+            let key = ItemKey {
+                node: usage.node.clone(),
+                cluster: usage.cluster.clone(),
+                // Not an address: a use of limit `limit` for `key`.
+                endpoint: format!("\u{0}{}\u{0}{}", usage.limit, usage.key),
+                seq: usage.seq,
+            };
+            if sender.is_none() {
+                return Ok(Some(key));
+            }
+            return match lock(&self.view).merge_usage(usage, Instant::now()) {
+                Merged::New => {
+                    self.merged
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(Some(key))
+                }
+                _ => Ok(None),
+            };
+        }
         let item = Item::decode(data).ok_or(BadItem)?;
         let key = ItemKey {
             node: item.node.clone(),

@@ -144,7 +144,42 @@ impl Mesh {
                         })
                     })
                     .collect();
-                json!({"name": c.name(), "endpoints": endpoints})
+                let mut shared = Vec::new();
+                for (i, limit) in c.rate_limits().iter().enumerate() {
+                    if !limit.config().mesh_wide {
+                        continue;
+                    }
+                    let window = limit.config().window;
+                    let peers = view.peers_usage(c.name(), i as u8, window, now, alive);
+                    let mut keys: Vec<_> = limit.usage(now);
+                    keys.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    keys.truncate(SHOWN_KEYS);
+                    let keys: Vec<_> = keys
+                        .iter()
+                        .map(|(key, local)| {
+                            let theirs = peers.iter().find(|p| p.0 == &**key).map_or(0.0, |p| p.1);
+                            json!({"key": key, "here": round2(*local), "peers": round2(theirs)})
+                        })
+                        .collect();
+                    shared.push(json!({
+                        "limit": format!("rate_limit[{i}]"),
+                        "calls": limit.config().calls.get(),
+                        "keys_shared_by_peers": peers.len(),
+                        "busiest_here": keys,
+                    }));
+                }
+                if let Some(budget) = c.retry_budget().filter(|b| b.config().mesh_wide) {
+                    let ttl = budget.config().ttl;
+                    let peers = view.peers_usage(c.name(), report::RETRY_BUDGET, ttl, now, alive);
+                    let (calls, retries) = budget.usage(now);
+                    let (pc, pr) = peers.first().map_or((0.0, 0.0), |p| (p.1, p.2));
+                    shared.push(json!({
+                        "limit": "retry_budget",
+                        "here": {"calls": calls, "retries": retries},
+                        "peers": {"calls": round2(pc), "retries": round2(pr)},
+                    }));
+                }
+                json!({"name": c.name(), "endpoints": endpoints, "shared_limits": shared})
             })
             .collect();
         let c = &self.counters;
@@ -179,6 +214,9 @@ impl Mesh {
         out
     }
 }
+
+/// The busiest keys `/mesh` shows of each shared rate limit.
+const SHOWN_KEYS: usize = 20;
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0

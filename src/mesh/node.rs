@@ -6,8 +6,12 @@
 //!    (or that is due a refresh), busiest first, at most
 //!    `max_report_endpoints` per cluster, as foca broadcasts; a new verdict
 //!    is pushed to peers at once;
-//! 2. sets each endpoint's mesh figures from the view ([`super::merge`]),
-//!    and ejects an endpoint a trusted peer reports ejected.
+//! 2. publishes this sidecar's use of each limit it shares with the mesh
+//!    (a `mesh_wide` rate limit, per key, busiest first; a mesh-wide retry
+//!    budget) when it changed or is due a refresh;
+//! 3. sets each endpoint's mesh figures from the view ([`super::merge`]),
+//!    ejects an endpoint a trusted peer reports ejected, and tells each
+//!    shared limit what its peers used.
 //!
 //! Datagrams are sealed ([`super::seal`]) before they leave and opened
 //! before anything decodes them. A peer that joins is sent this sidecar's
@@ -29,7 +33,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::merge::{Handler, Peer, Rules, View, max_claimed};
-use super::report::{self, Item, Report, Verdict};
+use super::report::{self, Item, RETRY_BUDGET, Report, Usage, Verdict};
 use super::seal::{self, DropCounts, Dropped, Kind, MAX_DATAGRAM, MeshKey, Opener, Sealer};
 use crate::cluster::Cluster;
 use crate::config::MeshConfig;
@@ -84,8 +88,14 @@ struct State {
     rates: HashMap<u64, RateSample>,
     /// The endpoint sets the view was last told of.
     known: Vec<Arc<Vec<Arc<Endpoint>>>>,
+    /// The last use published per (cluster index, limit, key): calls,
+    /// retries, when.
+    usage_published: HashMap<UseOf, (u32, u32, Instant)>,
     last_seq: u64,
 }
+
+/// A shared limit's use: (cluster index, limit, key).
+type UseOf = (usize, u8, Box<str>);
 
 struct Published {
     item: Item,
@@ -294,8 +304,10 @@ impl Mesh {
             published: HashMap::new(),
             rates: HashMap::new(),
             known: Vec::new(),
+            usage_published: HashMap::new(),
             last_seq: 0,
         };
+        lock(&self.view).set_shared(self.shared_limits());
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_announce = Instant::now();
@@ -325,6 +337,7 @@ impl Mesh {
                     lock(&self.view).sweep(Instant::now(), self.rules.slow_stale());
                     self.refresh_known(&mut state);
                     let urgent = self.publish(&mut swim, &mut state);
+                    self.publish_usage(&mut swim, &mut state);
                     if urgent || swim.custom_broadcast_backlog() > 0 {
                         let _ = swim.broadcast(&mut io.runtime);
                     }
@@ -639,6 +652,90 @@ impl Mesh {
         urgent
     }
 
+    /// The limits shared with the mesh, as (cluster, limit).
+    fn shared_limits(&self) -> Vec<(String, u8)> {
+        let mut shared = Vec::new();
+        for cluster in &self.clusters {
+            for (i, limit) in cluster.rate_limits().iter().enumerate() {
+                if limit.config().mesh_wide {
+                    shared.push((cluster.name().to_string(), i as u8));
+                }
+            }
+            if cluster.retry_budget().is_some_and(|b| b.config().mesh_wide) {
+                shared.push((cluster.name().to_string(), RETRY_BUDGET));
+            }
+        }
+        shared
+    }
+
+    /// Publishes this sidecar's use of each shared limit that changed or is
+    /// due a refresh (and, once, a zero for a key it stopped using).
+    fn publish_usage(&self, swim: &mut Swim, state: &mut State) {
+        let now = Instant::now();
+        let whole = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        for (ci, cluster) in self.clusters.iter().enumerate() {
+            let mut uses: Vec<(u8, Box<str>, u32, u32)> = Vec::new();
+            for (i, limit) in cluster.rate_limits().iter().enumerate() {
+                if !limit.config().mesh_wide {
+                    continue;
+                }
+                let mut keys = limit.usage(now);
+                keys.sort_by(|a, b| b.1.total_cmp(&a.1));
+                keys.truncate(self.config.max_report_endpoints);
+                for (key, estimate) in keys {
+                    uses.push((i as u8, key, estimate.ceil() as u32, 0));
+                }
+            }
+            if let Some(budget) = cluster.retry_budget().filter(|b| b.config().mesh_wide) {
+                let (calls, retries) = budget.usage(now);
+                uses.push((RETRY_BUDGET, "".into(), whole(calls), whole(retries)));
+            }
+            for ((c, limit, key), &(calls, retries, _)) in &state.usage_published {
+                let gone = !uses.iter().any(|u| u.0 == *limit && u.1 == *key);
+                if *c == ci && (calls > 0 || retries > 0) && gone {
+                    uses.push((*limit, key.clone(), 0, 0));
+                }
+            }
+            for (limit, key, calls, retries) in uses {
+                let id = (ci, limit, key);
+                let send = match state.usage_published.get(&id) {
+                    None => calls > 0 || retries > 0,
+                    Some(&(c, r, at)) => {
+                        (c, r) != (calls, retries)
+                            || (calls > 0 || retries > 0)
+                                && now.saturating_duration_since(at) >= self.rules.refresh()
+                    }
+                };
+                if !send {
+                    continue;
+                }
+                state.last_seq = (seal::now_ms() * 1_000).max(state.last_seq + 1);
+                let usage = Usage {
+                    node: self.config.node_id.clone(),
+                    seq: state.last_seq,
+                    cluster: cluster.name().to_string(),
+                    limit,
+                    key: id.2.to_string(),
+                    calls,
+                    retries,
+                };
+                match swim.add_broadcast(&usage.encode()) {
+                    Ok(_) => {
+                        self.counters
+                            .items_published
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(err) => tracing::debug!(error = %err, "a limit's use was not published"),
+                }
+                state.usage_published.insert(id, (calls, retries, now));
+            }
+        }
+        // A zero, once said, need not be remembered.
+        state
+            .usage_published
+            .retain(|_, &mut (calls, retries, _)| calls > 0 || retries > 0);
+    }
+
     /// This sidecar's own figures for one endpoint, quantized.
     fn local_report(
         &self,
@@ -722,6 +819,23 @@ impl Mesh {
                 if let Some(ejection) = f.ejection {
                     e.eject_by_peer(ejection.until, &ejection.node, &ejection.reason);
                 }
+            }
+            for (i, limit) in cluster.rate_limits().iter().enumerate() {
+                if limit.config().mesh_wide {
+                    let window = limit.config().window;
+                    let used = view.peers_usage(cluster.name(), i as u8, window, now, alive);
+                    let keys: Vec<(&str, f64)> = used.iter().map(|&(k, c, _)| (k, c)).collect();
+                    limit.set_peers(&keys, now);
+                }
+            }
+            if let Some(budget) = cluster.retry_budget().filter(|b| b.config().mesh_wide) {
+                let ttl = budget.config().ttl;
+                let used = view.peers_usage(cluster.name(), RETRY_BUDGET, ttl, now, alive);
+                let (calls, retries) = used
+                    .iter()
+                    .find(|u| u.0.is_empty())
+                    .map_or((0.0, 0.0), |u| (u.1, u.2));
+                budget.set_peers(calls, retries);
             }
         }
     }

@@ -90,6 +90,56 @@ impl Item {
     }
 }
 
+/// The first byte of an encoded [`Usage`]. An [`Item`] never starts with
+/// it: its first byte is the length of a node id of at most [`MAX_NAME`]
+/// bytes, so items and usages share the broadcast channel, and a sidecar
+/// that knows only items refuses a usage as undecodable.
+pub const USAGE_TAG: u8 = 0xff;
+
+/// [`Usage::limit`] for the retry budget, rather than a rate limit.
+pub const RETRY_BUDGET: u8 = u8::MAX;
+
+/// One sidecar's use of a limit the mesh shares: a rate limit
+/// (`cluster.rate_limit[i]` with `mesh_wide`), for one key, or the retry
+/// budget (`cluster.retry.mesh_wide_budget`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub node: String,
+    /// Higher is newer, per node (as [`Item::seq`]).
+    pub seq: u64,
+    pub cluster: String,
+    /// The rate limit's index in the cluster's list, or [`RETRY_BUDGET`].
+    pub limit: u8,
+    /// The key of a keyed rate limit (a key longer than 64 bytes as its
+    /// fixed-size hash); empty otherwise.
+    pub key: String,
+    /// Calls admitted within the limit's window, as the reporter's sliding
+    /// estimate when it published (for the retry budget: calls made within
+    /// its `ttl`).
+    pub calls: u32,
+    /// Retries made within the retry budget's `ttl` (0 for a rate limit).
+    pub retries: u32,
+}
+
+impl Usage {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![USAGE_TAG];
+        out.extend(postcard::to_allocvec(self).expect("a usage always serialises"));
+        out
+    }
+
+    /// Decodes one usage (with its tag); refuses one that breaks a bound.
+    pub fn decode(bytes: &[u8]) -> Option<Usage> {
+        let (&USAGE_TAG, body) = bytes.split_first()? else {
+            return None;
+        };
+        let usage: Usage = postcard::from_bytes(body).ok()?;
+        let names = [&usage.node, &usage.cluster];
+        (names.iter().all(|s| !s.is_empty() && s.len() <= MAX_NAME) && usage.key.len() <= MAX_NAME)
+            .then_some(usage)
+    }
+}
+
 /// Encodes items into as few payloads of at most `max` bytes as they fit
 /// (each a postcard sequence of items); an item that alone exceeds `max`
 /// is left out.
@@ -206,6 +256,30 @@ mod tests {
         odd.report.success = Some(201);
         assert_eq!(Item::decode(&odd.encode()), None);
         assert_eq!(Item::decode(&[0xff; 40]), None);
+    }
+
+    #[test]
+    fn usages_round_trip_and_are_never_taken_for_items() {
+        let u = Usage {
+            node: "sidecar-a".into(),
+            seq: 1_800_000_000_000_000,
+            cluster: "planner".into(),
+            limit: 0,
+            key: "tenant-7".into(),
+            calls: 42,
+            retries: 0,
+        };
+        let bytes = u.encode();
+        assert_eq!(Usage::decode(&bytes), Some(u.clone()));
+        assert_eq!(Item::decode(&bytes), None, "an item decoder refuses it");
+        assert_eq!(Usage::decode(&item("10.0.0.1:50051").encode()), None);
+        let mut long = u;
+        long.key = "k".repeat(MAX_NAME + 1);
+        assert_eq!(Usage::decode(&long.encode()), None);
+        // A node id of the longest length starts an item with 0x80.
+        let mut longest = item("10.0.0.1:50051");
+        longest.node = "n".repeat(MAX_NAME);
+        assert_ne!(longest.encode()[0], USAGE_TAG);
     }
 
     #[test]

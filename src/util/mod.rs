@@ -3,6 +3,7 @@
 //! of buckets.
 
 pub mod clock;
+pub mod hash;
 pub mod sync;
 pub mod task;
 pub mod window;

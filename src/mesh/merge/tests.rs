@@ -59,6 +59,92 @@ fn view(endpoints: &[&str]) -> View {
 
 const ALL: fn(&str) -> bool = |_| true;
 
+fn usage(node: &str, seq: u64, limit: u8, key: &str, calls: u32) -> Usage {
+    Usage {
+        node: node.into(),
+        seq,
+        cluster: "planner".into(),
+        limit,
+        key: key.into(),
+        calls,
+        retries: 0,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peers_uses_of_a_shared_limit_add_up_and_leave_with_the_window() {
+    let mut v = view(&["a:1"]);
+    v.set_shared([("planner".to_string(), 0)]);
+    let now = Instant::now();
+    let window = Duration::from_secs(10);
+    assert_eq!(
+        v.merge_usage(usage("b", 1, 0, "tenant", 30), now),
+        Merged::New
+    );
+    assert_eq!(
+        v.merge_usage(usage("c", 1, 0, "tenant", 20), now),
+        Merged::New
+    );
+    assert_eq!(
+        v.merge_usage(usage("c", 1, 0, "tenant", 99), now),
+        Merged::Stale
+    );
+    assert_eq!(
+        v.merge_usage(usage("me", 9, 0, "tenant", 99), now),
+        Merged::Own
+    );
+    assert_eq!(
+        v.merge_usage(usage("b", 2, 1, "tenant", 5), now),
+        Merged::Unknown,
+        "a limit this sidecar does not share"
+    );
+    let used = v.peers_usage("planner", 0, window, now, ALL);
+    assert_eq!(used, vec![("tenant", 50.0, 0.0)]);
+    // Half the window later, half of each still falls in it; a down peer
+    // counts for nothing.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let later = Instant::now();
+    let used = v.peers_usage("planner", 0, window, later, |n| n != "c");
+    assert_eq!(used, vec![("tenant", 15.0, 0.0)]);
+    assert_eq!(
+        v.merge_usage(usage("b", 3, 0, "tenant", 31), later),
+        Merged::New
+    );
+    assert_eq!(v.peers_usage("planner", 0, window, later, ALL)[0].1, 41.0);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(
+        v.peers_usage("planner", 0, window, Instant::now(), ALL)
+            .is_empty()
+    );
+    v.forget("b");
+    v.sweep(Instant::now(), Duration::from_secs(1));
+    assert_eq!(v.usages, 0);
+}
+
+#[test]
+fn the_uses_held_are_bounded() {
+    let mut v = view(&["a:1"]);
+    v.set_shared([("planner".to_string(), 0)]);
+    let now = Instant::now();
+    for k in 0..MAX_USAGES {
+        assert_eq!(
+            v.merge_usage(usage("b", 1, 0, &format!("k{k}"), 1), now),
+            Merged::New
+        );
+    }
+    assert_eq!(
+        v.merge_usage(usage("b", 1, 0, "one more", 1), now),
+        Merged::Full
+    );
+    assert_eq!(
+        v.merge_usage(usage("b", 2, 0, "k0", 2), now),
+        Merged::New,
+        "held keys update"
+    );
+    v.set_shared([]);
+    assert_eq!(v.usages, 0, "no longer shared: dropped");
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_newest_report_per_node_wins_and_only_known_endpoints_are_kept() {
     let mut v = view(&["x:1"]);
