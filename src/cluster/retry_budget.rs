@@ -105,7 +105,11 @@ impl RetryBudget {
 
     /// Asks to retry once: true (and counted) if the budget allows it.
     pub fn try_withdraw(&self, now: Instant) -> bool {
-        let (peer_calls, peer_retries) = *lock(&self.peers);
+        let (peer_calls, peer_retries) = if self.config.mesh_wide {
+            *lock(&self.peers)
+        } else {
+            (0.0, 0.0)
+        };
         let mut window = lock(&self.window);
         let (calls, retries) = window
             .live(now)
@@ -154,7 +158,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_mesh_wide_budget_counts_peers_and_shares_one_floor() {
-        let budget = budget(20.0, 1);
+        let budget = RetryBudget::new(RetryBudgetConfig {
+            percent: 20.0,
+            min_per_second: 1,
+            ttl: Duration::from_secs(10),
+            mesh_wide: true,
+        });
         let now = Instant::now();
         for _ in 0..100 {
             budget.deposit(now);

@@ -94,6 +94,15 @@ struct State {
     last_seq: u64,
 }
 
+impl State {
+    /// The sequence number of the next item published: microseconds since
+    /// the epoch, and always above the last.
+    fn next_seq(&mut self) -> u64 {
+        self.last_seq = (seal::now_ms() * 1_000).max(self.last_seq + 1);
+        self.last_seq
+    }
+}
+
 /// A shared limit's use: (cluster index, limit, key).
 type UseOf = (usize, u8, Box<str>);
 
@@ -618,23 +627,15 @@ impl Mesh {
                 endpoint: e,
             } in due
             {
-                state.last_seq = (seal::now_ms() * 1_000).max(state.last_seq + 1);
                 let item = Item {
                     node: self.config.node_id.clone(),
                     zone: self.zone.clone(),
-                    seq: state.last_seq,
+                    seq: state.next_seq(),
                     cluster: cluster.name().to_string(),
                     endpoint: e.address().to_string(),
                     report,
                 };
-                match swim.add_broadcast(&item.encode()) {
-                    Ok(_) => {
-                        self.counters
-                            .items_published
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(err) => tracing::debug!(error = %err, "a report was not published"),
-                }
+                self.broadcast(swim, &item.encode(), "a report");
                 let key = (
                     Arc::<str>::from(cluster.name()),
                     Arc::<str>::from(e.address()),
@@ -650,6 +651,19 @@ impl Mesh {
             }
         }
         urgent
+    }
+
+    /// Hands `payload` (a report or a limit's use, `what`) to foca to spread,
+    /// counted as published.
+    fn broadcast(&self, swim: &mut Swim, payload: &[u8], what: &str) {
+        match swim.add_broadcast(payload) {
+            Ok(_) => {
+                self.counters
+                    .items_published
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => tracing::debug!(error = %err, "{what} was not published"),
+        }
     }
 
     /// The limits shared with the mesh, as (cluster, limit).
@@ -709,24 +723,16 @@ impl Mesh {
                 if !send {
                     continue;
                 }
-                state.last_seq = (seal::now_ms() * 1_000).max(state.last_seq + 1);
                 let usage = Usage {
                     node: self.config.node_id.clone(),
-                    seq: state.last_seq,
+                    seq: state.next_seq(),
                     cluster: cluster.name().to_string(),
                     limit,
                     key: id.2.to_string(),
                     calls,
                     retries,
                 };
-                match swim.add_broadcast(&usage.encode()) {
-                    Ok(_) => {
-                        self.counters
-                            .items_published
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(err) => tracing::debug!(error = %err, "a limit's use was not published"),
-                }
+                self.broadcast(swim, &usage.encode(), "a limit's use");
                 state.usage_published.insert(id, (calls, retries, now));
             }
         }
