@@ -215,7 +215,7 @@ pub(super) struct RawRetry {
     pub(super) min_retries_per_second: Option<i64>,
     pub(super) buffer_limit: Option<i64>,
     #[serde(default)]
-    pub(super) mesh_wide_budget: bool,
+    pub(super) scope: RawScope,
 }
 
 #[derive(Deserialize)]
@@ -227,7 +227,17 @@ pub(super) struct RawRateLimit {
     pub(super) key: Option<String>,
     pub(super) max_keys: Option<i64>,
     #[serde(default)]
-    pub(super) mesh_wide: bool,
+    pub(super) scope: RawScope,
+}
+
+/// Whose calls a limit counts: this sidecar's (`"local"`, the default) or
+/// every sidecar's in the mesh, shared by gossip (`"mesh"`).
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawScope {
+    #[default]
+    Local,
+    Mesh,
 }
 
 #[derive(Deserialize)]

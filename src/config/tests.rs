@@ -136,15 +136,15 @@ fn the_second_round_of_picking_knobs_are_read_and_checked() {
 #[test]
 fn mesh_wide_limits_need_a_mesh() {
     let base = "[[cluster]]\nname = \"a\"\nendpoints = [{ address = \"h:1\" }]\n\
-                retry = { methods = [\"*\"], mesh_wide_budget = true }\n\
-                [[cluster.rate_limit]]\ncalls = 100\nwindow = \"1m\"\nmesh_wide = true\n";
+                retry = { methods = [\"*\"], scope = \"mesh\" }\n\
+                [[cluster.rate_limit]]\ncalls = 100\nwindow = \"1m\"\nscope = \"mesh\"\n";
     let e = parse(base).unwrap_err().to_string();
     assert!(
-        e.contains("mesh.toml: cluster[0].retry.mesh_wide_budget: needs a [mesh]"),
+        e.contains("mesh.toml: cluster[0].retry.scope: needs a [mesh]"),
         "{e}"
     );
     assert!(
-        e.contains("mesh.toml: cluster[0].rate_limit[0].mesh_wide: needs a [mesh]"),
+        e.contains("mesh.toml: cluster[0].rate_limit[0].scope: needs a [mesh]"),
         "{e}"
     );
     let c = parse(&format!(

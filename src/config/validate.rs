@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::raw::{
     RawAffinity, RawBreaker, RawChoices, RawCluster, RawConfig, RawHealthCheck, RawLatency,
-    RawMesh, RawOutlier, RawPerformance, RawRateLimit, RawRetry, RawTelemetry,
+    RawMesh, RawOutlier, RawPerformance, RawRateLimit, RawRetry, RawScope, RawTelemetry,
 };
 use super::{
     AdminConfig, AffinityConfig, BreakerConfig, Choices, ClusterConfig, Config, ConfigError,
@@ -217,7 +217,7 @@ impl RawConfig {
             let retry = c.retry.map(|r| validate_retry(&mut p, &at, r));
             if retry.as_ref().is_some_and(|r| r.mesh_wide_budget) && !has_mesh {
                 p.add(
-                    format!("{at}.retry.mesh_wide_budget"),
+                    format!("{at}.retry.scope"),
                     "needs a [mesh] to share the budget with",
                 );
             }
@@ -230,9 +230,9 @@ impl RawConfig {
                 .enumerate()
                 .filter_map(|(i, r)| {
                     let at = format!("{at}.rate_limit[{i}]");
-                    if r.mesh_wide && !has_mesh {
+                    if r.scope == RawScope::Mesh && !has_mesh {
                         p.add(
-                            format!("{at}.mesh_wide"),
+                            format!("{at}.scope"),
                             "needs a [mesh] to share the limit with",
                         );
                     }
@@ -609,7 +609,7 @@ fn validate_retry(p: &mut Problems, at: &str, raw: RawRetry) -> RetryConfig {
             d.buffer_limit as u32,
             16 << 20,
         ) as usize,
-        mesh_wide_budget: raw.mesh_wide_budget,
+        mesh_wide_budget: raw.scope == RawScope::Mesh,
     };
     if !(0.0..=1000.0).contains(&out.budget_percent) {
         p.add(
@@ -665,7 +665,7 @@ fn validate_rate_limit(
         window: raw.window,
         key,
         max_keys: max_keys as usize,
-        mesh_wide: raw.mesh_wide,
+        mesh_wide: raw.scope == RawScope::Mesh,
     })
 }
 
