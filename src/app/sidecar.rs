@@ -39,10 +39,6 @@ impl Sidecar {
             &config.clusters,
             config.locality.zone.as_deref(),
         ));
-        let ctx = Arc::new(listener::Context::new(
-            router.clone(),
-            config.listener.refuse_unknown,
-        ));
         let drain = Drain::new();
 
         if !config.listener.proxy.ip().is_loopback() && !config.listener.refuse_unknown {
@@ -64,6 +60,16 @@ impl Sidecar {
             }
         }
 
+        let mut own = vec![proxy_addr, admin_addr];
+        for (_, listener) in &locals {
+            own.push(listener.local_addr()?);
+        }
+        let ctx = Arc::new(listener::Context::new(
+            router.clone(),
+            &config.listener,
+            own,
+        ));
+
         let mesh = match &config.mesh {
             Some(m) => Some(
                 Mesh::bind(
@@ -82,7 +88,12 @@ impl Sidecar {
                 cluster.set_traces(traces.clone());
             }
         }
-        let metrics = Arc::new(Metrics::new(router.clone(), mesh.clone(), traces));
+        let metrics = Arc::new(Metrics::new(
+            router.clone(),
+            ctx.stats.clone(),
+            mesh.clone(),
+            traces,
+        ));
 
         let mut tasks = Vec::new();
         tasks.push(Task::supervised("proxy listener", {

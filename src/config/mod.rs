@@ -124,6 +124,10 @@ pub struct ListenerConfig {
     pub refuse_unknown: bool,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// Calls one caller connection may have open at once (HTTP/2's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS), so that no one connection can take
+    /// every slot a cluster has.
+    pub max_calls_per_connection: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -473,6 +477,10 @@ pub const DEFAULT_HOT_QUANTILE: f64 = 0.84;
 pub const DEFAULT_PROXY: &str = "127.0.0.1:15001";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `listener.max_calls_per_connection` by default: what HAProxy and most
+/// gRPC servers allow one connection.
+pub const DEFAULT_MAX_CALLS_PER_CONNECTION: u32 = 100;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_OVERPROVISIONING: f64 = 1.4;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -581,6 +589,7 @@ impl Config {
                 proxy: "127.0.0.1:0".parse().expect("literal address"),
                 refuse_unknown: false,
                 drain_timeout: Duration::from_secs(5),
+                max_calls_per_connection: DEFAULT_MAX_CALLS_PER_CONNECTION,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().expect("literal address"),

@@ -94,6 +94,7 @@ pub(super) struct RawListener {
     pub(super) refuse_unknown: bool,
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub(super) drain_timeout: Duration,
+    pub(super) max_calls_per_connection: Option<i64>,
 }
 
 impl Default for RawListener {
@@ -102,6 +103,7 @@ impl Default for RawListener {
             proxy: default_proxy(),
             refuse_unknown: false,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_calls_per_connection: None,
         }
     }
 }

@@ -278,6 +278,13 @@ impl RawConfig {
         if self.listener.drain_timeout.is_zero() {
             p.add("listener.drain_timeout", "must be more than 0");
         }
+        let max_calls_per_connection = count(
+            &mut p,
+            "listener.max_calls_per_connection".into(),
+            self.listener.max_calls_per_connection,
+            super::DEFAULT_MAX_CALLS_PER_CONNECTION,
+            10_000,
+        );
         match (proxy, admin, p.found.is_empty()) {
             (Some(proxy), Some(admin), true) => {
                 let mut config = Config {
@@ -291,6 +298,7 @@ impl RawConfig {
                         proxy,
                         refuse_unknown: self.listener.refuse_unknown,
                         drain_timeout: self.listener.drain_timeout,
+                        max_calls_per_connection,
                     },
                     admin: AdminConfig { listen: admin },
                     clusters,

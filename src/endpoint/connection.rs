@@ -84,6 +84,9 @@ struct Inner {
     shut: AtomicBool,
     /// Rung on shutting down: a connect under way gives up at once.
     shut_signal: Notify,
+    /// The address the last connection reached (a name resolves to one of
+    /// its addresses), so that the proxy port can tell a tunnel to it.
+    peer: Mutex<Option<SocketAddr>>,
 }
 
 impl Connection {
@@ -104,6 +107,7 @@ impl Connection {
                 warming: AtomicBool::new(false),
                 shut: AtomicBool::new(false),
                 shut_signal: Notify::new(),
+                peer: Mutex::new(None),
             }),
         }
     }
@@ -132,6 +136,11 @@ impl Connection {
     /// The endpoint's address.
     pub fn address(&self) -> &str {
         &self.inner.address
+    }
+
+    /// The socket address the last connection reached, if one was made.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.inner.peer)
     }
 
     /// The time limits this connection was made with.
@@ -319,6 +328,9 @@ impl Inner {
                 ))
             })?
             .map_err(|e| fail(e.to_string()))?;
+        if let Ok(peer) = tcp.peer_addr() {
+            *lock(&self.peer) = Some(peer);
+        }
         let signals = Arc::new(PeerSignals::default());
         let io = crate::wire::io::Batched::watching(tcp, signals.clone());
         let (sender, conn) = client_builder()

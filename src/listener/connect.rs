@@ -9,6 +9,7 @@
 //! through the same proxy setting keeps working.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -124,6 +125,15 @@ async fn tunnel(
             return;
         }
     };
+    if let (Ok(peer), Ok(local)) = (upstream.peer_addr(), upstream.local_addr())
+        && let Some(why) = ctx.forbidden(peer, local)
+    {
+        drop(upstream);
+        ctx.stats.tunnels_forbidden.fetch_add(1, Ordering::Relaxed);
+        let reason = format!("agentmesh: will not tunnel to {target:?}: {why}");
+        reply(&mut tcp, "403 Forbidden", &reason).await;
+        return;
+    }
     let _ = upstream.set_nodelay(true);
     tracing::debug!(
         target,

@@ -11,7 +11,9 @@
 mod connect;
 mod prefixed;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +24,7 @@ use tokio::net::TcpListener;
 
 use crate::app::drain;
 use crate::cluster::{Cluster, Router};
+use crate::config::ListenerConfig;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{self, ResponseBody};
 use crate::wire::grpc;
@@ -36,21 +39,77 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Context {
     pub router: Arc<Router>,
     pub refuse_unknown: bool,
+    /// The sidecar's own listening addresses: a CONNECT never tunnels to
+    /// them.
+    own: Vec<SocketAddr>,
     h2: h2::server::Builder,
+    pub stats: Arc<CallerStats>,
+}
+
+/// What the listeners refused callers, for `/metrics`.
+#[derive(Default)]
+pub struct CallerStats {
+    /// CONNECTs refused because they named the sidecar itself or one of a
+    /// cluster's endpoints.
+    pub tunnels_forbidden: AtomicU64,
+}
+
+impl CallerStats {
+    /// Each count with its reason, as `/metrics` labels it.
+    pub fn refused(&self) -> [(&'static str, u64); 1] {
+        [(
+            "tunnel_forbidden",
+            self.tunnels_forbidden.load(Ordering::Relaxed),
+        )]
+    }
 }
 
 impl Context {
-    pub fn new(router: Arc<Router>, refuse_unknown: bool) -> Context {
+    /// `own`: every address the sidecar listens on (proxy, admin, local
+    /// ports).
+    pub fn new(router: Arc<Router>, config: &ListenerConfig, own: Vec<SocketAddr>) -> Context {
         let mut h2 = h2::server::Builder::new();
         h2.initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
-            .max_concurrent_streams(10_000)
+            .max_concurrent_streams(config.max_calls_per_connection)
             .max_header_list_size(16 << 10);
         Context {
             router,
-            refuse_unknown,
+            refuse_unknown: config.refuse_unknown,
+            own,
             h2,
+            stats: Arc::default(),
         }
+    }
+
+    /// Why a tunnel that reached `peer` (from `local`, this end of it) must
+    /// not be used, if it must not: `peer` is one of the sidecar's own
+    /// ports, or one of a cluster's endpoints (whose calls go through the
+    /// balancer, its limits and its breakers).
+    fn forbidden(&self, peer: SocketAddr, local: SocketAddr) -> Option<String> {
+        // The kernel picks the destination itself as the source address
+        // for any address of this host but loopback's.
+        let this_host = peer.ip().is_loopback() || peer.ip() == local.ip();
+        let own = self.own.iter().any(|a| {
+            a.port() == peer.port()
+                && (a.ip() == peer.ip() || (this_host && a.ip().is_unspecified()))
+        });
+        if own && this_host {
+            return Some(format!("{peer} is this sidecar's own port"));
+        }
+        for cluster in self.router.clusters() {
+            for e in cluster.endpoints().iter() {
+                let named = e.address().parse::<SocketAddr>().ok() == Some(peer);
+                if named || e.connection().peer_addr() == Some(peer) {
+                    return Some(format!(
+                        "{peer} is an endpoint of cluster {:?} ({}); send its calls through the cluster",
+                        cluster.name(),
+                        e.address()
+                    ));
+                }
+            }
+        }
+        None
     }
 }
 

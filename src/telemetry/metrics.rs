@@ -19,6 +19,7 @@ use super::calls::{BUCKETS, OUTCOMES, outcome_name, prometheus_buckets};
 use super::trace::Traces;
 use crate::cluster::{Cluster, ClusterStats, Router};
 use crate::endpoint::{Endpoint, StatsSnapshot};
+use crate::listener::CallerStats;
 use crate::mesh::Mesh;
 
 /// The `Content-Type` of what [`Metrics::render`] writes.
@@ -32,12 +33,14 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(
         router: Arc<Router>,
+        callers: Arc<CallerStats>,
         mesh: Option<Arc<Mesh>>,
         traces: Option<Arc<Traces>>,
     ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Sidecar {
             router,
+            callers,
             mesh,
             traces,
         }));
@@ -59,6 +62,7 @@ impl Metrics {
 
 struct Sidecar {
     router: Arc<Router>,
+    callers: Arc<CallerStats>,
     mesh: Option<Arc<Mesh>>,
     traces: Option<Arc<Traces>>,
 }
@@ -351,6 +355,18 @@ impl Collector for Sidecar {
             },
         )?;
 
+        family(
+            &mut e,
+            "agentmesh_callers_refused",
+            "What the listeners refused callers, by reason (tunnel_forbidden: a CONNECT to the sidecar's own ports or to a cluster's endpoint).",
+            Counter,
+            |f| {
+                self.callers
+                    .refused()
+                    .iter()
+                    .try_for_each(|(reason, n)| f.counter(&[("reason", *reason)], *n))
+            },
+        )?;
         if let Some(mesh) = &self.mesh {
             mesh_metrics(&mut e, mesh)?;
         }
