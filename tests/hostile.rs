@@ -1,6 +1,7 @@
 //! What a caller cannot do to the sidecar or to other callers: tunnel to
-//! the sidecar's own ports or around the balancer to an endpoint, or take
-//! every slot of a cluster with one connection.
+//! the sidecar's own ports or around the balancer to an endpoint, take
+//! every slot of a cluster with one connection, or hold connections open
+//! without sending a request head, or idle.
 
 mod support;
 
@@ -31,17 +32,6 @@ async fn refusal(proxy: SocketAddr, target: SocketAddr) -> String {
     raw
 }
 
-fn refused_tunnels(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("agentmesh_callers_refused_total{reason=\"tunnel_forbidden\"} ")
-        })
-        .expect("the counter is exported")
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_never_reaches_the_sidecar_itself_or_a_clusters_endpoint() {
     bounded(Duration::from_secs(30), async {
@@ -57,14 +47,14 @@ async fn a_connect_never_reaches_the_sidecar_itself_or_a_clusters_endpoint() {
             sidecar.admin_addr(),
             sidecar.local_addr("planner.agents").unwrap(),
         ];
-        let mut refused = 0;
+        let mut forbidden = 0;
         for target in own.iter().chain(&agents.addrs[..2]) {
             let err = client::http_connect(sidecar.proxy_addr(), &target.to_string())
                 .await
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("403 Forbidden"), "{target}: {err}");
-            refused += 1;
+            forbidden += 1;
         }
         // The reason names what the target is.
         let err = refusal(sidecar.proxy_addr(), own[1]).await;
@@ -74,13 +64,16 @@ async fn a_connect_never_reaches_the_sidecar_itself_or_a_clusters_endpoint() {
             err.contains("an endpoint of cluster \"planner.agents\" (localhost:"),
             "{err}"
         );
-        refused += 2;
+        forbidden += 2;
         // Another target is still a plain tunnel.
         let agent = client::http_connect(sidecar.proxy_addr(), &agents.addrs[2].to_string()).await;
         assert!(agent.is_ok());
         assert_eq!(
-            refused_tunnels(&get(sidecar.admin_addr(), "/metrics").await),
-            refused
+            refused(
+                &get(sidecar.admin_addr(), "/metrics").await,
+                "tunnel_forbidden"
+            ),
+            forbidden
         );
     })
     .await;
@@ -167,6 +160,138 @@ async fn one_connection_cannot_take_every_slot_of_a_cluster() {
         assert!(failed.is_empty(), "{failed:?}");
         drop(held);
         driver.abort();
+    })
+    .await;
+}
+
+/// A sidecar over `agents` whose listeners wait `header` for a request head
+/// and close connections idle for `idle`.
+async fn timed(agents: &Agents, header: Duration, idle: Duration) -> agentmesh::app::Sidecar {
+    let mut config = agentmesh::config::Config::for_test(vec![planner(&agents.addrs[..1])]);
+    config.listener.header_timeout = header;
+    config.listener.idle_timeout = idle;
+    let sidecar = agentmesh::app::Sidecar::start(&config).await.unwrap();
+    warmed(&sidecar).await;
+    sidecar
+}
+
+/// Connects to `addr`, writes `bytes`, and reads until the sidecar closes:
+/// what it sent back and how long after the write it closed (None: still
+/// open after 5 s).
+async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> (Vec<u8>, Option<Duration>) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+            Err(_) => return (got, None),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, Some(start.elapsed())),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn refused(metrics: &str, reason: &str) -> u64 {
+    let line = format!("agentmesh_callers_refused_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .expect("the counter is exported")
+        .parse()
+        .unwrap()
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_half_open_callers_are_closed_after_the_header_timeout() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let header = Duration::from_millis(400);
+        let sidecar = timed(&agents, header, Duration::from_secs(60)).await;
+        let (proxy, local, admin) = (
+            sidecar.proxy_addr(),
+            sidecar.local_addr("planner.agents").unwrap(),
+            sidecar.admin_addr(),
+        );
+        let connect = format!("CONNECT {TARGET} HTTP/1.1\r\nHost: {TARGET}\r\n\r\n");
+        let cases: [(&str, SocketAddr, &[u8]); 8] = [
+            ("proxy port, silent", proxy, b""),
+            ("local port, silent", local, b""),
+            ("proxy port, half a preface", proxy, &PREFACE[..10]),
+            ("local port, preface and no SETTINGS", local, PREFACE),
+            ("proxy port, preface and no SETTINGS", proxy, PREFACE),
+            (
+                "a CONNECT to a cluster, then nothing",
+                proxy,
+                connect.as_bytes(),
+            ),
+            ("admin port, silent", admin, b""),
+            (
+                "admin port, half a request head",
+                admin,
+                b"GET /live HTTP/1.1\r\n",
+            ),
+        ];
+        let runs =
+            cases.map(|(what, addr, bytes)| async move { (what, closed_after(addr, bytes).await) });
+        for (what, (_, after)) in futures_util::future::join_all(runs).await {
+            let after = after.unwrap_or_else(|| panic!("{what}: still open after 5 s"));
+            eprintln!("{what}: closed after {after:?}");
+            assert!(
+                after >= header - Duration::from_millis(100) && after < header * 4,
+                "{what}: {after:?}"
+            );
+        }
+        // Every one but the admin port's is counted.
+        let metrics = get(admin, "/metrics").await;
+        assert_eq!(refused(&metrics, "header_timeout"), 6, "{metrics}");
+        // A caller that speaks in time is served as ever.
+        let mut client = planner_client(Way::LocalPort, &sidecar).await;
+        client.invoke(request(b"x")).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_callers_and_tunnels_are_closed_but_never_a_call_in_flight() {
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(2).await;
+        let idle = Duration::from_millis(600);
+        let sidecar = timed(&agents, Duration::from_secs(10), idle).await;
+        let local = sidecar.local_addr("planner.agents").unwrap();
+        // A call that takes three idle timeouts keeps its connection.
+        let mut client = planner_client(Way::LocalPort, &sidecar).await;
+        let mut slow = request(b"slow");
+        slow.delay_ms = 1800;
+        let started = std::time::Instant::now();
+        client.invoke(slow).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(1800));
+        // Idle, the connection is sent a GOAWAY and closed...
+        assert!(
+            eventually(Duration::from_secs(3), || established_to(local.port()) == 0).await,
+            "the idle connection is still open"
+        );
+        // ...and the caller's next call opens another, losing nothing.
+        client.invoke(request(b"x")).await.unwrap();
+        // A plain TCP tunnel (to an agent no cluster names) with no byte
+        // either way is closed too.
+        let tunnel = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", agents.addrs[1]);
+        let (answer, after) = closed_after(sidecar.proxy_addr(), tunnel.as_bytes()).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        let after = after.expect("the idle tunnel is closed");
+        assert!(
+            after >= idle - Duration::from_millis(100) && after < idle * 3,
+            "{after:?}"
+        );
+        let metrics = get(sidecar.admin_addr(), "/metrics").await;
+        assert!(refused(&metrics, "idle_timeout") >= 2, "{metrics}");
     })
     .await;
 }

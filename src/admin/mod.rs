@@ -37,6 +37,7 @@ pub async fn serve(
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
     metrics: Arc<Metrics>,
+    header_timeout: std::time::Duration,
     mut drain: drain::Watch,
 ) {
     loop {
@@ -54,7 +55,11 @@ pub async fn serve(
                 let response = respond(&req, &router, mesh.as_deref(), &metrics);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // A connection that sends no request head in time, the first
+            // or the next, is closed.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended with an error");

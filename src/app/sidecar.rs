@@ -102,12 +102,14 @@ impl Sidecar {
         }));
         tasks.push(Task::supervised("admin listener", {
             let (router, mesh, watch) = (router.clone(), mesh.clone(), drain.watch());
+            let header_timeout = config.listener.header_timeout;
             move || {
                 admin::serve(
                     admin.clone(),
                     router.clone(),
                     mesh.clone(),
                     metrics.clone(),
+                    header_timeout,
                     watch.clone(),
                 )
             }

@@ -128,6 +128,13 @@ pub struct ListenerConfig {
     /// SETTINGS_MAX_CONCURRENT_STREAMS), so that no one connection can take
     /// every slot a cluster has.
     pub max_calls_per_connection: u32,
+    /// How long a new caller connection (every listener, the admin port's
+    /// too) has to send its request head: the CONNECT head or the HTTP/2
+    /// preface and its SETTINGS.
+    pub header_timeout: Duration,
+    /// A caller connection with no call open, or a plain TCP tunnel with no
+    /// byte either way, is closed after this long (HTTP/2: GOAWAY first).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -481,6 +488,14 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `listener.max_calls_per_connection` by default: what HAProxy and most
 /// gRPC servers allow one connection.
 pub const DEFAULT_MAX_CALLS_PER_CONNECTION: u32 = 100;
+
+/// `listener.header_timeout` by default.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `listener.idle_timeout` by default: gRPC clients reconnect at once when
+/// they have a call to make, so an idle connection costs the caller little
+/// to lose and the sidecar a descriptor to keep.
+pub const DEFAULT_CALLER_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_OVERPROVISIONING: f64 = 1.4;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -590,6 +605,8 @@ impl Config {
                 refuse_unknown: false,
                 drain_timeout: Duration::from_secs(5),
                 max_calls_per_connection: DEFAULT_MAX_CALLS_PER_CONNECTION,
+                header_timeout: DEFAULT_HEADER_TIMEOUT,
+                idle_timeout: DEFAULT_CALLER_IDLE_TIMEOUT,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().expect("literal address"),

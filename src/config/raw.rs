@@ -95,6 +95,10 @@ pub(super) struct RawListener {
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub(super) drain_timeout: Duration,
     pub(super) max_calls_per_connection: Option<i64>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) idle_timeout: Option<Duration>,
 }
 
 impl Default for RawListener {
@@ -104,6 +108,8 @@ impl Default for RawListener {
             refuse_unknown: false,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_calls_per_connection: None,
+            header_timeout: None,
+            idle_timeout: None,
         }
     }
 }

@@ -278,6 +278,20 @@ impl RawConfig {
         if self.listener.drain_timeout.is_zero() {
             p.add("listener.drain_timeout", "must be more than 0");
         }
+        let header_timeout = self
+            .listener
+            .header_timeout
+            .unwrap_or(super::DEFAULT_HEADER_TIMEOUT);
+        if !(Duration::from_millis(10)..=Duration::from_secs(300)).contains(&header_timeout) {
+            p.add("listener.header_timeout", "must be from 10ms to 5m");
+        }
+        let idle_timeout = self
+            .listener
+            .idle_timeout
+            .unwrap_or(super::DEFAULT_CALLER_IDLE_TIMEOUT);
+        if !(Duration::from_millis(10)..=Duration::from_secs(24 * 3600)).contains(&idle_timeout) {
+            p.add("listener.idle_timeout", "must be from 10ms to 24h");
+        }
         let max_calls_per_connection = count(
             &mut p,
             "listener.max_calls_per_connection".into(),
@@ -299,6 +313,8 @@ impl RawConfig {
                         refuse_unknown: self.listener.refuse_unknown,
                         drain_timeout: self.listener.drain_timeout,
                         max_calls_per_connection,
+                        header_timeout,
+                        idle_timeout,
                     },
                     admin: AdminConfig { listen: admin },
                     clusters,

@@ -8,13 +8,16 @@
 //! `listener.refuse_unknown` is set), so that an agent's other traffic
 //! through the same proxy setting keeps working.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::prefixed::Prefixed;
 use super::{Context, Route, serve_h2};
@@ -22,7 +25,6 @@ use crate::app::drain;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_HEAD: usize = 8 * 1024;
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Head {
     Http2,
@@ -36,7 +38,7 @@ enum Head {
 pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, mut drain: drain::Watch) {
     let mut buf = BytesMut::with_capacity(1024);
     let head = tokio::select! {
-        head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)) => head,
+        head = tokio::time::timeout(ctx.header_timeout, read_head(&mut tcp, &mut buf)) => head,
         // A caller that has not asked for anything yet holds up no drain.
         _ = drain.signaled() => return,
     };
@@ -47,7 +49,8 @@ pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, mut drain: dra
             return;
         }
         Err(_) => {
-            tracing::debug!("caller sent no request within {HEAD_TIMEOUT:?}; closing");
+            ctx.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(timeout = ?ctx.header_timeout, "caller sent no request head in time; closing");
             return;
         }
     };
@@ -145,8 +148,94 @@ async fn tunnel(
     if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
         return;
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-        tracing::debug!(target, error = %e, "TCP tunnel ended");
+    let last = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut caller = Touched::new(tcp, &last, started);
+    let mut upstream = Touched::new(upstream, &last, started);
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut caller, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(target, error = %e, "TCP tunnel ended");
+            }
+        }
+        () = idle(&last, started, ctx.idle_timeout) => {
+            ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target, idle = ?ctx.idle_timeout, "TCP tunnel idle; closing");
+        }
+    }
+}
+
+/// Returns once nothing has been read from either side of a tunnel for
+/// `limit` (`last`: milliseconds after `started` of the last read).
+async fn idle(last: &AtomicU64, started: Instant, limit: Duration) {
+    loop {
+        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+        let quiet = started.elapsed().saturating_sub(since);
+        if quiet >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - quiet).await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that notes when it last read anything.
+    struct Touched<S> {
+        #[pin]
+        inner: S,
+        last: Arc<AtomicU64>,
+        started: Instant,
+    }
+}
+
+impl<S> Touched<S> {
+    fn new(inner: S, last: &Arc<AtomicU64>, started: Instant) -> Touched<S> {
+        Touched {
+            inner,
+            last: last.clone(),
+            started,
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Touched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = this.started.elapsed().as_millis() as u64;
+            this.last.store(ms, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Touched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

@@ -13,7 +13,7 @@ mod prefixed;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::app::drain;
 use crate::cluster::{Cluster, Router};
@@ -28,6 +29,7 @@ use crate::config::ListenerConfig;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{self, ResponseBody};
 use crate::wire::grpc;
+use crate::wire::io::{Batched, PeerSignals};
 use crate::wire::stream::{Keepalive, Pump};
 
 /// A PING goes to each caller connection this often...
@@ -42,6 +44,10 @@ pub struct Context {
     /// The sidecar's own listening addresses: a CONNECT never tunnels to
     /// them.
     own: Vec<SocketAddr>,
+    /// `listener.header_timeout`.
+    header_timeout: Duration,
+    /// `listener.idle_timeout`.
+    idle_timeout: Duration,
     h2: h2::server::Builder,
     pub stats: Arc<CallerStats>,
 }
@@ -52,15 +58,22 @@ pub struct CallerStats {
     /// CONNECTs refused because they named the sidecar itself or one of a
     /// cluster's endpoints.
     pub tunnels_forbidden: AtomicU64,
+    /// Connections closed for not sending a request head within
+    /// `listener.header_timeout`.
+    pub header_timeouts: AtomicU64,
+    /// Connections and tunnels closed after `listener.idle_timeout` idle.
+    pub idle_closed: AtomicU64,
 }
 
 impl CallerStats {
     /// Each count with its reason, as `/metrics` labels it.
-    pub fn refused(&self) -> [(&'static str, u64); 1] {
-        [(
-            "tunnel_forbidden",
-            self.tunnels_forbidden.load(Ordering::Relaxed),
-        )]
+    pub fn refused(&self) -> [(&'static str, u64); 3] {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        [
+            ("tunnel_forbidden", get(&self.tunnels_forbidden)),
+            ("header_timeout", get(&self.header_timeouts)),
+            ("idle_timeout", get(&self.idle_closed)),
+        ]
     }
 }
 
@@ -77,6 +90,8 @@ impl Context {
             router,
             refuse_unknown: config.refuse_unknown,
             own,
+            header_timeout: config.header_timeout,
+            idle_timeout: config.idle_timeout,
             h2,
             stats: Arc::default(),
         }
@@ -203,15 +218,24 @@ where
 /// draining ends it with a GOAWAY (calls in flight finish first). Each call
 /// runs in a task of its own. A PING goes out every
 /// [`KEEPALIVE_INTERVAL`]; a caller that leaves one unanswered for
-/// [`KEEPALIVE_TIMEOUT`] is gone, and its connection is dropped.
+/// [`KEEPALIVE_TIMEOUT`] is gone, and its connection is dropped. A caller
+/// that sends no SETTINGS within `listener.header_timeout` is dropped; one
+/// that has no call open for `listener.idle_timeout` is sent a GOAWAY.
 async fn serve_h2<I>(io: I, route: Route, ctx: &Context, mut drain: drain::Watch)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = match ctx.h2.handshake(crate::wire::io::Batched::new(io)).await {
-        Ok(conn) => conn,
-        Err(e) => {
+    let signals = Arc::new(PeerSignals::default());
+    let io = Batched::caller(io, signals.clone());
+    let mut conn = match tokio::time::timeout(ctx.header_timeout, ctx.h2.handshake(io)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "caller's HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(timeout = ?ctx.header_timeout, "caller sent no HTTP/2 preface in time; closing");
             return;
         }
     };
@@ -219,14 +243,28 @@ where
     let mut draining = false;
     // Made once: the loop comes round several times per call.
     let mut signaled = std::pin::pin!(drain.signaled());
+    let mut settings = std::pin::pin!(heard_within(&signals, ctx.header_timeout));
+    let mut awaiting_settings = true;
+    // Calls open on this connection, and when it last had none.
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut idle_since = Some(Instant::now());
+    let mut idle_check =
+        tokio::time::interval_at(Instant::now() + ctx.idle_timeout / 4, ctx.idle_timeout / 4);
+    idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
+                    idle_since = None;
+                    let call = Open::new(&open);
                     // Boxed: a task's future is moved several times on its
                     // way into the runtime, and this one is large.
-                    tokio::spawn(Box::pin(serve_call(route.clone(), req, respond)));
+                    let route = route.clone();
+                    tokio::spawn(Box::pin(async move {
+                        serve_call(route, req, respond).await;
+                        drop(call);
+                    }));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "caller connection ended with an error");
@@ -242,7 +280,51 @@ where
                 tracing::debug!(timeout = ?KEEPALIVE_TIMEOUT, "caller left a PING unanswered; dropping its connection");
                 return;
             }
+            heard = settings.as_mut(), if awaiting_settings => {
+                awaiting_settings = false;
+                if !heard {
+                    ctx.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(timeout = ?ctx.header_timeout, "caller sent its preface but no SETTINGS in time; closing");
+                    return;
+                }
+            }
+            _ = idle_check.tick(), if !draining => {
+                if open.load(Ordering::Relaxed) > 0 {
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= ctx.idle_timeout {
+                    ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(idle = ?ctx.idle_timeout, "caller connection idle; sending GOAWAY");
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+            }
         }
+    }
+}
+
+/// Whether the caller's first frame after its preface came within `limit`.
+async fn heard_within(signals: &PeerSignals, limit: Duration) -> bool {
+    let heard = async {
+        while !signals.heard.load(Ordering::Acquire) {
+            signals.changed.notified().await;
+        }
+    };
+    tokio::time::timeout(limit, heard).await.is_ok()
+}
+
+/// One call open on a caller connection, counted while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(open: &Arc<AtomicUsize>) -> Open {
+        open.fetch_add(1, Ordering::Relaxed);
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -83,6 +83,17 @@ impl<S> Batched<S> {
         }
     }
 
+    /// For a caller's connection (the read side starts with the client
+    /// preface): sets `signals.heard` when the first frame after the
+    /// preface arrives (HTTP/2 requires it to be SETTINGS), then stops
+    /// watching.
+    pub fn caller(inner: S, signals: Arc<PeerSignals>) -> Batched<S> {
+        Batched {
+            watch: Some(FrameWatch::after_preface(signals)),
+            ..Batched::new(inner)
+        }
+    }
+
     fn pending(&self) -> usize {
         self.buf.len() - self.sent
     }
@@ -136,6 +147,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
         }
         if let Some(watch) = &mut this.watch {
             watch.scan(&buf.filled()[before..]);
+            if watch.first_only && watch.signals.heard.load(Ordering::Relaxed) {
+                this.watch = None;
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -161,6 +175,8 @@ pub struct FrameWatch {
     have: usize,
     /// Payload bytes of the current frame still to pass.
     skip: usize,
+    /// Only the first frame matters (a caller's connection).
+    first_only: bool,
 }
 
 const GOAWAY: u8 = 0x7;
@@ -172,6 +188,17 @@ impl FrameWatch {
             header: [0; 9],
             have: 0,
             skip: 0,
+            first_only: false,
+        }
+    }
+
+    /// Watches a caller's bytes: the client preface (24 bytes), then the
+    /// first frame.
+    pub fn after_preface(signals: Arc<PeerSignals>) -> FrameWatch {
+        FrameWatch {
+            skip: 24,
+            first_only: true,
+            ..FrameWatch::new(signals)
         }
     }
 
