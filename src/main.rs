@@ -15,9 +15,13 @@ use agentmesh::tools::agent::{self, AgentOptions, AgentStats};
 use agentmesh::tools::{demo, demo_mesh};
 use cli::{Cli, Command};
 
+/// Logs to stderr at `default` (or as `RUST_LOG` says). The HTTP/2
+/// library's own warnings are left out by default: a caller can cause them
+/// at will, and they name no caller; the sidecar logs each such event
+/// itself, throttled and with the caller's address, and counts it.
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},h2=error")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

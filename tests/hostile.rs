@@ -1,13 +1,16 @@
 //! What a caller cannot do to the sidecar or to other callers: tunnel to
 //! the sidecar's own ports or around the balancer to an endpoint, take
 //! every slot of a cluster with one connection, or hold connections open
-//! without sending a request head, or idle.
+//! without sending a request head, or idle; and the floods of a raw
+//! HTTP/2 caller (tests/python/flood.py, written with the `h2` package)
+//! cost other callers nothing.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use agentmesh::tools::agent::AgentOptions;
 use agentmesh::tools::client;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -292,6 +295,364 @@ async fn idle_callers_and_tunnels_are_closed_but_never_a_call_in_flight() {
         );
         let metrics = get(sidecar.admin_addr(), "/metrics").await;
         assert!(refused(&metrics, "idle_timeout") >= 2, "{metrics}");
+    })
+    .await;
+}
+
+/// Runs `tests/python/flood.py ATTACK ADDR ARGS..` (a raw HTTP/2 caller
+/// written with the `h2` package) to its end: its report.
+async fn flood(attack: &str, addr: SocketAddr, args: &[&str]) -> serde_json::Value {
+    let mut all = vec![attack.to_string(), addr.to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    python_json("flood.py", &all).await
+}
+
+/// A well-behaved caller: `loops` callers one call after another on one
+/// channel for `run`; each call's latency, and the calls that failed.
+async fn behaved(
+    client: &agentmesh::pb::agent_client::AgentClient<tonic::transport::Channel>,
+    loops: usize,
+    run: Duration,
+) -> (Vec<Duration>, Vec<tonic::Status>) {
+    let until = tokio::time::Instant::now() + run;
+    let tasks = (0..loops).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let (mut took, mut failed) = (Vec::new(), Vec::new());
+            while tokio::time::Instant::now() < until {
+                let start = std::time::Instant::now();
+                match client.invoke(request(b"x")).await {
+                    Ok(_) => took.push(start.elapsed()),
+                    Err(status) => failed.push(status),
+                }
+            }
+            (took, failed)
+        })
+    });
+    let (mut took, mut failed) = (Vec::new(), Vec::new());
+    for t in futures_util::future::join_all(tasks).await {
+        let (a, b) = t.unwrap();
+        took.extend(a);
+        failed.extend(b);
+    }
+    took.sort();
+    (took, failed)
+}
+
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
+}
+
+/// The attacks run one at a time: each measures another caller's p99, which
+/// two attackers at once on a small machine would spoil.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A sidecar as a process of its own (its memory is its own), over
+/// `agents`, with a local port; `nofile`: its open-file limit. Each agent
+/// takes 250 calls at a time: more than an attacker's 4 connections of 100
+/// calls can fill across two agents (a caller with more connections than
+/// that is what `max_in_flight` limits are for).
+struct Spawned {
+    child: tokio::process::Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    local: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    async fn start(agents: &Agents, nofile: Option<u32>) -> Spawned {
+        let (proxy, admin, local) = (closed_port(), closed_port(), closed_port());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.toml");
+        let mut config = format!(
+            "[listener]\nproxy = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n\
+             [[cluster]]\nname = \"planner.agents\"\nlocal_port = \"{local}\"\n\
+             max_in_flight_per_endpoint = 250\n"
+        );
+        for a in &agents.addrs {
+            config += &format!("[[cluster.endpoints]]\naddress = \"{a}\"\n");
+        }
+        std::fs::write(&file, config).unwrap();
+        let mut command = match nofile {
+            Some(n) => {
+                let mut c = tokio::process::Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg(env!("CARGO_BIN_EXE_agentmesh"));
+                c
+            }
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_agentmesh")),
+        };
+        let child = command
+            .args(["run", "--config"])
+            .arg(&file)
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let sidecar = Spawned {
+            child,
+            proxy,
+            admin,
+            local,
+            _dir: dir,
+        };
+        let mut up = false;
+        for _ in 0..100 {
+            if sidecar.live().await {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "the sidecar serves its admin port");
+        sidecar
+    }
+
+    /// Whether `/live` answers 200.
+    async fn live(&self) -> bool {
+        let ask = async {
+            let mut tcp = tokio::net::TcpStream::connect(self.admin).await.ok()?;
+            tcp.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut raw = String::new();
+            tcp.read_to_string(&mut raw).await.ok()?;
+            raw.starts_with("HTTP/1.1 200").then_some(())
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), ask).await,
+            Ok(Some(()))
+        )
+    }
+
+    async fn client(&self) -> agentmesh::pb::agent_client::AgentClient<tonic::transport::Channel> {
+        agentmesh::pb::agent_client::AgentClient::connect(format!("http://{}", self.local))
+            .await
+            .unwrap()
+    }
+
+    /// The process's resident memory, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Stops the process: what it logged.
+    async fn log(mut self) -> String {
+        self.child.start_kill().unwrap();
+        let out = self.child.wait_with_output().await.unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// The sum of a metric's series.
+fn metric_sum(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Two agents that take 20 ms a call (an attacker's calls are still under
+/// way when it resets them), a sidecar process over them, a well-behaved
+/// caller of it, and that caller's p99 with no attack.
+async fn under_attack() -> (
+    Agents,
+    Spawned,
+    agentmesh::pb::agent_client::AgentClient<tonic::transport::Channel>,
+    Duration,
+) {
+    let agents = Agents::start_with(
+        (0..2)
+            .map(|i| AgentOptions {
+                delay: Duration::from_millis(20),
+                ..AgentOptions::named(&format!("agent-{i}"))
+            })
+            .collect(),
+    )
+    .await;
+    let sidecar = Spawned::start(&agents, None).await;
+    let client = sidecar.client().await;
+    let (quiet, failed) = behaved(&client, 4, Duration::from_secs(2)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    (agents, sidecar, client, p99(&quiet))
+}
+
+/// The attacks' three ways in: the local port, the proxy port by
+/// authority, and a CONNECT tunnel.
+fn ways<'a>(sidecar: &Spawned, tunnel: &'a str) -> [(&'static str, SocketAddr, Vec<&'a str>); 3] {
+    [
+        ("local port", sidecar.local, vec![]),
+        ("proxy port, by authority", sidecar.proxy, vec![]),
+        ("CONNECT tunnel", sidecar.proxy, vec!["--connect", tunnel]),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_rapid_reset_is_cut_off_and_costs_other_callers_nothing() {
+    let _alone = ALONE.lock().await;
+    bounded(Duration::from_secs(90), async {
+        let (agents, sidecar, client, quiet) = under_attack().await;
+        let upstream = |agents: &Agents| (0..2).map(|i| agents.connections(i)).sum::<u64>();
+        let connections_before = upstream(&agents);
+        let calls = |agents: &Agents| (0..2).map(|i| agents.stats[i].get(&agents.stats[i].calls)).sum::<u64>();
+        let mut closed = 0;
+        for (way, addr, extra) in ways(&sidecar, TARGET) {
+            let mut args = vec!["--seconds", "3", "--connections", "4"];
+            args.extend(extra);
+            let calls_before = calls(&agents);
+            let (report, (during, failed)) = tokio::join!(
+                flood("delayed_reset", addr, &args),
+                behaved(&client, 4, Duration::from_secs(3))
+            );
+            let reached = calls(&agents) - calls_before - during.len() as u64;
+            eprintln!(
+                "{way}: the attacker opened {} calls on {} connections and reset {}; {reached} reached the agents; GOAWAYs by code {}; the other caller: {} calls, p99 {:?} (quiet: {quiet:?}), {} failed",
+                report["streams"],
+                report["connections"],
+                report["resets"],
+                report["goaway"],
+                during.len(),
+                p99(&during),
+                failed.len()
+            );
+            assert!(failed.is_empty(), "{way}: {:?}", &failed[..failed.len().min(3)]);
+            assert!(
+                p99(&during) <= quiet * 3,
+                "{way}: p99 {:?}, quiet {quiet:?}",
+                p99(&during)
+            );
+            // Each of the attacker's connections was sent GOAWAY
+            // ENHANCE_YOUR_CALM (0xb).
+            let calm = report["goaway"]["11"].as_u64().unwrap_or(0);
+            assert!(calm >= 4, "{way}: {report}");
+            closed += calm;
+        }
+        // No upstream connection was lost to the agents' own reset limits,
+        // and no agent was ejected.
+        assert_eq!(upstream(&agents), connections_before);
+        let metrics = get(sidecar.admin, "/metrics").await;
+        assert_eq!(metric_sum(&metrics, "agentmesh_endpoint_ejections_total"), 0, "{metrics}");
+        assert!(refused(&metrics, "rapid_reset") >= closed, "{metrics}");
+        let log = sidecar.log().await;
+        let lines = log.matches("rapid reset").count();
+        eprintln!("{closed} connections closed, {lines} log lines about it");
+        assert!((1..=12).contains(&lines), "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_floods_are_cut_off_and_cost_other_callers_nothing() {
+    let _alone = ALONE.lock().await;
+    bounded(Duration::from_secs(120), async {
+        let (agents, sidecar, client, quiet) = under_attack().await;
+        let upstream = || (0..2).map(|i| agents.connections(i)).sum::<u64>();
+        let connections_before = upstream();
+        let rss_before = sidecar.rss_kib();
+        let mut closed = 0;
+        for attack in ["window_update", "small_data", "ping", "settings"] {
+            for (way, addr, extra) in ways(&sidecar, TARGET) {
+                let mut args = vec!["--seconds", "2", "--connections", "1"];
+                args.extend(extra);
+                let (report, (during, failed)) = tokio::join!(
+                    flood(attack, addr, &args),
+                    behaved(&client, 4, Duration::from_secs(2))
+                );
+                eprintln!(
+                    "{attack}, {way}: {} frames sent on {} connections, GOAWAYs by code {}; the other caller: {} calls, p99 {:?} (quiet: {quiet:?}), {} failed",
+                    report["frames"],
+                    report["connections"],
+                    report["goaway"],
+                    during.len(),
+                    p99(&during),
+                    failed.len()
+                );
+                assert!(failed.is_empty(), "{attack}, {way}: {failed:?}");
+                assert!(
+                    p99(&during) <= quiet * 3,
+                    "{attack}, {way}: p99 {:?}, quiet {quiet:?}",
+                    p99(&during)
+                );
+                let calm = report["goaway"]["11"].as_u64().unwrap_or(0);
+                assert!(calm >= 1, "{attack}, {way}: {report}");
+                closed += calm;
+            }
+            eprintln!("the sidecar's resident memory after the {attack} floods: {} KiB", sidecar.rss_kib());
+        }
+        // Nothing the floods made is kept...
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_after = sidecar.rss_kib();
+        eprintln!(
+            "the sidecar's resident memory: {rss_before} KiB before the floods, {rss_after} KiB after"
+        );
+        assert!(
+            rss_after <= rss_before + rss_before / 5,
+            "{rss_before} KiB before, {rss_after} KiB after"
+        );
+        // ...no upstream connection was lost, and the counters say what
+        // happened. (The attacker may miss a GOAWAY: the kernel drops what
+        // it had not read when the connection is reset under its writes.)
+        assert_eq!(upstream(), connections_before);
+        let metrics = get(sidecar.admin, "/metrics").await;
+        // (h2 closes some itself, SETTINGS floods among them: its own limits
+        // come first.)
+        let by_us = refused(&metrics, "frame_flood");
+        let by_h2 = refused(&metrics, "protocol_error");
+        eprintln!("{closed} GOAWAY ENHANCE_YOUR_CALM seen; {by_us} connections closed for a flood, {by_h2} by h2");
+        assert!(by_us >= 1 && by_us + by_h2 >= closed, "{metrics}");
+        assert_eq!(metric_sum(&metrics, "agentmesh_endpoint_ejections_total"), 0, "{metrics}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_refused_at_the_cap_and_the_admin_port_still_answers() {
+    let _alone = ALONE.lock().await;
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(1).await;
+        // A file limit of 1,024 that the sidecar cannot raise: room for
+        // (1,024 - 256) / 2 = 384 callers.
+        let sidecar = Spawned::start(&agents, Some(1024)).await;
+        // 1,100 idle connections, as fast as they connect.
+        let mut held = Vec::new();
+        for _ in 0..1100 {
+            held.push(tokio::net::TcpStream::connect(sidecar.local).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let is_closed = |t: &tokio::net::TcpStream| match t.try_read(&mut [0u8; 16]) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        let closed = held.iter().filter(|t| is_closed(t)).count();
+        let open = held.len() - closed;
+        eprintln!("of 1,100 connections, {open} held open and {closed} closed at once");
+        assert!((300..=384).contains(&open), "{open} open");
+        // The admin port still answers, and says what happened.
+        assert!(sidecar.live().await, "/live answers");
+        let metrics = get(sidecar.admin, "/metrics").await;
+        assert_eq!(
+            refused(&metrics, "connection_limit"),
+            closed as u64,
+            "{metrics}"
+        );
+        // Once the flood is gone, a caller is served.
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sidecar.client().await.invoke(request(b"x")).await.unwrap();
+        // The log says so a few times, not hundreds.
+        let log = sidecar.log().await;
+        let lines = log.matches("max_connections").count();
+        eprintln!("{lines} log lines about the cap");
+        assert!((1..=5).contains(&lines), "{log}");
+        assert!(!log.contains("Too many open files"), "{log}");
     })
     .await;
 }

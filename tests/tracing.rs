@@ -7,8 +7,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -136,24 +134,11 @@ fn int(attributes: &[KeyValue], key: &str) -> Option<i64> {
 
 /// Runs the Python caller once; its JSON report.
 async fn python_call(target: SocketAddr, receiver: SocketAddr, mode: &str) -> serde_json::Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/traced_client.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg(target.to_string())
-        .arg(receiver.to_string())
-        .arg(mode)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "traced_client.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
+    python_json(
+        "traced_client.py",
+        &[target.to_string(), receiver.to_string(), mode.to_string()],
+    )
+    .await
 }
 
 /// A sidecar whose traces go to `receiver`, with `clusters`.

@@ -32,6 +32,9 @@ use crate::mesh::Mesh;
 use crate::telemetry::calls::{OUTCOMES, outcome_name};
 use crate::telemetry::metrics::{self, Metrics};
 
+/// Admin connections open at once at most; more are closed as they come.
+const ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(
     listener: Arc<TcpListener>,
     router: Arc<Router>,
@@ -40,6 +43,9 @@ pub async fn serve(
     header_timeout: std::time::Duration,
     mut drain: drain::Watch,
 ) {
+    // The admin port has descriptors of its own (within the listeners'
+    // reserve), and a few callers cannot take them all.
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -49,8 +55,12 @@ pub async fn serve(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            continue;
+        };
         let (router, mesh, metrics) = (router.clone(), mesh.clone(), metrics.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let response = respond(&req, &router, mesh.as_deref(), &metrics);
                 async move { Ok::<_, Infallible>(response) }

@@ -135,6 +135,11 @@ pub struct ListenerConfig {
     /// A caller connection with no call open, or a plain TCP tunnel with no
     /// byte either way, is closed after this long (HTTP/2: GOAWAY first).
     pub idle_timeout: Duration,
+    /// Caller connections open at once, over the proxy port and the local
+    /// ports together; more are closed as they come. `None`: as many as the
+    /// process's file limit leaves room for (see
+    /// [`crate::listener::connection_limit`]).
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -607,6 +612,7 @@ impl Config {
                 max_calls_per_connection: DEFAULT_MAX_CALLS_PER_CONNECTION,
                 header_timeout: DEFAULT_HEADER_TIMEOUT,
                 idle_timeout: DEFAULT_CALLER_IDLE_TIMEOUT,
+                max_connections: None,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().expect("literal address"),

@@ -95,6 +95,7 @@ pub(super) struct RawListener {
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub(super) drain_timeout: Duration,
     pub(super) max_calls_per_connection: Option<i64>,
+    pub(super) max_connections: Option<i64>,
     #[serde(default, with = "humantime_serde")]
     pub(super) header_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -108,6 +109,7 @@ impl Default for RawListener {
             refuse_unknown: false,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_calls_per_connection: None,
+            max_connections: None,
             header_timeout: None,
             idle_timeout: None,
         }

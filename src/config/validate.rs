@@ -299,6 +299,15 @@ impl RawConfig {
             super::DEFAULT_MAX_CALLS_PER_CONNECTION,
             10_000,
         );
+        let max_connections = self.listener.max_connections.map(|n| {
+            count(
+                &mut p,
+                "listener.max_connections".into(),
+                Some(n),
+                1,
+                1_000_000,
+            )
+        });
         match (proxy, admin, p.found.is_empty()) {
             (Some(proxy), Some(admin), true) => {
                 let mut config = Config {
@@ -315,6 +324,7 @@ impl RawConfig {
                         max_calls_per_connection,
                         header_timeout,
                         idle_timeout,
+                        max_connections,
                     },
                     admin: AdminConfig { listen: admin },
                     clusters,

@@ -57,7 +57,8 @@ pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, mut drain: dra
     match head {
         Head::Http2 => {
             let route = Route::Authority(ctx.router.clone());
-            serve_h2(Prefixed::new(buf.freeze(), tcp), route, &ctx, drain).await;
+            let peer = tcp.peer_addr().ok();
+            serve_h2(Prefixed::new(buf.freeze(), tcp), peer, route, &ctx, drain).await;
         }
         Head::Http1 {
             method,
@@ -94,7 +95,8 @@ async fn tunnel(
         if tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
             return;
         }
-        serve_h2(Prefixed::new(rest, tcp), route, &ctx, drain).await;
+        let peer = tcp.peer_addr().ok();
+        serve_h2(Prefixed::new(rest, tcp), peer, route, &ctx, drain).await;
         return;
     }
     if ctx.refuse_unknown {

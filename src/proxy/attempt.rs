@@ -8,8 +8,9 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -324,7 +325,8 @@ impl<'c> Attempts<'c> {
                     Some(Ok(sender)) => sender,
                 },
             };
-            if Instant::now() >= self.deadline.at {
+            let now = Instant::now();
+            if now >= self.deadline.at {
                 // Nothing was sent: the endpoint is not to blame (a caller
                 // may send a deadline that has passed already).
                 in_flight.not_sent();
@@ -338,13 +340,14 @@ impl<'c> Attempts<'c> {
             if self.deadline.own.is_some() {
                 grpc::set_remaining(
                     req.headers_mut(),
-                    self.deadline.at.saturating_duration_since(Instant::now()),
+                    self.deadline.at.saturating_duration_since(now),
                     self.deadline.own,
                 );
             }
             // Dropping the exchange (deadline, caller gone) resets the
-            // upstream stream; the in-flight count ends with it.
-            return match within(self.deadline.at, exchange(&mut sender, req)).await {
+            // upstream stream (see `Awaited`); the in-flight count ends with
+            // it.
+            return match within(self.deadline.at, exchange(&mut sender, req, now)).await {
                 None => {
                     in_flight.finished(self.deadline.outcome());
                     self.note(|t| {
@@ -627,12 +630,16 @@ enum Exchange {
 /// for the response headers. A body still being sent when they come (a
 /// client or bidirectional stream) goes on in a task of its own; a unary
 /// request is sent whole before its answer and needs none.
-async fn exchange(sender: &mut Sender, req: Request<RequestBody>) -> Exchange {
+async fn exchange(sender: &mut Sender, req: Request<RequestBody>, now: Instant) -> Exchange {
     let (parts, body) = req.into_parts();
     let end = body.is_end_stream();
-    let (mut response, stream) = match sender.send_request(Request::from_parts(parts, ()), end) {
+    let (response, stream) = match sender.send_request(Request::from_parts(parts, ()), end) {
         Ok(opened) => opened,
         Err(e) => return Exchange::Unsent(body, e),
+    };
+    let mut response = Awaited {
+        response: Some(response),
+        opened: now,
     };
     let mut pump = (!end).then(|| Pump::new(body, stream));
     let answer = std::future::poll_fn(|cx| {
@@ -652,5 +659,59 @@ async fn exchange(sender: &mut Sender, req: Request<RequestBody>) -> Exchange {
             Exchange::Answered(response)
         }
         Err(e) => Exchange::Broke(e),
+    }
+}
+
+/// An upstream stream is not reset sooner than this after it was opened...
+const SETTLE: Duration = Duration::from_millis(50);
+/// ...unless this many are held back already.
+const SETTLING_MAX: usize = 4096;
+/// Streams held back now.
+static SETTLING: AtomicUsize = AtomicUsize::new(0);
+
+/// The answer to a request sent upstream, awaited. Dropped before it came
+/// (the caller reset the call, or the deadline passed) while the stream is
+/// younger than [`SETTLE`], it is held for the rest of that time in a task
+/// of its own before the stream is reset. An endpoint's HTTP/2 server
+/// counts the streams reset before its application took them, and closes
+/// the whole connection when there are too many (h2's "too_many_resets"):
+/// a caller that resets its calls as soon as they are forwarded would cost
+/// every call on the shared upstream connection.
+struct Awaited {
+    response: Option<h2::client::ResponseFuture>,
+    opened: Instant,
+}
+
+impl Future for Awaited {
+    type Output = Result<Response<h2::RecvStream>, h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let Some(response) = self.response.as_mut() else {
+            return Poll::Pending;
+        };
+        let answer = std::task::ready!(Pin::new(response).poll(cx));
+        self.response = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for Awaited {
+    fn drop(&mut self) {
+        let Some(response) = self.response.take() else {
+            return;
+        };
+        let settled = self.opened + SETTLE;
+        let now = Instant::now();
+        if now >= settled || SETTLING.load(Ordering::Relaxed) >= SETTLING_MAX {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        SETTLING.fetch_add(1, Ordering::Relaxed);
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout_at(settled, response).await;
+            SETTLING.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }

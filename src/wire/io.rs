@@ -27,14 +27,22 @@
 //! then resets the connection). The HTTP/2 library keeps opening streams
 //! after the first GOAWAY; seeing it here lets the pool stop at once, as
 //! gRPC's own clients do.
+//!
+//! On a caller's connection the watch goes on for the connection's life and
+//! meters the frames that carry (almost) nothing ([`Chaff`]): a caller that
+//! floods them is flagged for its connection task to close.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::sync::atomic::AtomicU8;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -58,6 +66,8 @@ pub struct Batched<S> {
     unread: usize,
     read: usize,
     watch: Option<FrameWatch>,
+    /// Bytes written so far (they earn a caller room for WINDOW_UPDATEs).
+    wrote: u64,
 }
 
 impl<S> Batched<S> {
@@ -71,6 +81,7 @@ impl<S> Batched<S> {
             unread: 0,
             read: 0,
             watch: None,
+            wrote: 0,
         }
     }
 
@@ -85,8 +96,9 @@ impl<S> Batched<S> {
 
     /// For a caller's connection (the read side starts with the client
     /// preface): sets `signals.heard` when the first frame after the
-    /// preface arrives (HTTP/2 requires it to be SETTINGS), then stops
-    /// watching.
+    /// preface arrives (HTTP/2 requires it to be SETTINGS), and sets
+    /// `signals.flood` when the caller floods frames that carry nothing
+    /// (see [`Chaff`]).
     pub fn caller(inner: S, signals: Arc<PeerSignals>) -> Batched<S> {
         Batched {
             watch: Some(FrameWatch::after_preface(signals)),
@@ -122,6 +134,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.watch.as_ref().is_some_and(|w| w.flooded) {
+            // Read no more of a flood: the HTTP/2 codec would go on taking
+            // frames (and keeping them) until the socket ran dry. The
+            // connection task, woken by `signals.alarm`, closes it.
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         if this.unread == this.read && (1..READ_ROOM).contains(&buf.remaining()) {
             // The HTTP/2 codec reads into whatever room its buffer has left,
@@ -146,8 +164,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Batched<S> {
             ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         }
         if let Some(watch) = &mut this.watch {
+            watch.wrote = this.wrote;
             watch.scan(&buf.filled()[before..]);
-            if watch.first_only && watch.signals.heard.load(Ordering::Relaxed) {
+            if watch.done() {
                 this.watch = None;
             }
         }
@@ -166,6 +185,33 @@ pub struct PeerSignals {
     pub closed: AtomicBool,
     /// Rung when `heard` is first set, or when the connection ends.
     pub changed: Notify,
+    /// A caller's flood: the type of the frames it flooded, plus one (0:
+    /// none).
+    flood: AtomicU8,
+    /// Woken when `flood` is set (no lock: the connection task polls it
+    /// for every call it accepts).
+    pub alarm: futures_util::task::AtomicWaker,
+}
+
+impl PeerSignals {
+    /// The kind of frame the caller flooded, if it did.
+    pub fn flood(&self) -> Option<&'static str> {
+        match self.flood.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(frame_name(n - 1)),
+        }
+    }
+}
+
+fn frame_name(kind: u8) -> &'static str {
+    match kind {
+        DATA => "small DATA",
+        PRIORITY => "PRIORITY",
+        SETTINGS => "SETTINGS",
+        PING => "PING",
+        WINDOW_UPDATE => "WINDOW_UPDATE",
+        _ => "other",
+    }
 }
 
 /// Follows HTTP/2 frame boundaries in a byte stream.
@@ -175,11 +221,103 @@ pub struct FrameWatch {
     have: usize,
     /// Payload bytes of the current frame still to pass.
     skip: usize,
-    /// Only the first frame matters (a caller's connection).
+    /// Only the first frame matters.
     first_only: bool,
+    /// A whole frame has come (and `signals.heard` is set).
+    heard: bool,
+    /// The caller flooded (see [`Chaff`]): nothing more is read.
+    flooded: bool,
+    /// A caller's connection: its frames are metered.
+    chaff: Option<Chaff>,
+    /// Bytes written to the peer so far.
+    wrote: u64,
 }
 
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+
+/// A caller may send frames that carry (almost) nothing: WINDOW_UPDATE,
+/// PING, SETTINGS, PRIORITY, and DATA of fewer than [`TINY`] bytes that
+/// does not end its stream. Each costs the sidecar more than it costs the
+/// caller (a 1-byte DATA frame is kept as a buffer of its own and sent on
+/// as a frame of its own), so they are metered by a token bucket per
+/// connection (a tiny DATA frame takes [`TINY_DATA_COST`] tokens, the
+/// others one): [`BURST`] at first, [`PER_MS`] more each millisecond, and
+/// more for useful work (each call opened, each KiB sent to the caller,
+/// which its WINDOW_UPDATEs answer). A caller that runs out is flooding;
+/// its connection is closed with GOAWAY ENHANCE_YOUR_CALM (as Envoy's
+/// limits on empty frames and on WINDOW_UPDATEs per DATA frame sent do).
+pub struct Chaff {
+    tokens: u32,
+    /// When the tokens were last topped up by time...
+    topped: Instant,
+    /// ...and by bytes written.
+    topped_wrote: u64,
+}
+
+/// DATA frames shorter than this (and not ending their stream) are chaff:
+/// a gRPC message takes five bytes of framing alone.
+pub const TINY: usize = 16;
+pub const BURST: u32 = 4000;
+pub const PER_MS: u32 = 1;
+/// Tokens earned by a call opened (a HEADERS frame)...
+const PER_CALL: u32 = 10;
+/// ...and by each this many bytes written to the caller.
+const PER_WRITTEN: u64 = 1024;
+/// What a tiny DATA frame costs (the others cost 1): the sidecar keeps
+/// each until it is sent on.
+const TINY_DATA_COST: u32 = 8;
+
+impl Chaff {
+    fn new() -> Chaff {
+        Chaff {
+            tokens: BURST,
+            topped: Instant::now(),
+            topped_wrote: 0,
+        }
+    }
+
+    /// Meters one frame; false when the caller has run out.
+    fn frame(&mut self, kind: u8, flags: u8, len: usize, wrote: u64) -> bool {
+        let cost = match kind {
+            HEADERS => {
+                self.tokens = (self.tokens + PER_CALL).min(BURST);
+                0
+            }
+            // Each is kept, as a buffer of its own, until it is sent on.
+            DATA if len < TINY && flags & END_STREAM == 0 => TINY_DATA_COST,
+            SETTINGS | PING if flags & ACK == 0 => 1,
+            PRIORITY | WINDOW_UPDATE => 1,
+            _ => 0,
+        };
+        if cost == 0 {
+            return true;
+        }
+        if self.tokens < cost {
+            // Topped up only when empty: most connections never read the
+            // clock here.
+            let now = Instant::now();
+            let ms = now.saturating_duration_since(self.topped).as_millis() as u64;
+            self.topped += Duration::from_millis(ms);
+            let kib = wrote.saturating_sub(self.topped_wrote) / PER_WRITTEN;
+            self.topped_wrote += kib * PER_WRITTEN;
+            let earned = ms.saturating_mul(u64::from(PER_MS)).saturating_add(kib);
+            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(BURST)) as u32;
+            if self.tokens < cost {
+                return false;
+            }
+        }
+        self.tokens -= cost;
+        true
+    }
+}
 
 impl FrameWatch {
     pub fn new(signals: Arc<PeerSignals>) -> FrameWatch {
@@ -189,17 +327,26 @@ impl FrameWatch {
             have: 0,
             skip: 0,
             first_only: false,
+            heard: false,
+            flooded: false,
+            chaff: None,
+            wrote: 0,
         }
     }
 
-    /// Watches a caller's bytes: the client preface (24 bytes), then the
-    /// first frame.
+    /// Watches a caller's bytes: the client preface (24 bytes), then its
+    /// frames, metered (see [`Chaff`]).
     pub fn after_preface(signals: Arc<PeerSignals>) -> FrameWatch {
         FrameWatch {
             skip: 24,
-            first_only: true,
+            chaff: Some(Chaff::new()),
             ..FrameWatch::new(signals)
         }
+    }
+
+    /// Whether there is nothing more to watch for.
+    fn done(&self) -> bool {
+        self.first_only && self.signals.heard.load(Ordering::Relaxed)
     }
 
     pub fn scan(&mut self, mut data: &[u8]) {
@@ -218,11 +365,22 @@ impl FrameWatch {
                 let h = self.header;
                 self.skip = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
                 self.have = 0;
-                if !self.signals.heard.swap(true, Ordering::AcqRel) {
-                    self.signals.changed.notify_one();
+                if !self.heard {
+                    self.heard = true;
+                    if !self.signals.heard.swap(true, Ordering::AcqRel) {
+                        self.signals.changed.notify_one();
+                    }
                 }
                 if h[3] == GOAWAY {
                     self.signals.going_away.store(true, Ordering::Release);
+                }
+                if let Some(chaff) = &mut self.chaff
+                    && !chaff.frame(h[3], h[4], self.skip, self.wrote)
+                {
+                    self.chaff = None;
+                    self.flooded = true;
+                    self.signals.flood.store(h[3] + 1, Ordering::Release);
+                    self.signals.alarm.wake();
                 }
             }
         }
@@ -240,9 +398,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Batched<S> {
             ready!(this.poll_drain(cx))?;
         }
         if this.pending() == 0 && data.len() >= DIRECT {
-            return Pin::new(&mut this.inner).poll_write(cx, data);
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+            this.wrote += n as u64;
+            return Poll::Ready(Ok(n));
         }
         this.buf.extend_from_slice(data);
+        this.wrote += data.len() as u64;
         Poll::Ready(Ok(data.len()))
     }
 
@@ -257,11 +418,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Batched<S> {
             ready!(this.poll_drain(cx))?;
         }
         if this.pending() == 0 && total >= DIRECT {
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+            let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+            this.wrote += n as u64;
+            return Poll::Ready(Ok(n));
         }
         for b in bufs {
             this.buf.extend_from_slice(b);
         }
+        this.wrote += total as u64;
         Poll::Ready(Ok(total))
     }
 
@@ -401,6 +565,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn chaff_is_metered_and_useful_work_earns_room() {
+        let mut c = Chaff::new();
+        // The burst: WINDOW_UPDATEs, PINGs, PRIORITYs; acks, whole DATA
+        // frames and the end of a stream cost nothing.
+        for i in 0..BURST {
+            let (kind, flags, len) =
+                [(WINDOW_UPDATE, 0, 4), (PING, 0, 8), (PRIORITY, 0, 5)][i as usize % 3];
+            assert!(c.frame(kind, flags, len, 0), "frame {i}");
+            assert!(c.frame(PING, ACK, 8, 0));
+            assert!(c.frame(DATA, 0, 200, 0));
+            assert!(c.frame(DATA, END_STREAM, 0, 0));
+        }
+        assert!(!c.frame(WINDOW_UPDATE, 0, 4, 0), "the burst is spent");
+        // Tiny DATA frames cost more.
+        let mut c = Chaff::new();
+        for i in 0..BURST / TINY_DATA_COST {
+            assert!(c.frame(DATA, 0, 1, 0), "frame {i}");
+        }
+        assert!(!c.frame(DATA, 0, 1, 0));
+        // A call opened earns a little...
+        let mut c = Chaff::new();
+        c.tokens = 0;
+        assert!(c.frame(HEADERS, 0, 40, 0));
+        for _ in 0..PER_CALL {
+            assert!(c.frame(SETTINGS, 0, 0, 0));
+        }
+        assert!(!c.frame(SETTINGS, 0, 0, 0));
+        // ...so do bytes sent to the caller (its WINDOW_UPDATEs answer
+        // them), and time.
+        assert!(c.frame(WINDOW_UPDATE, 0, 4, 2 * PER_WRITTEN));
+        assert!(c.frame(WINDOW_UPDATE, 0, 4, 2 * PER_WRITTEN));
+        assert!(!c.frame(WINDOW_UPDATE, 0, 4, 2 * PER_WRITTEN));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        for _ in 0..5 * PER_MS {
+            assert!(c.frame(PRIORITY, 0, 5, 2 * PER_WRITTEN));
+        }
+        assert!(!c.frame(PRIORITY, 0, 5, 2 * PER_WRITTEN));
+        // Never more than the burst, however long the caller was quiet.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let mut spent = 0;
+        while c.frame(PING, 0, 8, 2 * PER_WRITTEN) {
+            spent += 1;
+        }
+        assert_eq!(spent, BURST);
     }
 
     #[test]

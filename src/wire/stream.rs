@@ -118,18 +118,55 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
 
 /// An HTTP/2 stream's incoming side as a body: its data, then its trailers.
 /// Each data frame's window goes back to the peer as the frame is handed
-/// on.
+/// on. A small frame is joined with the frames that have arrived behind it
+/// (up to [`JOINED`] bytes): a body sent in tiny frames is not passed on in
+/// tiny frames, each a frame for the next hop to handle (and, after that hop
+/// has reset the stream, a stream error of its own: h2 closes a connection
+/// after 1,024 of them).
 pub struct Received {
     recv: h2::RecvStream,
     data_done: bool,
+    /// An error met while joining frames, for the next poll.
+    error: Option<h2::Error>,
 }
+
+/// Frames shorter than this are joined with those behind them...
+const SMALL: usize = 1024;
+/// ...up to this many bytes.
+const JOINED: usize = 16 * 1024;
 
 impl Received {
     pub fn new(recv: h2::RecvStream) -> Received {
         Received {
             recv,
             data_done: false,
+            error: None,
         }
+    }
+
+    /// `first`, and the data frames that have arrived behind it.
+    fn join(&mut self, first: Bytes, cx: &mut Context<'_>) -> Bytes {
+        let mut joined = None::<bytes::BytesMut>;
+        while joined.as_ref().map_or(first.len(), |j| j.len()) < JOINED {
+            match self.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(more))) => {
+                    let _ = self.recv.flow_control().release_capacity(more.len());
+                    joined
+                        .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                        .extend_from_slice(&more);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.error = Some(e);
+                    break;
+                }
+                Poll::Ready(None) => {
+                    self.data_done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        joined.map_or(first, bytes::BytesMut::freeze)
     }
 }
 
@@ -142,10 +179,18 @@ impl Body for Received {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         if !this.data_done {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
+                    let data = if data.len() < SMALL {
+                        this.join(data, cx)
+                    } else {
+                        data
+                    };
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),

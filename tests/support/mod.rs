@@ -198,9 +198,30 @@ pub fn python() -> std::path::PathBuf {
     let venv = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
     assert!(
         venv.exists(),
-        "no Python with grpcio and the OpenTelemetry SDK: run scripts/python-env (or scripts/test), or set AGENTMESH_PYTHON"
+        "no Python with grpcio, the OpenTelemetry SDK and h2: run scripts/python-env (or scripts/test), or set AGENTMESH_PYTHON"
     );
     venv
+}
+
+/// Runs `tests/python/SCRIPT ARGS..` with [`python`] to its end: the JSON
+/// object it prints.
+pub async fn python_json(script: &str, args: &[String]) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = tokio::process::Command::new(python())
+        .arg(path)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
 /// Waits (polling, for at most `limit`) until `check` holds.
