@@ -35,6 +35,7 @@ fn endpoints(n: usize, strategy: Strategy) -> Vec<Arc<Endpoint>> {
                 &cluster,
                 Arc::new(Notify::new()),
                 Arc::new(EjectionBudget::new(n, 0.5)),
+                None,
             ))
         })
         .collect()

@@ -63,18 +63,35 @@ pub struct AgentArgs {
     /// `SECS:MS`: after SECS seconds, the delay becomes MS.
     #[arg(long, value_parser = parse_delay_change)]
     delay_after: Option<(Duration, Duration)>,
+    /// Serve TLS 1.3 with this PEM certificate chain (and --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: callers must present a certificate from this CA.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 impl AgentArgs {
-    pub fn options(self) -> AgentOptions {
-        AgentOptions {
+    pub fn options(self) -> anyhow::Result<AgentOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(agentmesh::tools::agent::server_tls(
+                cert,
+                key,
+                self.tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        };
+        Ok(AgentOptions {
+            tls,
             name: self.name,
             delay: Duration::from_millis(self.delay_ms),
             fail_ratio: self.fail_ratio,
             max_concurrency: self.max_concurrency,
             delay_after: self.delay_after,
             max_header_list_size: None,
-        }
+        })
     }
 }
 

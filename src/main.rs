@@ -61,7 +61,13 @@ fn main() -> ExitCode {
         Command::Agent(args) => {
             init_logging("info");
             let listen = args.listen;
-            runtime(0).block_on(run_agent(listen, args.options()))
+            match args.options() {
+                Ok(options) => runtime(0).block_on(run_agent(listen, options)),
+                Err(e) => {
+                    eprintln!("agentmesh agent: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Load(args) => {
             init_logging("warn");

@@ -15,16 +15,6 @@ use agentmesh::tools::client;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A GET over HTTP/1.1 to the admin port: the body.
-async fn get(addr: SocketAddr, path: &str) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 /// The whole answer to a CONNECT that the proxy refuses.
 async fn refusal(proxy: SocketAddr, target: SocketAddr) -> String {
     let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
@@ -73,7 +63,7 @@ async fn a_connect_never_reaches_the_sidecar_itself_or_a_clusters_endpoint() {
         assert!(agent.is_ok());
         assert_eq!(
             refused(
-                &get(sidecar.admin_addr(), "/metrics").await,
+                &admin_get(sidecar.admin_addr(), "/metrics").await,
                 "tunnel_forbidden"
             ),
             forbidden
@@ -249,7 +239,7 @@ async fn silent_and_half_open_callers_are_closed_after_the_header_timeout() {
             );
         }
         // Every one but the admin port's is counted.
-        let metrics = get(admin, "/metrics").await;
+        let metrics = admin_get(admin, "/metrics").await;
         assert_eq!(refused(&metrics, "header_timeout"), 6, "{metrics}");
         // A caller that speaks in time is served as ever.
         let mut client = planner_client(Way::LocalPort, &sidecar).await;
@@ -293,7 +283,7 @@ async fn idle_callers_and_tunnels_are_closed_but_never_a_call_in_flight() {
             after >= idle - Duration::from_millis(100) && after < idle * 3,
             "{after:?}"
         );
-        let metrics = get(sidecar.admin_addr(), "/metrics").await;
+        let metrics = admin_get(sidecar.admin_addr(), "/metrics").await;
         assert!(refused(&metrics, "idle_timeout") >= 2, "{metrics}");
     })
     .await;
@@ -538,7 +528,7 @@ async fn a_delayed_rapid_reset_is_cut_off_and_costs_other_callers_nothing() {
         // No upstream connection was lost to the agents' own reset limits,
         // and no agent was ejected.
         assert_eq!(upstream(&agents), connections_before);
-        let metrics = get(sidecar.admin, "/metrics").await;
+        let metrics = admin_get(sidecar.admin, "/metrics").await;
         assert_eq!(metric_sum(&metrics, "agentmesh_endpoint_ejections_total"), 0, "{metrics}");
         assert!(refused(&metrics, "rapid_reset") >= closed, "{metrics}");
         let log = sidecar.log().await;
@@ -601,7 +591,7 @@ async fn frame_floods_are_cut_off_and_cost_other_callers_nothing() {
         // happened. (The attacker may miss a GOAWAY: the kernel drops what
         // it had not read when the connection is reset under its writes.)
         assert_eq!(upstream(), connections_before);
-        let metrics = get(sidecar.admin, "/metrics").await;
+        let metrics = admin_get(sidecar.admin, "/metrics").await;
         // (h2 closes some itself, SETTINGS floods among them: its own limits
         // come first.)
         let by_us = refused(&metrics, "frame_flood");
@@ -637,7 +627,7 @@ async fn a_connection_flood_is_refused_at_the_cap_and_the_admin_port_still_answe
         assert!((300..=384).contains(&open), "{open} open");
         // The admin port still answers, and says what happened.
         assert!(sidecar.live().await, "/live answers");
-        let metrics = get(sidecar.admin, "/metrics").await;
+        let metrics = admin_get(sidecar.admin, "/metrics").await;
         assert_eq!(
             refused(&metrics, "connection_limit"),
             closed as u64,

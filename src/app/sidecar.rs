@@ -118,7 +118,7 @@ impl Sidecar {
             tasks.push(mesh.start());
         }
         for cluster in router.clusters() {
-            tasks.push(cluster.start(config.listener.drain_timeout));
+            tasks.extend(cluster.start(config.listener.drain_timeout));
         }
         let mut local_addrs = Vec::new();
         for (name, listener) in locals {

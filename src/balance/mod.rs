@@ -469,6 +469,7 @@ pub(crate) mod test_support {
             Arc::new(Notify::new()),
             Arc::new(crate::endpoint::EjectionBudget::new(1, 0.5)),
             crate::endpoint::Keep::ALL,
+            None,
         ))
     }
 

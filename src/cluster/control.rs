@@ -15,10 +15,10 @@ use crate::util::{Task, lock};
 
 impl Cluster {
     /// Starts the cluster: every endpoint's tasks (a health checker when
-    /// configured, a background connect), and the control loop, whose task
-    /// is returned to the caller to own. Endpoints removed later have
+    /// configured, a background connect), the control loop and the TLS
+    /// file watcher, whose tasks are returned to the caller to own. Endpoints removed later have
     /// `drain_timeout` to finish their calls.
-    pub(crate) fn start(self: &Arc<Self>, drain_timeout: Duration) -> Task {
+    pub(crate) fn start(self: &Arc<Self>, drain_timeout: Duration) -> Vec<Task> {
         {
             let mut members = lock(&self.members);
             members.start(drain_timeout);
@@ -32,7 +32,15 @@ impl Cluster {
             }
         }
         let cluster = self.clone();
-        Task::supervised("cluster control loop", move || cluster.clone().run())
+        let control = Task::supervised("cluster control loop", move || cluster.clone().run());
+        let mut tasks = vec![control];
+        if let Some(tls) = &self.tls {
+            let tls = tls.clone();
+            tasks.push(Task::supervised("TLS file watcher", move || {
+                tls.clone().watch()
+            }));
+        }
+        tasks
     }
 
     /// Rebuilds the snapshot from the endpoints' readiness now.

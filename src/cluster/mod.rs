@@ -86,6 +86,8 @@ pub struct Cluster {
     refusal_logged_ms: AtomicU64,
     /// The tracer, when tracing is on (set once, at start).
     traces: std::sync::OnceLock<Arc<Traces>>,
+    /// The TLS client of its endpoints' connections (`tls`).
+    tls: Option<Arc<crate::endpoint::tls::Tls>>,
 }
 
 /// Refusals are logged at most this often per cluster; `/clusters` counts
@@ -143,6 +145,10 @@ impl Cluster {
             clock: Clock::new(),
             refusal_logged_ms: AtomicU64::new(0),
             traces: std::sync::OnceLock::new(),
+            tls: config
+                .tls
+                .clone()
+                .map(|t| Arc::new(crate::endpoint::tls::Tls::new(&config.name, t))),
         };
         cluster.apply(Update::Reset(config.endpoints.clone()));
         cluster
@@ -155,6 +161,11 @@ impl Cluster {
 
     pub fn traces(&self) -> Option<&Arc<Traces>> {
         self.traces.get()
+    }
+
+    /// The TLS client of the cluster's connections, when it has `tls`.
+    pub fn tls(&self) -> Option<&Arc<crate::endpoint::tls::Tls>> {
+        self.tls.as_ref()
     }
 
     /// Counts a call refused by a limit in `counter`, and logs it, at most

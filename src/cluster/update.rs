@@ -115,6 +115,7 @@ impl Cluster {
                         &self.config,
                         self.changed.clone(),
                         self.budget.clone(),
+                        self.tls.clone(),
                     ));
                     if started {
                         // Out of the picker until its first connect ends.

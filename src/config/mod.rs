@@ -195,6 +195,8 @@ pub struct ClusterConfig {
     /// `least_connections` adds peers' calls in flight (`[mesh]` with
     /// `share_load`); set for every cluster by the mesh's config.
     pub mesh_load: bool,
+    /// TLS (and mutual TLS) to the endpoints; plain HTTP/2 without.
+    pub tls: Option<crate::endpoint::tls::TlsConfig>,
 }
 
 /// `[cluster.circuit_breaker]`: per-endpoint breaking on consecutive failures.
@@ -695,6 +697,7 @@ impl ClusterConfig {
             retry: None,
             rate_limits: Vec::new(),
             mesh_load: false,
+            tls: None,
         }
     }
 }

@@ -173,6 +173,19 @@ pub(super) struct RawCluster {
     pub(super) retry: Option<RawRetry>,
     #[serde(default)]
     pub(super) rate_limit: Vec<RawRateLimit>,
+    pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca: String,
+    pub(super) cert: Option<String>,
+    pub(super) key: Option<String>,
+    pub(super) server_name: Option<String>,
+    pub(super) identity: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) reload_every: Option<Duration>,
 }
 
 #[derive(Deserialize)]

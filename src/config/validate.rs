@@ -239,7 +239,9 @@ impl RawConfig {
                     validate_rate_limit(&mut p, &at, r)
                 })
                 .collect();
+            let tls = c.tls.and_then(|t| validate_tls(&mut p, &at, t));
             clusters.push(ClusterConfig {
+                tls,
                 request_timeout: limits.request_timeout,
                 idle_timeout: limits.idle_timeout,
                 keepalive_interval: limits.keepalive_interval,
@@ -1047,4 +1049,66 @@ fn mesh_key(p: &mut Problems, key: &str, value: &str) -> Option<Option<Vec<u8>>>
             None
         }
     }
+}
+
+/// `tls = { ... }`: the files are read and must make a client config, so
+/// that a bad file is found by `agentmesh check`, not by the first call.
+/// Relative paths are taken from the config file's directory.
+fn validate_tls(
+    p: &mut Problems,
+    at: &str,
+    t: super::raw::RawTls,
+) -> Option<crate::endpoint::tls::TlsConfig> {
+    let base = p.file.parent().unwrap_or(Path::new("."));
+    let path = |s: &str| base.join(s);
+    let reload_every = t
+        .reload_every
+        .unwrap_or(crate::endpoint::tls::DEFAULT_RELOAD_EVERY);
+    let mut ok = true;
+    if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&reload_every) {
+        p.add(format!("{at}.tls.reload_every"), "must be from 10ms to 1h");
+        ok = false;
+    }
+    if t.cert.is_some() != t.key.is_some() {
+        let missing = if t.cert.is_some() { "key" } else { "cert" };
+        p.add(
+            format!("{at}.tls.{missing}"),
+            "cert and key go together (both for mutual TLS, or neither)",
+        );
+        ok = false;
+    }
+    if let Some(id) = &t.identity {
+        let trust_domain = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next());
+        if trust_domain.is_none_or(str::is_empty) || id.chars().any(char::is_whitespace) {
+            p.add(
+                format!("{at}.tls.identity"),
+                format!("{id:?} is not a SPIFFE ID (spiffe://trust-domain/path)"),
+            );
+            ok = false;
+        }
+    }
+    if let Some(name) = &t.server_name
+        && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        p.add(
+            format!("{at}.tls.server_name"),
+            format!("{name:?} is not a DNS name or an IP address"),
+        );
+        ok = false;
+    }
+    let config = crate::endpoint::tls::TlsConfig {
+        ca: path(&t.ca),
+        cert: t.cert.as_deref().map(path),
+        key: t.key.as_deref().map(path),
+        server_name: t.server_name.filter(|s| !s.is_empty()),
+        identity: t.identity,
+        reload_every,
+    };
+    if ok && let Err(e) = crate::endpoint::tls::check(&config) {
+        p.add(format!("{at}.tls.{}", e.key), e.reason);
+        ok = false;
+    }
+    ok.then_some(config)
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::tls::{Tls, Transport};
 use crate::util::{Clock, lock};
 use crate::wire::io::PeerSignals;
 use crate::wire::stream::Keepalive;
@@ -87,10 +88,17 @@ struct Inner {
     /// The address the last connection reached (a name resolves to one of
     /// its addresses), so that the proxy port can tell a tunnel to it.
     peer: Mutex<Option<SocketAddr>>,
+    /// The cluster's TLS client, when its endpoints speak TLS.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Connection {
-    pub fn new(address: Arc<str>, timeouts: Timeouts, changed: Arc<Notify>) -> Connection {
+    pub fn new(
+        address: Arc<str>,
+        timeouts: Timeouts,
+        tls: Option<Arc<Tls>>,
+        changed: Arc<Notify>,
+    ) -> Connection {
         Connection {
             inner: Arc::new(Inner {
                 address,
@@ -108,6 +116,7 @@ impl Connection {
                 shut: AtomicBool::new(false),
                 shut_signal: Notify::new(),
                 peer: Mutex::new(None),
+                tls,
             }),
         }
     }
@@ -146,6 +155,11 @@ impl Connection {
     /// The time limits this connection was made with.
     pub fn timeouts(&self) -> Timeouts {
         self.inner.timeouts
+    }
+
+    /// The TLS client its connections handshake with, if any.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.inner.tls.as_ref()
     }
 
     /// Drops the live connection at once, with whatever it carries: the
@@ -331,8 +345,23 @@ impl Inner {
         if let Ok(peer) = tcp.peer_addr() {
             *lock(&self.peer) = Some(peer);
         }
+        let transport = match &self.tls {
+            None => Transport::Plain(tcp),
+            Some(tls) => {
+                let left = self.timeouts.connect.saturating_sub(started.elapsed());
+                tokio::time::timeout(left, tls.connect(tcp, &self.address))
+                    .await
+                    .map_err(|_| {
+                        fail(format!(
+                            "TLS handshake not done within {:?} of connecting",
+                            self.timeouts.connect
+                        ))
+                    })?
+                    .map_err(fail)?
+            }
+        };
         let signals = Arc::new(PeerSignals::default());
-        let io = crate::wire::io::Batched::watching(tcp, signals.clone());
+        let io = crate::wire::io::Batched::watching(transport, signals.clone());
         let (sender, conn) = client_builder()
             .handshake(io)
             .await
@@ -492,7 +521,7 @@ impl Pooled {
     }
 }
 
-type ClientConnection = h2::client::Connection<crate::wire::io::Batched<TcpStream>, Bytes>;
+type ClientConnection = h2::client::Connection<crate::wire::io::Batched<Transport>, Bytes>;
 
 async fn connect_tcp(address: &str) -> std::io::Result<TcpStream> {
     let tcp = match address.parse::<SocketAddr>() {
@@ -586,7 +615,8 @@ mod tests {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
         };
-        let connection = Connection::new(addr.to_string().into(), timeouts, Default::default());
+        let connection =
+            Connection::new(addr.to_string().into(), timeouts, None, Default::default());
         let mut first = connection.get().await.unwrap();
         assert!(connection.is_open());
         connection.close();
@@ -626,7 +656,7 @@ mod tests {
             keepalive_timeout: Duration::from_secs(10),
         };
         let address = silent.local_addr().unwrap().to_string();
-        let connection = Connection::new(address.into(), timeouts, Default::default());
+        let connection = Connection::new(address.into(), timeouts, None, Default::default());
         let waiting = connection.connect_boxed();
         let waiting = tokio::spawn(waiting);
         let (_accepted, _) = tokio::task::spawn_blocking(move || silent.accept())

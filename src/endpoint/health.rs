@@ -98,6 +98,7 @@ pub async fn run(endpoint: Arc<Endpoint>, config: HealthCheckConfig) {
     let own = Own(Connection::new(
         endpoint.address().into(),
         endpoint.connection().timeouts(),
+        endpoint.connection().tls().cloned(),
         Arc::new(Notify::new()),
     ));
     let connection = &own.0;
@@ -291,6 +292,7 @@ mod tests {
             &cluster,
             Arc::new(tokio::sync::Notify::new()),
             Arc::new(EjectionBudget::new(1, 0.5)),
+            None,
         ));
         let task = tokio::spawn(run(endpoint.clone(), config()));
         // Checks at about 0 s, 30 s and 60 s (plus up to 3 s of spread).

@@ -12,6 +12,7 @@ mod connection;
 pub mod health;
 mod load;
 mod outcome;
+pub mod tls;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -29,6 +30,7 @@ use crate::config::{ClusterConfig, EndpointConfig};
 use crate::telemetry::calls::Calls;
 use crate::util::lock;
 use breaker::{Breaker, Transition};
+use tls::Tls;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -118,9 +120,10 @@ impl Endpoint {
         cluster: &ClusterConfig,
         changed: Arc<Notify>,
         budget: Arc<EjectionBudget>,
+        tls: Option<Arc<Tls>>,
     ) -> Endpoint {
         let keep = Keep::for_strategy(cluster.strategy);
-        Self::keeping(config, cluster, changed, budget, keep)
+        Self::keeping(config, cluster, changed, budget, keep, tls)
     }
 
     /// As [`Endpoint::new`], keeping the estimates `keep` names.
@@ -130,6 +133,7 @@ impl Endpoint {
         changed: Arc<Notify>,
         budget: Arc<EjectionBudget>,
         keep: Keep,
+        tls: Option<Arc<Tls>>,
     ) -> Endpoint {
         let address: Arc<str> = config.address.as_str().into();
         Endpoint {
@@ -142,6 +146,7 @@ impl Endpoint {
                     keepalive_interval: cluster.keepalive_interval,
                     keepalive_timeout: cluster.keepalive_timeout,
                 },
+                tls,
                 changed.clone(),
             ),
             breaker: Mutex::new(Breaker::new(

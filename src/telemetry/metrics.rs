@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
@@ -354,6 +355,51 @@ impl Collector for Sidecar {
                 Ok(())
             },
         )?;
+
+        let tls: Vec<_> = clusters
+            .iter()
+            .zip(&labels)
+            .filter_map(|(c, [l])| c.tls().map(|t| (l, &t.stats)))
+            .collect();
+        if !tls.is_empty() {
+            family(
+                &mut e,
+                "agentmesh_tls_handshakes",
+                "TLS handshakes with a cluster's endpoints, by result (ok or fail).",
+                Counter,
+                |f| {
+                    for (l, s) in &tls {
+                        let all = s.handshakes.load(Relaxed);
+                        let failed = s.handshake_failures.load(Relaxed);
+                        f.counter(
+                            &[(*l).clone(), ("result", "ok".into())],
+                            all - failed.min(all),
+                        )?;
+                        f.counter(&[(*l).clone(), ("result", "fail".into())], failed)?;
+                    }
+                    Ok(())
+                },
+            )?;
+            family(
+                &mut e,
+                "agentmesh_tls_reloads",
+                "Changed TLS files of a cluster: result ok (taken into use) or fail (refused; the last good files stay).",
+                Counter,
+                |f| {
+                    for (l, s) in &tls {
+                        f.counter(
+                            &[(*l).clone(), ("result", "ok".into())],
+                            s.reloads.load(Relaxed),
+                        )?;
+                        f.counter(
+                            &[(*l).clone(), ("result", "fail".into())],
+                            s.reload_failures.load(Relaxed),
+                        )?;
+                    }
+                    Ok(())
+                },
+            )?;
+        }
 
         family(
             &mut e,

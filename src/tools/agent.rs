@@ -32,6 +32,8 @@ pub struct AgentOptions {
     /// SETTINGS_MAX_HEADER_LIST_SIZE); a larger one is answered 431.
     /// `None`: the server's default (16 KiB).
     pub max_header_list_size: Option<u32>,
+    /// Serve TLS (see [`server_tls`]) instead of plain HTTP/2.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl AgentOptions {
@@ -43,8 +45,53 @@ impl AgentOptions {
             max_concurrency: 0,
             delay_after: None,
             max_header_list_size: None,
+            tls: None,
         }
     }
+}
+
+/// A TLS server config for an agent: its certificate chain and key (PEM
+/// files), and, for mutual TLS, the CA its callers' certificates must chain
+/// to (a caller without one is refused).
+pub fn server_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    #[allow(deprecated)] // ring; see crate::endpoint::tls
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = |path: &std::path::Path| {
+        CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading certificates from {}", path.display()))
+    };
+    let chain = certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading a private key from {}", key.display()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs(ca)? {
+                roots.add(c)?;
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()?,
+            )
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// What an agent has seen, for tests and the demo, and two knobs that
@@ -64,6 +111,11 @@ pub struct AgentStats {
     pub cancelled: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicU64,
+    /// With TLS: handshakes completed, of those the ones where the caller
+    /// presented a certificate, and handshakes that failed.
+    pub tls_handshakes: AtomicU64,
+    pub tls_client_certs: AtomicU64,
+    pub tls_failures: AtomicU64,
 }
 
 impl AgentStats {
@@ -132,14 +184,118 @@ pub async fn serve(
         stats,
         delay_ms,
     };
-    tonic::transport::Server::builder()
+    let tls = service.options.tls.clone();
+    let router = tonic::transport::Server::builder()
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .http2_max_header_list_size(max_header_list_size)
         .add_service(health_service)
-        .add_service(AgentServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .add_service(AgentServer::new(service.clone()));
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        Some(tls) => {
+            let incoming = handshaken(incoming, tls, service.stats.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    }
+}
+
+/// The TLS connections made over `incoming`'s TCP connections, each
+/// handshake in a task of its own so that a slow one holds up no other.
+fn handshaken(
+    incoming: impl Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+    tls: Arc<rustls::ServerConfig>,
+    stats: Arc<AgentStats>,
+) -> impl Stream<Item = std::io::Result<TlsIo>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        let mut incoming = std::pin::pin!(incoming);
+        while let Some(conn) = incoming.next().await {
+            let Ok(tcp) = conn else { continue };
+            let (acceptor, tx, stats) = (acceptor.clone(), tx.clone(), stats.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                        if stream.get_ref().1.peer_certificates().is_some() {
+                            stats.tls_client_certs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = tx.send(Ok(TlsIo(stream))).await;
+                    }
+                    Ok(Err(e)) => {
+                        stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "agent: TLS handshake failed");
+                    }
+                    Err(_) => {
+                        stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A caller's TLS connection, as tonic serves it.
+pub struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Binds `addr` and serves the agent in a background task; returns the
