@@ -27,6 +27,33 @@ pub mod tools;
 pub(crate) mod util;
 pub(crate) mod wire;
 
+/// The parsers that take bytes from callers and files, as the fuzz targets
+/// in `fuzz/` (cargo fuzz) call them. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::time::Duration;
+
+    /// `host:port` to `host`, as CONNECT targets and authorities are
+    /// matched to clusters.
+    pub use crate::cluster::strip_port;
+    /// The first bytes of a proxy-port connection (see `listener`).
+    pub use crate::listener::parse_head_for_fuzzing as proxy_head;
+
+    /// A `grpc-timeout` header's value.
+    pub fn grpc_timeout(value: &[u8]) -> Option<Duration> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-timeout", http::HeaderValue::from_bytes(value).ok()?);
+        crate::wire::grpc::timeout(&headers)
+    }
+
+    /// The `grpc-timeout` the sidecar sends for `remaining` of `original`.
+    pub fn grpc_timeout_sent(remaining: Duration, original: Duration) -> Option<Vec<u8>> {
+        let mut headers = http::HeaderMap::new();
+        crate::wire::grpc::set_remaining(&mut headers, remaining, Some(original));
+        Some(headers.get("grpc-timeout")?.as_bytes().to_vec())
+    }
+}
+
 /// The demo agent's protocol, `proto/agentmesh/demo/v1/agent.proto`.
 pub mod pb {
     tonic::include_proto!("agentmesh.demo.v1");

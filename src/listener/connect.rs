@@ -247,36 +247,52 @@ async fn read_head(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<Head, Stri
         if tcp.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
             return Err("connection closed before a request was complete".into());
         }
-        let n = buf.len().min(H2_PREFACE.len());
-        if buf[..n] == H2_PREFACE[..n] {
-            if n == H2_PREFACE.len() {
-                return Ok(Head::Http2);
-            }
-            continue;
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                return Ok(Head::Http1 {
-                    method: req.method.unwrap_or_default().to_string(),
-                    target: req.path.unwrap_or_default().to_string(),
-                    len,
-                });
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
-                return Err(format!(
-                    "agentmesh: request head is longer than {MAX_HEAD} bytes"
-                ));
-            }
-            Err(e) => {
-                return Err(format!(
-                    "agentmesh: not an HTTP/1.1 request or HTTP/2 preface: {e}"
-                ));
-            }
+        if let Some(head) = parse_head(buf)? {
+            return Ok(head);
         }
     }
+}
+
+/// What the first bytes of a proxy-port connection ask for: `None` while
+/// they are not yet a whole request head (and could still become one).
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return Ok((n == H2_PREFACE.len()).then_some(Head::Http2));
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(Head::Http1 {
+            method: req.method.unwrap_or_default().to_string(),
+            target: req.path.unwrap_or_default().to_string(),
+            len,
+        })),
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Ok(None),
+        Ok(httparse::Status::Partial) => Err(format!(
+            "agentmesh: request head is longer than {MAX_HEAD} bytes"
+        )),
+        Err(e) => Err(format!(
+            "agentmesh: not an HTTP/1.1 request or HTTP/2 preface: {e}"
+        )),
+    }
+}
+
+/// [`parse_head`] for the fuzzer: `Some(None)` for the HTTP/2 preface,
+/// `Some(Some((method, target, head length)))` for an HTTP/1 head.
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub fn parse_head_for_fuzzing(
+    buf: &[u8],
+) -> Result<Option<Option<(String, String, usize)>>, String> {
+    Ok(parse_head(buf)?.map(|head| match head {
+        Head::Http2 => None,
+        Head::Http1 {
+            method,
+            target,
+            len,
+        } => Some((method, target, len)),
+    }))
 }
 
 async fn reply(tcp: &mut TcpStream, status: &str, reason: &str) {

@@ -9,6 +9,8 @@
 //! - a cluster's own `local_port` takes HTTP/2 whose calls all go to it.
 
 mod connect;
+#[doc(hidden)]
+pub use connect::parse_head_for_fuzzing;
 mod prefixed;
 
 use std::net::SocketAddr;

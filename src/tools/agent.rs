@@ -61,8 +61,7 @@ pub fn server_tls(
     use anyhow::Context;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    #[allow(deprecated)] // ring; see crate::endpoint::tls
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::endpoint::tls::provider();
     let certs = |path: &std::path::Path| {
         CertificateDer::pem_file_iter(path)
             .and_then(|i| i.collect::<Result<Vec<_>, _>>())

