@@ -25,16 +25,24 @@ pub fn splitmix64(mut z: u64) -> u64 {
 pub const MAX_KEY_BYTES: usize = 64;
 
 /// A caller's key (a session id, a rate-limit key) as it is stored: itself,
-/// or, past [`MAX_KEY_BYTES`], `#` and a 128-bit hash of it in hex, so that
-/// a table of keys is bounded in bytes as well as in length.
+/// or, past [`MAX_KEY_BYTES`], `#` and the first 128 bits of its SHA-256 in
+/// hex, so that a table of keys is bounded in bytes as well as in length.
+/// SHA-256, not the FNV hash above: a caller who knows another's long key
+/// must not be able to make a key of its own that lands on the other's
+/// rate-limit count.
 pub fn short_key(value: &str) -> Cow<'_, str> {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
     if value.len() <= MAX_KEY_BYTES {
         return Cow::Borrowed(value);
     }
-    let bytes = value.as_bytes();
-    let a = splitmix64(fnv1a(bytes, FNV_OFFSET));
-    let b = splitmix64(fnv1a(bytes, a ^ 0x5851_f42d_4c95_7f2d));
-    Cow::Owned(format!("#{a:016x}{b:016x}"))
+    let digest = Sha256::digest(value.as_bytes());
+    let mut name = String::with_capacity(33);
+    name.push('#');
+    for b in &digest[..16] {
+        let _ = write!(name, "{b:02x}");
+    }
+    Cow::Owned(name)
 }
 
 #[cfg(test)]
@@ -59,5 +67,10 @@ mod tests {
         assert_eq!(a.len(), 33);
         assert!(a.starts_with('#') && a != b);
         assert_eq!(a, short_key(&long), "the same key, the same name");
+        // Pinned: sidecars of different builds name a long key alike.
+        assert_eq!(
+            short_key(&"k".repeat(65)),
+            "#f39cdc2584758c99cf81c1f41d2572f5"
+        );
     }
 }
