@@ -219,7 +219,7 @@ class Agents:
         for spec in specs:
             port = free_port()
             cmd = [BIN, "agent", "--listen", f"127.0.0.1:{port}", "--name", spec["name"]]
-            for flag in ("delay_ms", "max_concurrency", "delay_after", "fail_ratio"):
+            for flag in ("delay_ms", "max_concurrency", "delay_after", "fail_ratio", "tls_cert", "tls_key"):
                 if spec.get(flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(spec[flag])]
             self.procs.append(Proc(cmd, LOAD_CPU, os.path.join(workdir, f"agent-{spec['name']}.log"),
@@ -241,17 +241,22 @@ class Proxy:
     """One proxy in front of the agents: kind is agentmesh, nginx, haproxy
     or direct (no proxy: the load goes straight to the agents)."""
 
-    def __init__(self, kind, strategy, label=None, extra="", top="", headers=()):
+    def __init__(self, kind, strategy, label=None, extra="", top="", headers=(), tls=None, ports=None):
         """extra: more TOML for an agentmesh cluster (e.g. 'choices = "all"');
         top: more top-level TOML (e.g. a [telemetry] table); headers: metadata
-        ("name: value") the load generator sends with every call to it."""
+        ("name: value") the load generator sends with every call to it;
+        tls: the files of tls_files(), to reach the agents over TLS 1.3 (and
+        ports: those agents, instead of the run's own)."""
         self.kind, self.strategy, self.extra, self.top = kind, strategy, extra, top
         self.headers = tuple(headers)
+        self.tls, self.ports = tls, ports
         self.label = label or (kind if kind == "direct" else f"{kind} {strategy}")
         self.proc = None
         self.port = None
 
     def start(self, workdir, ports):
+        ports = self.ports or ports
+        tls = self.tls
         if self.kind == "direct":
             self.targets = [f"127.0.0.1:{p}" for p in ports]
             return
@@ -277,6 +282,7 @@ max_in_flight_per_endpoint = 1000000
 {self.extra}
 local_port = "127.0.0.1:{self.port}"
 endpoints = [{endpoints}]
+{f'tls = {{ ca = "{tls["ca"]}", server_name = "{TLS_NAME}" }}' if tls else ""}
 {self.top}
 """)
             self.proc = Proc([BIN, "run", "--config", path], PROXY_CPU,
@@ -313,7 +319,8 @@ http {{
     keepalive_timeout 300s;
     client_max_body_size 0;
     location / {{
-      grpc_pass grpc://agents;
+      grpc_pass {"grpcs" if tls else "grpc"}://agents;
+{nginx_tls(tls)}
       grpc_read_timeout 300s;
       grpc_send_timeout 300s;
     }}
@@ -323,7 +330,9 @@ http {{
             self.proc = Proc(["nginx", "-c", path], PROXY_CPU, os.path.join(workdir, f"{name}.log"))
         elif self.kind == "haproxy":
             path = os.path.join(workdir, f"{name}.cfg")
-            servers = "\n".join(f"  server a{i} 127.0.0.1:{p} proto h2" for i, p in enumerate(ports))
+            ssl = (f" ssl verify required ca-file {tls['ca']} verifyhost {TLS_NAME} sni str({TLS_NAME}) "
+                   "alpn h2 ssl-min-ver TLSv1.3") if tls else ""
+            servers = "\n".join(f"  server a{i} 127.0.0.1:{p} proto h2{ssl}" for i, p in enumerate(ports))
             with open(path, "w") as f:
                 f.write(f"""global
   nbthread 1
@@ -358,6 +367,38 @@ backend be
         if self.proc:
             self.proc.stop()
             self.proc = None
+
+
+TLS_NAME = "agents.bench"
+
+
+def tls_files(workdir):
+    """A CA and a certificate for the agents (ECDSA P-256, DNS name
+    agents.bench), made with openssl: the paths of ca, cert and key."""
+    ensure_packages({"openssl": "openssl"})
+    d = os.path.join(workdir, "tls")
+    os.makedirs(d, exist_ok=True)
+    f = {k: os.path.join(d, v) for k, v in
+         {"ca": "ca.pem", "ca_key": "ca.key", "cert": "agent.pem", "key": "agent.key", "csr": "agent.csr",
+          "ext": "ext"}.items()}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run = lambda cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
+    run(["openssl", "req", "-x509", *ec, "-days", "2", "-subj", "/CN=bench-ca", "-keyout", f["ca_key"], "-out", f["ca"]])
+    run(["openssl", "req", *ec, "-subj", "/CN=agents", "-keyout", f["key"], "-out", f["csr"]])
+    with open(f["ext"], "w") as out:
+        out.write(f"subjectAltName=DNS:{TLS_NAME}\nextendedKeyUsage=serverAuth\n")
+    run(["openssl", "x509", "-req", "-in", f["csr"], "-CA", f["ca"], "-CAkey", f["ca_key"], "-CAcreateserial",
+         "-days", "2", "-extfile", f["ext"], "-out", f["cert"]])
+    return f
+
+
+def nginx_tls(tls):
+    """nginx's gRPC-over-TLS settings for the upstream, as agentmesh's."""
+    if not tls:
+        return ""
+    return (f"      grpc_ssl_verify on;\n      grpc_ssl_trusted_certificate {tls['ca']};\n"
+            f"      grpc_ssl_name {TLS_NAME};\n      grpc_ssl_server_name on;\n"
+            "      grpc_ssl_protocols TLSv1.3;\n      grpc_ssl_session_reuse on;")
 
 
 def load(targets, duration, concurrency=None, rate=None, connections=4, payload=1024,
