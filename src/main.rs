@@ -56,7 +56,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime(config.runtime.workers).block_on(run(config))
+            sidecar_runtime(config.runtime.workers).block_on(run(config))
         }
         Command::Agent(args) => {
             init_logging("info");
@@ -119,6 +119,31 @@ fn main() -> ExitCode {
 
 /// `workers`: 0 for one per CPU; 1 for a single-threaded runtime (one event
 /// loop, like one nginx worker); more for that many threads.
+/// The sidecar's runtime. `runtime.workers = 0`, the default, gives it as
+/// many worker threads as the process may use CPUs: its affinity mask
+/// (`taskset`) and its cgroup's CPU quota (a pod's CPU limit), as the
+/// standard library reads them, quotas rounded down. With one CPU that is a
+/// current-thread runtime, a single event loop like one nginx worker,
+/// which costs the least per call there.
+fn sidecar_runtime(workers: usize) -> tokio::runtime::Runtime {
+    let (workers, from) = match workers {
+        0 => (
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "the CPUs this process may use",
+        ),
+        n => (n, "runtime.workers"),
+    };
+    let kind = if workers == 1 {
+        "current-thread"
+    } else {
+        "multi-thread"
+    };
+    tracing::info!(workers, from, kind, "runtime");
+    runtime(workers)
+}
+
+/// A runtime of `workers` threads: 1 is a current-thread runtime, 0 one
+/// worker per CPU of the host (for the demo agent and the load generator).
 fn runtime(workers: usize) -> tokio::runtime::Runtime {
     let mut builder = match workers {
         1 => tokio::runtime::Builder::new_current_thread(),

@@ -247,3 +247,86 @@ async fn mesh_demo_shows_what_gossip_changes_side_by_side() {
         "{stdout}"
     );
 }
+
+/// The runtime line the sidecar logs at start, run with `prefix` before it
+/// (e.g. `taskset -c 0`) and `top` TOML at the head of its config.
+async fn runtime_line(prefix: &[&str], top: &str) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.toml");
+    let (proxy, admin) = (closed_port(), closed_port());
+    std::fs::write(
+        &file,
+        format!(
+            "{top}\n[listener]\nproxy = \"{proxy}\"\n[admin]\nlisten = \"{admin}\"\n\
+             [[cluster]]\nname = \"planner.agents\"\nendpoints = [{{ address = \"127.0.0.1:1\" }}]\n"
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_agentmesh");
+    let mut command = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = tokio::process::Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => tokio::process::Command::new(bin),
+    };
+    let mut child = command
+        .args(["run", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let line = plain(&line);
+            if line.contains(" runtime") && line.contains("workers=") {
+                return line;
+            }
+        }
+        panic!("the sidecar logged no runtime line");
+    })
+    .await
+    .expect("the runtime line within 10 s");
+    child.kill().await.unwrap();
+    line
+}
+
+#[tokio::test]
+async fn the_default_runtime_follows_the_cpus_the_process_may_use() {
+    // One CPU (as a pod's CPU limit of 1 or taskset gives): one event loop.
+    let one = runtime_line(&["taskset", "-c", "0"], "").await;
+    assert!(one.contains("workers=1") && one.contains("current-thread"), "{one}");
+    // Every CPU of this machine: one worker each.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let all = runtime_line(&[], "").await;
+    assert!(all.contains(&format!("workers={cpus} ")), "{all}");
+    // The config's own number wins.
+    let set = runtime_line(&["taskset", "-c", "0"], "[runtime]\nworkers = 3").await;
+    assert!(
+        set.contains("workers=3") && set.contains("multi-thread") && set.contains("runtime.workers"),
+        "{set}"
+    );
+}
+
+/// A log line without its ANSI colours.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -62,7 +62,8 @@ pub struct Cluster {
     name: Arc<str>,
     config: ClusterConfig,
     local_zone: Option<String>,
-    /// The live endpoints, ready or not, in the order updates gave them.
+    /// The live endpoints, ready or not, in the order updates gave them (a
+    /// reset that only reorders them changes nothing).
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// The ready set, its groups and pickers, swapped whole.
     snapshot: ArcSwap<Snapshot>,
