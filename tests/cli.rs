@@ -300,7 +300,10 @@ async fn runtime_line(prefix: &[&str], top: &str) -> String {
 async fn the_default_runtime_follows_the_cpus_the_process_may_use() {
     // One CPU (as a pod's CPU limit of 1 or taskset gives): one event loop.
     let one = runtime_line(&["taskset", "-c", "0"], "").await;
-    assert!(one.contains("workers=1") && one.contains("current-thread"), "{one}");
+    assert!(
+        one.contains("workers=1") && one.contains("current-thread"),
+        "{one}"
+    );
     // Every CPU of this machine: one worker each.
     let cpus = std::thread::available_parallelism().unwrap().get();
     let all = runtime_line(&[], "").await;
@@ -308,7 +311,9 @@ async fn the_default_runtime_follows_the_cpus_the_process_may_use() {
     // The config's own number wins.
     let set = runtime_line(&["taskset", "-c", "0"], "[runtime]\nworkers = 3").await;
     assert!(
-        set.contains("workers=3") && set.contains("multi-thread") && set.contains("runtime.workers"),
+        set.contains("workers=3")
+            && set.contains("multi-thread")
+            && set.contains("runtime.workers"),
         "{set}"
     );
 }
