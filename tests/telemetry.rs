@@ -219,10 +219,29 @@ async fn stats_as_json_give_each_endpoint_its_latency_percentiles() {
         let client = planner_client(Way::LocalPort, &sidecar).await;
         send(&client, 100, 4).await;
 
-        let (status, content_type, body) = get(sidecar.admin_addr(), "/stats?format=json").await;
+        // A call is counted when its answer has gone to the caller, and put
+        // in the latency window a moment later, when its stream ends: read
+        // the stats once both have every call (or after 5 s).
+        let mut fetched = None;
+        for _ in 0..100 {
+            let (status, content_type, body) =
+                get(sidecar.admin_addr(), "/stats?format=json").await;
+            let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let settled = doc["clusters"][0]["endpoints"]
+                .as_array()
+                .is_some_and(|es| {
+                    es.iter()
+                        .all(|e| e["latency"]["window_calls"] == e["calls"])
+                });
+            fetched = Some((status, content_type, doc));
+            if settled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, content_type, doc) = fetched.unwrap();
         assert_eq!(status, 200);
         assert_eq!(content_type, "application/json");
-        let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         let cluster = &doc["clusters"][0];
         assert_eq!(cluster["name"], "planner.agents");
         assert_eq!(cluster["strategy"], "round_robin");

@@ -15,8 +15,9 @@ use crate::util::{Task, lock};
 
 impl Cluster {
     /// Starts the cluster: every endpoint's tasks (a health checker when
-    /// configured, a background connect), the control loop and the TLS
-    /// file watcher, whose tasks are returned to the caller to own. Endpoints removed later have
+    /// configured, a background connect), the control loop, DNS discovery
+    /// and the TLS file watcher, whose tasks are returned to the caller to
+    /// own. Endpoints removed later have
     /// `drain_timeout` to finish their calls.
     pub(crate) fn start(self: &Arc<Self>, drain_timeout: Duration) -> Vec<Task> {
         {
@@ -34,6 +35,12 @@ impl Cluster {
         let cluster = self.clone();
         let control = Task::supervised("cluster control loop", move || cluster.clone().run());
         let mut tasks = vec![control];
+        if let Some(dns) = &self.config.dns {
+            let (cluster, dns) = (self.clone(), dns.clone());
+            tasks.push(Task::supervised("DNS discovery", move || {
+                cluster.clone().discover(dns.clone())
+            }));
+        }
         if let Some(tls) = &self.tls {
             let tls = tls.clone();
             tasks.push(Task::supervised("TLS file watcher", move || {

@@ -7,6 +7,7 @@
 //! snapshot when an endpoint's readiness changes.
 
 mod control;
+pub mod discovery;
 pub mod limit;
 pub mod retry_budget;
 mod router;
@@ -50,6 +51,10 @@ pub struct ClusterStats {
     /// Endpoints added and removed by updates, after the first.
     pub endpoints_added: AtomicU64,
     pub endpoints_removed: AtomicU64,
+    /// DNS discovery: answers with addresses, and lookups that failed or
+    /// came back empty (the last good set stayed).
+    pub dns_answers: AtomicU64,
+    pub dns_failures: AtomicU64,
 }
 
 impl ClusterStats {

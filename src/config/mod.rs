@@ -197,6 +197,8 @@ pub struct ClusterConfig {
     pub mesh_load: bool,
     /// TLS (and mutual TLS) to the endpoints; plain HTTP/2 without.
     pub tls: Option<crate::endpoint::tls::TlsConfig>,
+    /// The endpoints are a DNS name's addresses (and `endpoints` is empty).
+    pub dns: Option<crate::cluster::discovery::DnsConfig>,
 }
 
 /// `[cluster.circuit_breaker]`: per-endpoint breaking on consecutive failures.
@@ -698,6 +700,7 @@ impl ClusterConfig {
             rate_limits: Vec::new(),
             mesh_load: false,
             tls: None,
+            dns: None,
         }
     }
 }

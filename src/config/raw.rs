@@ -25,6 +25,15 @@ pub(super) struct RawConfig {
     pub(super) mesh: Option<RawMesh>,
     #[serde(default)]
     pub(super) telemetry: RawTelemetry,
+    #[serde(default)]
+    pub(super) resolver: RawResolver,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResolver {
+    #[serde(default)]
+    pub(super) nameservers: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -174,6 +183,9 @@ pub(super) struct RawCluster {
     #[serde(default)]
     pub(super) rate_limit: Vec<RawRateLimit>,
     pub(super) tls: Option<RawTls>,
+    pub(super) dns: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) dns_refresh: Option<Duration>,
 }
 
 #[derive(Deserialize)]

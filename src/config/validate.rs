@@ -80,6 +80,7 @@ impl RawConfig {
 
         let has_mesh = self.mesh.is_some();
         let mut names: HashMap<String, String> = HashMap::new();
+        let nameservers = validate_nameservers(&mut p, &self.resolver.nameservers);
         let mut clusters = Vec::with_capacity(self.cluster.len());
         for (ci, c) in self.cluster.into_iter().enumerate() {
             let at = format!("cluster[{ci}]");
@@ -112,10 +113,11 @@ impl RawConfig {
                 claim(&mut p, &mut listens, addr, &key);
                 Some(addr)
             });
-            if c.endpoints.is_empty() {
+            let dns = validate_dns(&mut p, &at, &c, &nameservers);
+            if c.endpoints.is_empty() && c.dns.is_none() {
                 p.add(
                     format!("{at}.endpoints"),
-                    "a cluster needs at least one endpoint ([[cluster.endpoints]] address = \"host:port\")",
+                    "a cluster needs at least one endpoint ([[cluster.endpoints]] address = \"host:port\"), or a dns name to find them by",
                 );
             }
             if c.connect_timeout > MAX_DURATION {
@@ -242,6 +244,7 @@ impl RawConfig {
             let tls = c.tls.and_then(|t| validate_tls(&mut p, &at, t));
             clusters.push(ClusterConfig {
                 tls,
+                dns,
                 request_timeout: limits.request_timeout,
                 idle_timeout: limits.idle_timeout,
                 keepalive_interval: limits.keepalive_interval,
@@ -1111,4 +1114,85 @@ fn validate_tls(
         ok = false;
     }
     ok.then_some(config)
+}
+
+/// `[resolver] nameservers`: `ip:port`, or `ip` for port 53.
+fn validate_nameservers(p: &mut Problems, raw: &[String]) -> Vec<SocketAddr> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let parsed = v.parse::<SocketAddr>().ok().or_else(|| {
+                v.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            if parsed.is_none() {
+                p.add(
+                    format!("resolver.nameservers[{i}]"),
+                    format!(
+                        "{v:?} is not an IP address with an optional port (e.g. 127.0.0.1:5353)"
+                    ),
+                );
+            }
+            parsed
+        })
+        .collect()
+}
+
+/// `dns = "host:port"` and `dns_refresh`: a name whose addresses are the
+/// endpoints, instead of `endpoints`.
+fn validate_dns(
+    p: &mut Problems,
+    at: &str,
+    c: &super::raw::RawCluster,
+    nameservers: &[SocketAddr],
+) -> Option<crate::cluster::discovery::DnsConfig> {
+    let Some(dns) = &c.dns else {
+        if c.dns_refresh.is_some() {
+            p.add(format!("{at}.dns_refresh"), "only goes with dns");
+        }
+        return None;
+    };
+    let key = format!("{at}.dns");
+    if !c.endpoints.is_empty() {
+        p.add(
+            &key,
+            "a cluster takes its endpoints from `endpoints` or from `dns`, not both",
+        );
+    }
+    if !c.split.is_empty() {
+        p.add(
+            &key,
+            "`split` needs each endpoint's version, which DNS does not give: list the endpoints instead",
+        );
+    }
+    let refresh = c
+        .dns_refresh
+        .unwrap_or(crate::cluster::discovery::DEFAULT_DNS_REFRESH);
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&refresh) {
+        p.add(format!("{at}.dns_refresh"), "must be from 100ms to 1h");
+    }
+    let parsed = dns
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok().filter(|&p| p > 0)?)))
+        .filter(|(host, _)| {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        });
+    let Some((host, port)) = parsed else {
+        p.add(
+            key,
+            format!("{dns:?} is not a DNS name and port (e.g. \"planner.agents.svc.cluster.local:50051\")"),
+        );
+        return None;
+    };
+    Some(crate::cluster::discovery::DnsConfig {
+        host: host.to_string(),
+        port,
+        refresh,
+        nameservers: nameservers.to_vec(),
+    })
 }

@@ -185,7 +185,7 @@ const ENDPOINT_COUNTERS: [EndpointCounter; 4] = [
 /// Cluster figures: name, help, type, and how to read the value.
 type ClusterFigure = (&'static str, &'static str, MetricType, fn(&Cluster) -> u64);
 
-const CLUSTER_FIGURES: [ClusterFigure; 7] = [
+const CLUSTER_FIGURES: [ClusterFigure; 9] = [
     (
         "agentmesh_cluster_in_flight",
         "Calls in flight in a cluster.",
@@ -227,6 +227,18 @@ const CLUSTER_FIGURES: [ClusterFigure; 7] = [
         "Retries the retry budget refused.",
         Counter,
         |c| ClusterStats::get(&c.stats().retries_refused),
+    ),
+    (
+        "agentmesh_cluster_dns_answers",
+        "DNS discovery: answers with addresses (applied to the endpoint set).",
+        Counter,
+        |c| ClusterStats::get(&c.stats().dns_answers),
+    ),
+    (
+        "agentmesh_cluster_dns_failures",
+        "DNS discovery: lookups that failed or came back empty (the last endpoints stayed).",
+        Counter,
+        |c| ClusterStats::get(&c.stats().dns_failures),
     ),
 ];
 
