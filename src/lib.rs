@@ -41,9 +41,7 @@ pub mod fuzzing {
 
     /// A `grpc-timeout` header's value.
     pub fn grpc_timeout(value: &[u8]) -> Option<Duration> {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("grpc-timeout", http::HeaderValue::from_bytes(value).ok()?);
-        crate::wire::grpc::timeout(&headers)
+        crate::wire::grpc::parse_timeout(value)
     }
 
     /// The `grpc-timeout` the sidecar sends for `remaining` of `original`.

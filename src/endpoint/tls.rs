@@ -221,13 +221,10 @@ impl Tls {
 
 /// The host part of `host:port` or `[v6]:port`.
 fn host(address: &str) -> &str {
-    if let Some(rest) = address.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match address.rsplit_once(':') {
-        Some((host, _)) => host,
-        None => address,
-    }
+    let host = crate::cluster::strip_port(address);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// The bytes of the files, compared to notice a change.

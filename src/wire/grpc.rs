@@ -16,7 +16,7 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
     parse_timeout(headers.get(&GRPC_TIMEOUT)?.as_bytes())
 }
 
-fn parse_timeout(value: &[u8]) -> Option<Duration> {
+pub(crate) fn parse_timeout(value: &[u8]) -> Option<Duration> {
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

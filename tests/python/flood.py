@@ -334,22 +334,7 @@ def run(args):
                 c.send_raw(batch)
                 if not c.closed:
                     report["frames"] += per
-                # Read what came back, but never feed it to the h2 state:
-                # the raw frames have put it out of step.
-                try:
-                    while True:
-                        data = c.sock.recv(65536)
-                        if not data:
-                            c.closed = True
-                            break
-                        if c.goaway is None and b"\x07\x00\x00\x00\x00\x00" in data:
-                            at = data.find(b"\x07\x00\x00\x00\x00\x00")
-                            if at >= 3 and len(data) >= at + 14:
-                                c.goaway = struct.unpack(">I", data[at + 10 : at + 14])[0]
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    c.closed = True
+                read_goaway(c)
     finally:
         for c in conns:
             if c.closed:
