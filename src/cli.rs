@@ -25,10 +25,14 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run the sidecar.
+    /// Run the sidecar. It reloads its config on SIGHUP and when the file
+    /// changes.
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Reload on SIGHUP only, not when the file changes.
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a config file without starting anything.
     Check {

@@ -4,6 +4,7 @@
 mod cli;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -47,16 +48,19 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config: path,
+            no_watch,
+        } => {
             init_logging("info");
-            let config = match Config::load(&config) {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
                     return ExitCode::from(2);
                 }
             };
-            sidecar_runtime(config.runtime.workers).block_on(run(config))
+            sidecar_runtime(config.runtime.workers).block_on(run(config, path, !no_watch))
         }
         Command::Agent(args) => {
             init_logging("info");
@@ -160,14 +164,15 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
         .expect("the tokio runtime starts")
 }
 
-async fn run(config: Config) -> ExitCode {
-    let sidecar = match Sidecar::start(&config).await {
+async fn run(config: Config, path: PathBuf, watch: bool) -> ExitCode {
+    let mut sidecar = match Sidecar::start(&config).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("agentmesh: {e:#}");
             return ExitCode::FAILURE;
         }
     };
+    sidecar.reload_from(path, watch).await;
     shutdown_signal().await;
     sidecar.shutdown().await;
     ExitCode::SUCCESS

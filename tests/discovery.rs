@@ -148,15 +148,7 @@ fn caller(
                 })
             })
             .collect();
-        let (mut seen, mut failed) = (BTreeMap::new(), Vec::new());
-        for t in tasks {
-            let (s, f) = t.await.unwrap();
-            for (k, v) in s {
-                *seen.entry(k).or_insert(0) += v;
-            }
-            failed.extend(f);
-        }
-        (seen, failed)
+        gather(tasks).await
     })
 }
 

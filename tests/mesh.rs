@@ -644,7 +644,8 @@ async fn a_mesh_wide_retry_budget_shares_one_floor_when_every_endpoint_fails() {
             let retries: u64 = sidecars
                 .iter()
                 .map(|s| {
-                    let stats = s.router().clusters()[0].stats();
+                    let cluster = s.router().clusters()[0].clone();
+                    let stats = cluster.stats();
                     agentmesh::cluster::ClusterStats::get(&stats.retries)
                 })
                 .sum();

@@ -215,7 +215,8 @@ async fn killing_an_agent_under_load_loses_no_call_when_invoke_is_retryable() {
             start + Duration::from_secs(10),
         );
         assert!(back.get("agent-2").copied().unwrap_or(0) > 100, "{back:?}");
-        let stats = sidecar.router().clusters()[0].stats();
+        let cluster = sidecar.router().clusters()[0].clone();
+        let stats = cluster.stats();
         eprintln!(
             "retries: {}, by agent before/after: {before:?} {back:?}",
             agentmesh::cluster::ClusterStats::get(&stats.retries)
@@ -502,7 +503,8 @@ async fn the_retry_budget_caps_retries_when_every_endpoint_fails() {
                 status.message()
             );
         }
-        let stats = sidecar.router().clusters()[0].stats();
+        let cluster = sidecar.router().clusters()[0].clone();
+        let stats = cluster.stats();
         let retries = agentmesh::cluster::ClusterStats::get(&stats.retries);
         let refused = agentmesh::cluster::ClusterStats::get(&stats.retries_refused);
         let served: u64 = agents.stats.iter().map(|s| s.get(&s.calls)).sum();
@@ -931,7 +933,7 @@ async fn judged_healthy(sidecar: &agentmesh::app::Sidecar, client: &mut AgentCli
         ("ready", 0, 0, 0),
         "{stats:?}"
     );
-    let json = agentmesh::admin::stats_json(sidecar.router());
+    let json = agentmesh::admin::stats_json(sidecar.router(), None);
     assert!(json.contains("\"ejections\": 0,"), "{json}");
     client
         .invoke(request(b"x"))

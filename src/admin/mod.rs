@@ -27,6 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::app::drain;
+use crate::app::reload::ReloadStats;
 use crate::cluster::Router;
 use crate::mesh::Mesh;
 use crate::telemetry::calls::{OUTCOMES, outcome_name};
@@ -40,6 +41,7 @@ pub async fn serve(
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
     metrics: Arc<Metrics>,
+    reloads: Arc<ReloadStats>,
     header_timeout: std::time::Duration,
     mut drain: drain::Watch,
 ) {
@@ -59,10 +61,11 @@ pub async fn serve(
             continue;
         };
         let (router, mesh, metrics) = (router.clone(), mesh.clone(), metrics.clone());
+        let reloads = reloads.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &router, mesh.as_deref(), &metrics);
+                let response = respond(&req, &router, mesh.as_deref(), &metrics, &reloads);
                 async move { Ok::<_, Infallible>(response) }
             });
             // A connection that sends no request head in time, the first
@@ -83,6 +86,7 @@ fn respond(
     router: &Router,
     mesh: Option<&Mesh>,
     metrics: &Metrics,
+    reloads: &ReloadStats,
 ) -> Response<Full<Bytes>> {
     let mut content_type = "text/plain; charset=utf-8";
     let json = req
@@ -96,7 +100,7 @@ fn respond(
         }
         "/stats" if json => {
             content_type = "application/json";
-            (StatusCode::OK, stats_json(router))
+            (StatusCode::OK, stats_json(router, Some(reloads)))
         }
         "/mesh" => match mesh {
             Some(mesh) => {
@@ -109,12 +113,21 @@ fn respond(
             ),
         },
         "/live" => (StatusCode::OK, "live\n".to_string()),
+        "/health" => {
+            content_type = "application/json";
+            let health = health(router, mesh, reloads);
+            let status = match health.status {
+                Status::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::OK,
+            };
+            (status, health.to_json())
+        }
         "/ready" => (StatusCode::OK, "ready\n".to_string()),
         "/stats" => (StatusCode::OK, stats(router)),
         "/clusters" => (StatusCode::OK, clusters(router)),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /stats, /stats?format=json, /clusters, /metrics or /mesh\n".to_string(),
+            "not found; try /live, /ready, /health, /stats, /stats?format=json, /clusters, /metrics or /mesh\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -131,7 +144,7 @@ pub fn stats(router: &Router) -> String {
     let mut out = String::from(
         "cluster\tendpoint\tweight\tstate\tin_flight\tcalls\tfailures\tconnect_failures\tconnections\tejections\tspared\tunhealthy\tfull\tmesh_in_flight\tmesh_ejections\n",
     );
-    for cluster in router.clusters() {
+    for cluster in router.clusters().iter() {
         for e in cluster.endpoints().iter() {
             let s = e.stats();
             let _ = writeln!(
@@ -160,7 +173,7 @@ pub fn stats(router: &Router) -> String {
 
 /// `/stats?format=json`: per cluster its figures, and per endpoint its
 /// counters, calls by outcome and recent latency percentiles.
-pub fn stats_json(router: &Router) -> String {
+pub fn stats_json(router: &Router, reloads: Option<&ReloadStats>) -> String {
     use crate::cluster::ClusterStats as S;
     use serde_json::json;
     let now = tokio::time::Instant::now();
@@ -217,9 +230,16 @@ pub fn stats_json(router: &Router) -> String {
                 })
                 .collect();
             let (ejected, max_ejected) = c.ejected();
+            let split: serde_json::Map<_, _> = c
+                .config()
+                .split
+                .iter()
+                .map(|(v, share)| (v.clone(), (*share).into()))
+                .collect();
             json!({
                 "name": c.name(),
                 "strategy": c.strategy().as_str(),
+                "split": split,
                 "in_flight": c.in_flight(),
                 "ready": snapshot.ready().len(),
                 "panic": snapshot.is_panic(),
@@ -235,8 +255,18 @@ pub fn stats_json(router: &Router) -> String {
             })
         })
         .collect();
-    let mut out =
-        serde_json::to_string_pretty(&json!({ "clusters": clusters })).unwrap_or_default();
+    let mut all = json!({ "clusters": clusters });
+    if let Some(r) = reloads {
+        all["reloads"] = json!({
+            "applied": ReloadStats::get(&r.applied),
+            "unchanged": ReloadStats::get(&r.unchanged),
+            "invalid": ReloadStats::get(&r.invalid),
+            "by_signal": ReloadStats::get(&r.by_signal),
+            "by_file": ReloadStats::get(&r.by_file),
+            "last_error": r.last_error(),
+        });
+    }
+    let mut out = serde_json::to_string_pretty(&all).unwrap_or_default();
     out.push('\n');
     out
 }
@@ -247,7 +277,7 @@ pub fn clusters(router: &Router) -> String {
     let mut out = String::from(
         "cluster\tin_flight\tready\tejected\tmax_ejected\tpanic\tpanics\tover_max_in_flight\tendpoints_full\trate_limited\trate_limit_keys\tretries\tretries_refused\tendpoints_added\tendpoints_removed\n",
     );
-    for c in router.clusters() {
+    for c in router.clusters().iter() {
         let s = c.stats();
         let snapshot = c.snapshot();
         let (ejected, max_ejected) = c.ejected();
@@ -273,4 +303,112 @@ pub fn clusters(router: &Router) -> String {
         );
     }
     out
+}
+
+/// How the sidecar is doing, for `/health`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Healthy,
+    /// Serving, but something needs a look: a cluster in panic mode, a
+    /// DNS name that no longer resolves, no gossip peer, a refused reload.
+    Degraded,
+    /// Some cluster has no ready endpoint: its calls fail.
+    Unhealthy,
+}
+
+pub struct Health {
+    pub status: Status,
+    pub reasons: Vec<(Status, String)>,
+}
+
+impl Health {
+    pub fn to_json(&self) -> String {
+        let name = |s: Status| match s {
+            Status::Healthy => "healthy",
+            Status::Degraded => "degraded",
+            Status::Unhealthy => "unhealthy",
+        };
+        let reasons: Vec<_> = self
+            .reasons
+            .iter()
+            .map(|(s, r)| serde_json::json!({ "status": name(*s), "reason": r }))
+            .collect();
+        let mut out = serde_json::to_string_pretty(
+            &serde_json::json!({ "status": name(self.status), "reasons": reasons }),
+        )
+        .unwrap_or_default();
+        out.push('\n');
+        out
+    }
+}
+
+/// `/health`: healthy, degraded or unhealthy, with every reason.
+pub fn health(router: &Router, mesh: Option<&Mesh>, reloads: &ReloadStats) -> Health {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut reasons = Vec::new();
+    let now = tokio::time::Instant::now();
+    for c in router.clusters().iter() {
+        let endpoints = c.endpoints();
+        let total = endpoints.len();
+        let ready = endpoints
+            .iter()
+            .filter(|e| matches!(e.state(now), "ready" | "probing"))
+            .count();
+        if ready == 0 {
+            let states: Vec<String> = endpoints
+                .iter()
+                .map(|e| format!("{} {}", e.address(), e.state(now)))
+                .collect();
+            reasons.push((
+                Status::Unhealthy,
+                format!(
+                    "cluster {:?} has no ready endpoint (of {total}: {})",
+                    c.name(),
+                    if states.is_empty() {
+                        "none".to_string()
+                    } else {
+                        states.join(", ")
+                    }
+                ),
+            ));
+        } else if c.snapshot().is_panic() {
+            reasons.push((
+                Status::Degraded,
+                format!(
+                    "cluster {:?} is in panic mode: too few endpoints are healthy, so calls go to all {total}",
+                    c.name()
+                ),
+            ));
+        }
+        if c.stats().dns_failing.load(Relaxed) {
+            let host = c.config().dns.as_ref().map_or("", |d| d.host.as_str());
+            reasons.push((
+                Status::Degraded,
+                format!(
+                    "cluster {:?}: DNS discovery of {host:?} is failing; the last {total} endpoints stay",
+                    c.name()
+                ),
+            ));
+        }
+    }
+    if let Some(mesh) = mesh
+        && mesh.figures().peers_alive == 0
+    {
+        reasons.push((
+            Status::Degraded,
+            "the mesh has no live peer: picks use this sidecar's own figures only".to_string(),
+        ));
+    }
+    if let Some(error) = reloads.last_error() {
+        reasons.push((
+            Status::Degraded,
+            format!("the last config reload was refused; the running config stays: {error}"),
+        ));
+    }
+    let status = reasons
+        .iter()
+        .map(|(s, _)| *s)
+        .max()
+        .unwrap_or(Status::Healthy);
+    Health { status, reasons }
 }

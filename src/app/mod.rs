@@ -2,6 +2,7 @@
 //! tasks, restart a task that panics, and drain on shutdown.
 
 pub mod drain;
+pub mod reload;
 mod sidecar;
 
 pub use sidecar::Sidecar;

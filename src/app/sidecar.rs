@@ -3,6 +3,7 @@
 //! shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::app::drain::Drain;
+use crate::app::reload::Reloader;
 use crate::cluster::Router;
 use crate::config::Config;
 use crate::mesh::Mesh;
@@ -26,8 +28,11 @@ pub struct Sidecar {
     drain: Drain,
     drain_timeout: Duration,
     mesh: Option<Arc<Mesh>>,
-    /// Every listener and every cluster's control loop (which own their
-    /// endpoints' tasks): dropped with the sidecar, after the drain.
+    /// Owns every cluster's tasks (their control loops, which own their
+    /// endpoints' tasks) and applies reloaded configs.
+    reloader: Arc<Reloader>,
+    /// Every listener, the mesh and the reload triggers: dropped with the
+    /// sidecar, after the drain.
     tasks: Vec<Task>,
 }
 
@@ -71,28 +76,18 @@ impl Sidecar {
         ));
 
         let mesh = match &config.mesh {
-            Some(m) => Some(
-                Mesh::bind(
-                    m,
-                    router.clusters().to_vec(),
-                    config.locality.zone.as_deref(),
-                )
-                .await?,
-            ),
+            Some(m) => Some(Mesh::bind(m, router.clone(), config.locality.zone.as_deref()).await?),
             None => None,
         };
 
         let traces = Traces::start(&config.telemetry)?;
-        if let Some(traces) = &traces {
-            for cluster in router.clusters() {
-                cluster.set_traces(traces.clone());
-            }
-        }
+        let reloader = Arc::new(Reloader::start(config, router.clone(), traces.clone()));
         let metrics = Arc::new(Metrics::new(
             router.clone(),
             ctx.stats.clone(),
             mesh.clone(),
             traces,
+            reloader.stats().clone(),
         ));
 
         let mut tasks = Vec::new();
@@ -102,6 +97,7 @@ impl Sidecar {
         }));
         tasks.push(Task::supervised("admin listener", {
             let (router, mesh, watch) = (router.clone(), mesh.clone(), drain.watch());
+            let reloads = reloader.stats().clone();
             let header_timeout = config.listener.header_timeout;
             move || {
                 admin::serve(
@@ -109,6 +105,7 @@ impl Sidecar {
                     router.clone(),
                     mesh.clone(),
                     metrics.clone(),
+                    reloads.clone(),
                     header_timeout,
                     watch.clone(),
                 )
@@ -117,24 +114,15 @@ impl Sidecar {
         if let Some(mesh) = &mesh {
             tasks.push(mesh.start());
         }
-        for cluster in router.clusters() {
-            tasks.extend(cluster.start(config.listener.drain_timeout));
-        }
         let mut local_addrs = Vec::new();
         for (name, listener) in locals {
             local_addrs.push((name.clone(), listener.local_addr()?));
-            let cluster = router
-                .find(&name)
-                .cloned()
+            let slot = router
+                .slot(&name)
                 .context("a cluster with a local port is missing from the router")?;
             let (ctx, watch) = (ctx.clone(), drain.watch());
             tasks.push(Task::supervised("local port listener", move || {
-                listener::serve_local(
-                    listener.clone(),
-                    cluster.clone(),
-                    ctx.clone(),
-                    watch.clone(),
-                )
+                listener::serve_local(listener.clone(), slot.clone(), ctx.clone(), watch.clone())
             }));
         }
         tracing::info!(%proxy_addr, %admin_addr, clusters = router.clusters().len(), "agentmesh is serving");
@@ -146,8 +134,30 @@ impl Sidecar {
             drain,
             drain_timeout: config.listener.drain_timeout,
             mesh,
+            reloader,
             tasks,
         })
+    }
+
+    /// Reloads the config from `path` on SIGHUP and, with `watch`, when the
+    /// file changes (see [`crate::app::reload`]).
+    pub async fn reload_from(&mut self, path: PathBuf, watch: bool) {
+        self.reloader.remember(&path).await;
+        self.tasks.push(Task::supervised("SIGHUP reload", {
+            let (reloader, path) = (self.reloader.clone(), path.clone());
+            move || reloader.clone().on_signal(path.clone())
+        }));
+        if watch {
+            self.tasks.push(Task::supervised("config file watcher", {
+                let reloader = self.reloader.clone();
+                move || reloader.clone().on_change(path.clone())
+            }));
+        }
+    }
+
+    /// Applies a new config as a reload does.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -184,6 +194,7 @@ impl Sidecar {
         for task in self.tasks {
             task.stop().await;
         }
+        self.reloader.stop().await;
         if drained {
             tracing::info!("drained; every in-flight call finished");
         } else {

@@ -69,6 +69,7 @@ impl Cluster {
                 Ok(r) => break r,
                 Err(e) => {
                     self.stats.dns_failures.fetch_add(1, Ordering::Relaxed);
+                    self.stats.dns_failing.store(true, Ordering::Relaxed);
                     tracing::error!(cluster = %self.name, error = %e, "cannot resolve endpoints; trying again");
                     tokio::time::sleep(dns.refresh).await;
                 }
@@ -82,6 +83,7 @@ impl Cluster {
                         tracing::info!(cluster = %self.name, host = %dns.host, "the name resolves again");
                     }
                     failing = false;
+                    self.stats.dns_failing.store(false, Ordering::Relaxed);
                     ttl.max(MIN_TTL.min(dns.refresh)).min(dns.refresh)
                 }
                 Err(reason) => {
@@ -90,6 +92,7 @@ impl Cluster {
                         tracing::warn!(cluster = %self.name, host = %dns.host, %reason, endpoints = self.endpoints().len(), "DNS gave no endpoints; keeping the last ones (logged once until it resolves)");
                     }
                     failing = true;
+                    self.stats.dns_failing.store(true, Ordering::Relaxed);
                     dns.refresh
                 }
             };

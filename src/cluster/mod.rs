@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use router::{Router, strip_port};
+pub use router::{Router, Slot, Table, strip_port};
 pub use update::{Applied, Update};
 
 use crate::balance::{Affinity, Snapshot};
@@ -55,6 +55,8 @@ pub struct ClusterStats {
     /// came back empty (the last good set stayed).
     pub dns_answers: AtomicU64,
     pub dns_failures: AtomicU64,
+    /// Whether the last lookup failed (the cluster runs on an older set).
+    pub dns_failing: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterStats {

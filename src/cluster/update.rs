@@ -215,6 +215,17 @@ impl Cluster {
         }));
     }
 
+    /// Removes every endpoint and waits until each has drained (up to the
+    /// drain timeout) and its connection is shut: a cluster taken out of
+    /// service by a reload.
+    pub async fn close(&self) {
+        self.apply(Update::Reset(Vec::new()));
+        let draining = std::mem::take(&mut lock(&self.members).draining);
+        for task in draining {
+            task.finished().await;
+        }
+    }
+
     /// Tasks the cluster's endpoints own now, draining ones included (for
     /// tests and stats).
     pub fn endpoint_task_count(&self) -> usize {

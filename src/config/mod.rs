@@ -68,7 +68,7 @@ impl Default for TelemetryConfig {
 }
 
 /// `[mesh]`: gossip with peer sidecars (see [`crate::mesh`]).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MeshConfig {
     /// Where this sidecar gossips (UDP).
     pub listen: SocketAddr,
@@ -102,20 +102,20 @@ pub const DEFAULT_MESH_STALE_AFTER: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_REPORT_ENDPOINTS: usize = 64;
 
 /// The sidecar's threads.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct RuntimeConfig {
     /// Worker threads: 0 for one per CPU, 1 for a single event loop.
     pub workers: usize,
 }
 
 /// Where this sidecar runs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct LocalityConfig {
     /// The sidecar's own zone; calls prefer endpoints of this zone.
     pub zone: Option<String>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ListenerConfig {
     /// Proxy mode (HTTP CONNECT) and authority mode (h2c prior knowledge).
     pub proxy: SocketAddr,
@@ -142,12 +142,12 @@ pub struct ListenerConfig {
     pub max_connections: Option<u32>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ClusterConfig {
     pub name: String,
     pub aliases: Vec<String>,

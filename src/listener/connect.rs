@@ -85,13 +85,9 @@ async fn tunnel(
     ctx: Arc<Context>,
     drain: drain::Watch,
 ) {
-    if let Some(cluster) = ctx.router.find(target) {
-        tracing::debug!(
-            target,
-            cluster = cluster.name(),
-            "CONNECT tunnel to a cluster"
-        );
-        let route = Route::Cluster(cluster.clone());
+    if let Some(slot) = ctx.router.slot(target) {
+        tracing::debug!(target, cluster = slot.name(), "CONNECT tunnel to a cluster");
+        let route = Route::Cluster(slot, ctx.router.clone());
         if tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
             return;
         }

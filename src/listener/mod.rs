@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::app::drain;
-use crate::cluster::{Cluster, Router};
+use crate::cluster::{Router, Slot};
 use crate::config::ListenerConfig;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{self, ResponseBody};
@@ -191,7 +191,7 @@ impl Context {
         if own && this_host {
             return Some(format!("{peer} is this sidecar's own port"));
         }
-        for cluster in self.router.clusters() {
+        for cluster in self.router.clusters().iter() {
             for e in cluster.endpoints().iter() {
                 let named = e.address().parse::<SocketAddr>().ok() == Some(peer);
                 if named || e.connection().peer_addr() == Some(peer) {
@@ -210,8 +210,9 @@ impl Context {
 /// Where the calls of one HTTP/2 connection go.
 #[derive(Clone)]
 enum Route {
-    /// Every call to one cluster (CONNECT tunnel, local port).
-    Cluster(Arc<Cluster>),
+    /// Every call to one cluster (CONNECT tunnel, local port): to its
+    /// current build, which a config reload may change.
+    Cluster(Arc<Slot>, Arc<Router>),
     /// Each call to the cluster its `:authority` names.
     Authority(Arc<Router>),
 }
@@ -219,7 +220,16 @@ enum Route {
 impl Route {
     async fn call(self, req: Request<h2::RecvStream>) -> Response<ResponseBody> {
         let cluster = match self {
-            Route::Cluster(cluster) => cluster,
+            Route::Cluster(slot, router) => match slot.current() {
+                Some(cluster) => cluster,
+                None => {
+                    let error = ProxyError::ClusterRemoved {
+                        cluster: slot.name().to_string(),
+                        known: router.names(),
+                    };
+                    return grpc::status_response(&error.to_status());
+                }
+            },
             Route::Authority(router) => {
                 let authority = req
                     .uri()
@@ -228,7 +238,7 @@ impl Route {
                     .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
                     .unwrap_or("");
                 match router.find(authority) {
-                    Some(cluster) => cluster.clone(),
+                    Some(cluster) => cluster,
                     None => {
                         let error = ProxyError::UnknownAuthority {
                             authority: authority.to_string(),
@@ -285,14 +295,14 @@ pub async fn serve_proxy(listener: Arc<TcpListener>, ctx: Arc<Context>, drain: d
 /// Accepts on a cluster's local port until draining begins.
 pub async fn serve_local(
     listener: Arc<TcpListener>,
-    cluster: Arc<Cluster>,
+    slot: Arc<Slot>,
     ctx: Arc<Context>,
     drain: drain::Watch,
 ) {
     let limit = ctx.clone();
     accept_loop(listener, &limit, drain, move |tcp, drain| {
         let ctx = ctx.clone();
-        let route = Route::Cluster(cluster.clone());
+        let route = Route::Cluster(slot.clone(), ctx.router.clone());
         async move {
             let peer = tcp.peer_addr().ok();
             serve_h2(tcp, peer, route, &ctx, drain).await

@@ -91,7 +91,8 @@ impl Mesh {
         let alive = |n: &str| peers.get(n).is_some_and(|p| p.alive);
         let view = lock(&self.view);
         let clusters: Vec<_> = self
-            .clusters
+            .router
+            .clusters()
             .iter()
             .map(|c| {
                 let endpoints: Vec<_> = c

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use super::merge::{Handler, Peer, Rules, View, max_claimed};
 use super::report::{self, Item, RETRY_BUDGET, Report, Usage, Verdict};
 use super::seal::{self, DropCounts, Dropped, Kind, MAX_DATAGRAM, MeshKey, Opener, Sealer};
-use crate::cluster::Cluster;
+use crate::cluster::Router;
 use crate::config::MeshConfig;
 use crate::endpoint::Endpoint;
 use crate::util::{Task, lock};
@@ -46,7 +46,7 @@ pub struct Mesh {
     pub(super) config: MeshConfig,
     pub(super) rules: Rules,
     pub(super) zone: Option<String>,
-    pub(super) clusters: Vec<Arc<Cluster>>,
+    pub(super) router: Arc<Router>,
     socket: Arc<UdpSocket>,
     pub(super) view: Arc<Mutex<View>>,
     pub(super) peers: Mutex<HashMap<String, PeerInfo>>,
@@ -104,7 +104,8 @@ impl State {
 }
 
 /// A shared limit's use: (cluster index, limit, key).
-type UseOf = (usize, u8, Box<str>);
+/// A limit's use by cluster name, limit index and key.
+type UseOf = (Arc<str>, u8, Box<str>);
 
 struct Published {
     item: Item,
@@ -204,7 +205,7 @@ impl Mesh {
     /// Binds the gossip socket; fails naming `mesh.listen`.
     pub async fn bind(
         config: &MeshConfig,
-        clusters: Vec<Arc<Cluster>>,
+        router: Arc<Router>,
         zone: Option<&str>,
     ) -> anyhow::Result<Arc<Mesh>> {
         let socket = UdpSocket::bind(config.listen).await.map_err(|e| {
@@ -228,7 +229,7 @@ impl Mesh {
             config,
             rules,
             zone: zone.map(String::from),
-            clusters,
+            router,
             socket: Arc::new(socket),
             peers: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -553,7 +554,8 @@ impl Mesh {
 
     /// Tells the view which endpoints exist, when a set changed.
     fn refresh_known(&self, state: &mut State) {
-        let sets: Vec<_> = self.clusters.iter().map(|c| c.endpoints()).collect();
+        let clusters = self.router.clusters();
+        let sets: Vec<_> = clusters.iter().map(|c| c.endpoints()).collect();
         let same = sets.len() == state.known.len()
             && sets
                 .iter()
@@ -562,15 +564,14 @@ impl Mesh {
         if same {
             return;
         }
-        let pairs: Vec<(&str, &str)> = self
-            .clusters
+        let pairs: Vec<(&str, &str)> = clusters
             .iter()
             .zip(&sets)
             .flat_map(|(c, set)| set.iter().map(move |e| (c.name(), e.address())))
             .collect();
         lock(&self.view).set_known(pairs);
         state.published.retain(|(c, e), _| {
-            self.clusters
+            clusters
                 .iter()
                 .any(|cl| cl.name() == &**c && cl.endpoint(e).is_some())
         });
@@ -582,7 +583,7 @@ impl Mesh {
     fn publish(&self, swim: &mut Swim, state: &mut State) -> bool {
         let now = Instant::now();
         let mut urgent = false;
-        for cluster in &self.clusters {
+        for cluster in self.router.clusters().iter() {
             let mut due: Vec<Pending> = Vec::new();
             for e in cluster.endpoints().iter() {
                 let (report, until) = self.local_report(e, now, &mut state.rates);
@@ -669,7 +670,7 @@ impl Mesh {
     /// The limits shared with the mesh, as (cluster, limit).
     fn shared_limits(&self) -> Vec<(String, u8)> {
         let mut shared = Vec::new();
-        for cluster in &self.clusters {
+        for cluster in self.router.clusters().iter() {
             for (i, limit) in cluster.rate_limits().iter().enumerate() {
                 if limit.config().mesh_wide {
                     shared.push((cluster.name().to_string(), i as u8));
@@ -687,7 +688,8 @@ impl Mesh {
     fn publish_usage(&self, swim: &mut Swim, state: &mut State) {
         let now = Instant::now();
         let whole = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
-        for (ci, cluster) in self.clusters.iter().enumerate() {
+        for cluster in self.router.clusters().iter() {
+            let ci: Arc<str> = cluster.name().into();
             let mut uses: Vec<(u8, Box<str>, u32, u32)> = Vec::new();
             for (i, limit) in cluster.rate_limits().iter().enumerate() {
                 if !limit.config().mesh_wide {
@@ -711,7 +713,7 @@ impl Mesh {
                 }
             }
             for (limit, key, calls, retries) in uses {
-                let id = (ci, limit, key);
+                let id = (ci.clone(), limit, key);
                 let send = match state.usage_published.get(&id) {
                     None => calls > 0 || retries > 0,
                     Some(&(c, r, at)) => {
@@ -798,7 +800,7 @@ impl Mesh {
         let peers = lock(&self.peers);
         let alive = |n: &str| peers.get(n).is_some_and(|p| p.alive);
         let view = lock(&self.view);
-        for cluster in &self.clusters {
+        for cluster in self.router.clusters().iter() {
             let endpoints = cluster.endpoints();
             let allowed = max_claimed(endpoints.len(), cluster.config().breaker.max_ejection);
             let claimed = view.ejections_claimed(cluster.name(), now, &self.rules, alive);

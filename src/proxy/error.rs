@@ -15,6 +15,11 @@ pub enum ProxyError {
     #[error("no cluster is named {authority:?} (the call's :authority); known clusters: {known}")]
     UnknownAuthority { authority: String, known: String },
 
+    /// The cluster a tunnel or a local port serves was removed by a config
+    /// reload.
+    #[error("cluster {cluster:?} was removed by a config reload; known clusters: {known}")]
+    ClusterRemoved { cluster: String, known: String },
+
     /// No endpoint of the cluster could take the call: each was tried (a
     /// connect, or the request sent) or passed over (at its limit, removed).
     #[error(
@@ -88,9 +93,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn code(&self) -> Code {
         match self {
-            ProxyError::UnknownAuthority { .. } | ProxyError::NoEndpointReachable { .. } => {
-                Code::Unavailable
-            }
+            ProxyError::UnknownAuthority { .. }
+            | ProxyError::ClusterRemoved { .. }
+            | ProxyError::NoEndpointReachable { .. } => Code::Unavailable,
             ProxyError::UpstreamFailed { code, .. } | ProxyError::UpstreamReset { code, .. } => {
                 *code
             }

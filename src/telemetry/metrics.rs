@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use super::calls::{BUCKETS, OUTCOMES, outcome_name, prometheus_buckets};
 use super::trace::Traces;
+use crate::app::reload::ReloadStats;
 use crate::cluster::{Cluster, ClusterStats, Router};
 use crate::endpoint::{Endpoint, StatsSnapshot};
 use crate::listener::CallerStats;
@@ -37,6 +38,7 @@ impl Metrics {
         callers: Arc<CallerStats>,
         mesh: Option<Arc<Mesh>>,
         traces: Option<Arc<Traces>>,
+        reloads: Arc<ReloadStats>,
     ) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Sidecar {
@@ -44,6 +46,7 @@ impl Metrics {
             callers,
             mesh,
             traces,
+            reloads,
         }));
         Metrics { registry }
     }
@@ -66,6 +69,7 @@ struct Sidecar {
     callers: Arc<CallerStats>,
     mesh: Option<Arc<Mesh>>,
     traces: Option<Arc<Traces>>,
+    reloads: Arc<ReloadStats>,
 }
 
 impl fmt::Debug for Sidecar {
@@ -423,6 +427,18 @@ impl Collector for Sidecar {
                     .refused()
                     .iter()
                     .try_for_each(|(reason, n)| f.counter(&[("reason", *reason)], *n))
+            },
+        )?;
+        family(
+            &mut e,
+            "agentmesh_config_reloads",
+            "Config reloads (SIGHUP or a file change), by result: applied, unchanged (valid, nothing to change), invalid (refused; the running config stayed).",
+            Counter,
+            |f| {
+                let r = &self.reloads;
+                f.counter(&[("result", "applied")], ReloadStats::get(&r.applied))?;
+                f.counter(&[("result", "unchanged")], ReloadStats::get(&r.unchanged))?;
+                f.counter(&[("result", "invalid")], ReloadStats::get(&r.invalid))
             },
         )?;
         if let Some(mesh) = &self.mesh {

@@ -419,3 +419,19 @@ pub fn framed(message: &InvokeRequest) -> Vec<u8> {
     framed.extend_from_slice(&encoded);
     framed
 }
+
+/// What callers saw: calls by the agent that served them, and failures.
+pub type Seen<F> = (std::collections::BTreeMap<String, usize>, Vec<F>);
+
+/// Callers' answers added up.
+pub async fn gather<F>(callers: Vec<tokio::task::JoinHandle<Seen<F>>>) -> Seen<F> {
+    let (mut seen, mut failed) = (std::collections::BTreeMap::new(), Vec::new());
+    for caller in callers {
+        let (s, f) = caller.await.unwrap();
+        for (k, v) in s {
+            *seen.entry(k).or_insert(0) += v;
+        }
+        failed.extend(f);
+    }
+    (seen, failed)
+}
