@@ -47,6 +47,25 @@ pub enum Command {
     /// Start three local agents and the sidecar, send calls, show where they
     /// went; with `--mesh`, show what gossip between two sidecars changes.
     Demo(DemoArgs),
+    /// Install the iptables rules of transparent mode, as an init container
+    /// does: the pod's outbound TCP redirected to the transparent port,
+    /// except the sidecar's own (by user id), loopback and the excluded
+    /// ports. Needs NET_ADMIN and NET_RAW.
+    InitIptables {
+        /// The transparent listener's port (`listener.transparent`).
+        #[arg(long, default_value_t = 15006)]
+        port: u16,
+        /// The user id the sidecar runs as: its connections are not
+        /// redirected.
+        #[arg(long)]
+        proxy_uid: u32,
+        /// Destination ports never redirected, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        exclude_ports: Vec<u16>,
+        /// Print the rules instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args)]

@@ -104,6 +104,25 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::InitIptables {
+            port,
+            proxy_uid,
+            exclude_ports,
+            dry_run,
+        } => {
+            let rules = agentmesh::tools::iptables::Rules {
+                port,
+                proxy_uid,
+                exclude_ports,
+            };
+            match rules.apply(dry_run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentmesh init-iptables: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo(args) => {
             init_logging("warn");
             let options = args.options();

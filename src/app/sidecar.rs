@@ -65,7 +65,14 @@ impl Sidecar {
             }
         }
 
+        let transparent = match config.listener.transparent {
+            Some(addr) => Some(bind(addr, "listener.transparent").await?),
+            None => None,
+        };
         let mut own = vec![proxy_addr, admin_addr];
+        if let Some(t) = &transparent {
+            own.push(t.local_addr()?);
+        }
         for (_, listener) in &locals {
             own.push(listener.local_addr()?);
         }
@@ -111,6 +118,13 @@ impl Sidecar {
                 )
             }
         }));
+        if let Some(listener) = transparent {
+            tracing::info!(addr = %listener.local_addr()?, "transparent mode: taking connections redirected by iptables");
+            let (ctx, watch) = (ctx.clone(), drain.watch());
+            tasks.push(Task::supervised("transparent listener", move || {
+                listener::serve_transparent(listener.clone(), ctx.clone(), watch.clone())
+            }));
+        }
         if let Some(mesh) = &mesh {
             tasks.push(mesh.start());
         }

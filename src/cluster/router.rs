@@ -2,6 +2,7 @@
 //! `:authority` it names.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -125,6 +126,30 @@ impl Router {
     /// every call goes to that cluster.
     pub fn slot(&self, target: &str) -> Option<Arc<Slot>> {
         lookup(&self.table.load().slots, target).cloned()
+    }
+
+    /// Transparent mode: the slot of the cluster a connection redirected
+    /// from `destination` is for: the first whose `match` names it, else
+    /// the first with an endpoint there (by its address, or the address its
+    /// connection reached).
+    pub fn slot_for_destination(&self, destination: SocketAddr) -> Option<Arc<Slot>> {
+        let table = self.table.load();
+        let cluster = table
+            .clusters
+            .iter()
+            .find(|c| c.config().matches.contains(&destination))
+            .or_else(|| {
+                table.clusters.iter().find(|c| {
+                    c.endpoints().iter().any(|e| {
+                        e.address().parse::<SocketAddr>().ok() == Some(destination)
+                            || e.connection().peer_addr() == Some(destination)
+                    })
+                })
+            })?;
+        table
+            .slots
+            .get(&cluster.name().to_ascii_lowercase())
+            .cloned()
     }
 
     /// The names of all clusters, for error messages.

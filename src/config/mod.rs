@@ -140,6 +140,9 @@ pub struct ListenerConfig {
     /// process's file limit leaves room for (see
     /// [`crate::listener::connection_limit`]).
     pub max_connections: Option<u32>,
+    /// Transparent mode: where connections redirected by iptables come
+    /// (see [`crate::listener::transparent`]); `None`: off.
+    pub transparent: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -153,6 +156,9 @@ pub struct ClusterConfig {
     pub aliases: Vec<String>,
     pub strategy: Strategy,
     pub local_port: Option<SocketAddr>,
+    /// Transparent mode: original destinations that are this cluster's
+    /// (its Service's address), beside its endpoints' own addresses.
+    pub matches: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub endpoints: Vec<EndpointConfig>,
     /// How many random candidates the load-aware strategies compare.
@@ -617,6 +623,7 @@ impl Config {
                 header_timeout: DEFAULT_HEADER_TIMEOUT,
                 idle_timeout: DEFAULT_CALLER_IDLE_TIMEOUT,
                 max_connections: None,
+                transparent: None,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().expect("literal address"),
@@ -676,6 +683,7 @@ impl ClusterConfig {
             aliases: Vec::new(),
             strategy: Strategy::RoundRobin,
             local_port: None,
+            matches: Vec::new(),
             connect_timeout: Duration::from_secs(2),
             endpoints: addresses.iter().map(EndpointConfig::new).collect(),
             choices: Choices::default(),

@@ -109,6 +109,7 @@ pub(super) struct RawListener {
     pub(super) header_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub(super) idle_timeout: Option<Duration>,
+    pub(super) transparent: Option<String>,
 }
 
 impl Default for RawListener {
@@ -121,6 +122,7 @@ impl Default for RawListener {
             max_connections: None,
             header_timeout: None,
             idle_timeout: None,
+            transparent: None,
         }
     }
 }
@@ -149,6 +151,10 @@ pub(super) struct RawCluster {
     #[serde(default)]
     pub(super) strategy: Strategy,
     pub(super) local_port: Option<String>,
+    /// Transparent mode: the service addresses whose redirected
+    /// connections are this cluster's.
+    #[serde(default, rename = "match")]
+    pub(super) matches: Vec<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub(super) connect_timeout: Duration,
     #[serde(default)]

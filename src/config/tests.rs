@@ -578,3 +578,42 @@ fn bad_telemetry_values_name_their_keys() {
         .to_string();
     assert!(e.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
 }
+
+#[test]
+fn transparent_mode_takes_a_listen_address_and_matches_by_ip_and_port() {
+    let on = GOOD.replace(
+        "[listener]\n",
+        "[listener]\ntransparent = \"127.0.0.1:15006\"\n",
+    );
+    let on = on.replace(
+        "name = \"planner.agents\"\n",
+        "name = \"planner.agents\"\nmatch = [\"10.96.0.15:50051\"]\n",
+    );
+    let c = parse(&on).unwrap();
+    assert_eq!(
+        c.listener.transparent,
+        Some("127.0.0.1:15006".parse().unwrap())
+    );
+    assert_eq!(
+        c.clusters[0].matches,
+        vec!["10.96.0.15:50051".parse().unwrap()]
+    );
+
+    let e = first_error(&on.replace("10.96.0.15:50051", "planner.agents:50051"));
+    assert!(
+        e.starts_with("mesh.toml: cluster[0].match[0]: \"planner.agents:50051\" is not IP:port"),
+        "{e}"
+    );
+    let e = first_error(&on.replace("127.0.0.1:15006", "127.0.0.1:15001"));
+    assert!(
+        e.starts_with(
+            "mesh.toml: listener.transparent: 127.0.0.1:15001 is already used by listener.proxy"
+        ),
+        "{e}"
+    );
+    let e = first_error(&on.replace("127.0.0.1:50051", "127.0.0.1:15006"));
+    assert!(
+        e.contains("is this sidecar's own listener.transparent"),
+        "{e}"
+    );
+}

@@ -72,7 +72,16 @@ impl RawConfig {
         // Every listen address, to catch two listeners on one port (an
         // unspecified address such as 0.0.0.0 takes the port on every one).
         let mut listens: Vec<(SocketAddr, String)> = Vec::new();
-        for (key, addr) in [("listener.proxy", proxy), ("admin.listen", admin)] {
+        let transparent = self
+            .listener
+            .transparent
+            .as_deref()
+            .and_then(|v| p.socket_addr("listener.transparent", v));
+        for (key, addr) in [
+            ("listener.proxy", proxy),
+            ("admin.listen", admin),
+            ("listener.transparent", transparent),
+        ] {
             if let Some(a) = addr {
                 claim(&mut p, &mut listens, a, key);
             }
@@ -113,6 +122,21 @@ impl RawConfig {
                 claim(&mut p, &mut listens, addr, &key);
                 Some(addr)
             });
+            let matches: Vec<SocketAddr> = c
+                .matches
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| match m.parse() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        p.add(
+                            format!("{at}.match[{i}]"),
+                            format!("{m:?} is not IP:port; give the address callers dial (a Service's ClusterIP and port)"),
+                        );
+                        None
+                    }
+                })
+                .collect();
             let dns = validate_dns(&mut p, &at, &c, &nameservers);
             if c.endpoints.is_empty() && c.dns.is_none() {
                 p.add(
@@ -261,6 +285,7 @@ impl RawConfig {
                 aliases: c.aliases,
                 strategy: c.strategy,
                 local_port,
+                matches,
                 connect_timeout: c.connect_timeout,
                 endpoints,
                 choices,
@@ -330,6 +355,7 @@ impl RawConfig {
                         header_timeout,
                         idle_timeout,
                         max_connections,
+                        transparent,
                     },
                     admin: AdminConfig { listen: admin },
                     clusters,

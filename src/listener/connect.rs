@@ -23,7 +23,7 @@ use super::prefixed::Prefixed;
 use super::{Context, Route, serve_h2};
 use crate::app::drain;
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_HEAD: usize = 8 * 1024;
 
 enum Head {
@@ -111,7 +111,7 @@ async fn tunnel(
         TcpStream::connect(target),
     )
     .await;
-    let mut upstream = match connect {
+    let upstream = match connect {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             let reason =
@@ -135,7 +135,6 @@ async fn tunnel(
         reply(&mut tcp, "403 Forbidden", &reason).await;
         return;
     }
-    let _ = upstream.set_nodelay(true);
     tracing::debug!(
         target,
         "CONNECT tunnel to a target no cluster names: plain TCP"
@@ -143,6 +142,20 @@ async fn tunnel(
     if tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
         return;
     }
+    pipe(tcp, rest, upstream, &ctx, target).await;
+}
+
+/// Carries bytes both ways between a caller and the upstream it asked for,
+/// `rest` (what the caller sent already) first, until either side closes
+/// or nothing moves for `listener.idle_timeout`.
+pub(super) async fn pipe(
+    tcp: TcpStream,
+    rest: Bytes,
+    mut upstream: TcpStream,
+    ctx: &Context,
+    target: &str,
+) {
+    let _ = upstream.set_nodelay(true);
     if !rest.is_empty() && upstream.write_all(&rest).await.is_err() {
         return;
     }

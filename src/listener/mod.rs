@@ -6,9 +6,12 @@
 //!   cluster for every call of the tunnel ([`connect`]);
 //! - the same port takes HTTP/2 with prior knowledge, and each call's
 //!   `:authority` names its cluster (authority mode);
-//! - a cluster's own `local_port` takes HTTP/2 whose calls all go to it.
+//! - a cluster's own `local_port` takes HTTP/2 whose calls all go to it;
+//! - with `listener.transparent`, connections redirected by iptables come
+//!   to their original destination's cluster ([`transparent`]).
 
 mod connect;
+pub mod transparent;
 #[doc(hidden)]
 pub use connect::parse_head_for_fuzzing;
 mod prefixed;
@@ -108,6 +111,8 @@ pub struct CallerStats {
     /// Connections the HTTP/2 library ended for breaking the protocol or
     /// its limits (CONTINUATION and HPACK floods, resets before accept).
     pub protocol_errors: AtomicU64,
+    /// Transparent mode's connections, by what became of them.
+    pub transparent: transparent::TransparentStats,
 }
 
 impl CallerStats {
@@ -288,6 +293,17 @@ pub async fn serve_proxy(listener: Arc<TcpListener>, ctx: Arc<Context>, drain: d
     accept_loop(listener, &limit, drain, move |tcp, drain| {
         let ctx = ctx.clone();
         async move { connect::handle(tcp, ctx, drain).await }
+    })
+    .await
+}
+
+/// Accepts connections redirected by iptables (transparent mode) until
+/// draining begins.
+pub async fn serve_transparent(listener: Arc<TcpListener>, ctx: Arc<Context>, drain: drain::Watch) {
+    let limit = ctx.clone();
+    accept_loop(listener, &limit, drain, move |tcp, drain| {
+        let ctx = ctx.clone();
+        async move { transparent::handle(tcp, ctx, drain).await }
     })
     .await
 }

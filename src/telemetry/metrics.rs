@@ -431,6 +431,19 @@ impl Collector for Sidecar {
         )?;
         family(
             &mut e,
+            "agentmesh_transparent_connections",
+            "Transparent mode's connections, by what became of them: balanced (HTTP/2 to a cluster's address), passed_through (TCP to the original destination), refused (not redirected, or the destination unreachable).",
+            Counter,
+            |f| {
+                self.callers
+                    .transparent
+                    .by_kind()
+                    .iter()
+                    .try_for_each(|(kind, n)| f.counter(&[("kind", *kind)], *n))
+            },
+        )?;
+        family(
+            &mut e,
             "agentmesh_config_reloads",
             "Config reloads (SIGHUP or a file change), by result: applied, unchanged (valid, nothing to change), invalid (refused; the running config stayed).",
             Counter,

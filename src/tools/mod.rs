@@ -1,9 +1,11 @@
 //! Tools beside the sidecar, not part of it: the demo agent (a gRPC server
 //! to balance over), clients that reach the sidecar by each way in, the
-//! demos, and the load generator the benchmarks drive.
+//! demos, the load generator the benchmarks drive, and the iptables rules
+//! of transparent mode.
 
 pub mod agent;
 pub mod client;
 pub mod demo;
 pub mod demo_mesh;
+pub mod iptables;
 pub mod load;
