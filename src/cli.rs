@@ -47,6 +47,24 @@ pub enum Command {
     /// Start three local agents and the sidecar, send calls, show where they
     /// went; with `--mesh`, show what gossip between two sidecars changes.
     Demo(DemoArgs),
+    /// Add the sidecar to the workloads of a Kubernetes manifest read from
+    /// stdin (Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs),
+    /// as `linkerd inject` does; the result goes to stdout.
+    Inject {
+        /// Transparent mode: an init container installs the iptables rules
+        /// and the app needs no proxy variables.
+        #[arg(long)]
+        transparent: bool,
+        /// The sidecar's image.
+        #[arg(long, default_value = "agentmesh:dev")]
+        image: String,
+        /// The ConfigMap with `agentmesh.toml`.
+        #[arg(long, default_value = "agentmesh")]
+        config_map: String,
+        /// The sidecar's user id.
+        #[arg(long, default_value_t = 2102)]
+        proxy_uid: u32,
+    },
     /// Install the iptables rules of transparent mode, as an init container
     /// does: the pod's outbound TCP redirected to the transparent port,
     /// except the sidecar's own (by user id), loopback and the excluded

@@ -104,6 +104,37 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inject {
+            transparent,
+            image,
+            config_map,
+            proxy_uid,
+        } => {
+            let mut manifest = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut manifest) {
+                eprintln!("agentmesh inject: cannot read stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            let inject = agentmesh::tools::inject::Inject {
+                image,
+                transparent,
+                config_map,
+                proxy_uid,
+            };
+            match inject.run(&manifest) {
+                Ok((out, report)) => {
+                    print!("{out}");
+                    for line in report {
+                        eprintln!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentmesh inject: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::InitIptables {
             port,
             proxy_uid,

@@ -76,6 +76,7 @@ impl RawConfig {
             .listener
             .transparent
             .as_deref()
+            .filter(|v| !v.is_empty())
             .and_then(|v| p.socket_addr("listener.transparent", v));
         for (key, addr) in [
             ("listener.proxy", proxy),
