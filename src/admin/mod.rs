@@ -391,6 +391,23 @@ pub fn health(router: &Router, mesh: Option<&Mesh>, reloads: &ReloadStats) -> He
             ));
         }
     }
+    for c in router.clusters().iter() {
+        if c.stats().kubernetes_failing.load(Relaxed) {
+            let service = c
+                .config()
+                .kubernetes
+                .as_ref()
+                .map_or("", |k| k.service.as_str());
+            reasons.push((
+                Status::Degraded,
+                format!(
+                    "cluster {:?}: watching the EndpointSlices of Service {service:?} is failing; the last {} endpoints stay",
+                    c.name(),
+                    c.endpoints().len()
+                ),
+            ));
+        }
+    }
     if let Some(mesh) = mesh
         && mesh.figures().peers_alive == 0
     {

@@ -41,6 +41,12 @@ impl Cluster {
                 cluster.clone().discover(dns.clone())
             }));
         }
+        if let Some(k) = &self.config.kubernetes {
+            let (cluster, k) = (self.clone(), k.clone());
+            tasks.push(Task::supervised("Kubernetes discovery", move || {
+                cluster.clone().watch_kubernetes(k.clone())
+            }));
+        }
         if let Some(tls) = &self.tls {
             let tls = tls.clone();
             tasks.push(Task::supervised("TLS file watcher", move || {

@@ -8,6 +8,7 @@
 
 mod control;
 pub mod discovery;
+pub mod kubernetes;
 pub mod limit;
 pub mod retry_budget;
 mod router;
@@ -57,6 +58,12 @@ pub struct ClusterStats {
     pub dns_failures: AtomicU64,
     /// Whether the last lookup failed (the cluster runs on an older set).
     pub dns_failing: std::sync::atomic::AtomicBool,
+    /// Kubernetes discovery: endpoint sets applied from EndpointSlices, and
+    /// errors of the API client or the watch (the last set stayed).
+    pub kubernetes_updates: AtomicU64,
+    pub kubernetes_errors: AtomicU64,
+    /// Whether the watch is failing now.
+    pub kubernetes_failing: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterStats {

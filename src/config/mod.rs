@@ -205,6 +205,9 @@ pub struct ClusterConfig {
     pub tls: Option<crate::endpoint::tls::TlsConfig>,
     /// The endpoints are a DNS name's addresses (and `endpoints` is empty).
     pub dns: Option<crate::cluster::discovery::DnsConfig>,
+    /// The endpoints are a Service's EndpointSlices (and `endpoints` is
+    /// empty).
+    pub kubernetes: Option<crate::cluster::kubernetes::KubernetesConfig>,
 }
 
 /// `[cluster.circuit_breaker]`: per-endpoint breaking on consecutive failures.
@@ -709,6 +712,7 @@ impl ClusterConfig {
             mesh_load: false,
             tls: None,
             dns: None,
+            kubernetes: None,
         }
     }
 }

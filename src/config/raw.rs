@@ -190,6 +190,7 @@ pub(super) struct RawCluster {
     pub(super) rate_limit: Vec<RawRateLimit>,
     pub(super) tls: Option<RawTls>,
     pub(super) dns: Option<String>,
+    pub(super) kubernetes: Option<RawKubernetes>,
     #[serde(default, with = "humantime_serde")]
     pub(super) dns_refresh: Option<Duration>,
 }
@@ -349,4 +350,21 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_weight() -> u32 {
     1
+}
+
+/// A cluster's `kubernetes` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKubernetes {
+    pub(super) service: String,
+    pub(super) namespace: Option<String>,
+    pub(super) port: RawPort,
+}
+
+/// A port by name or number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawPort {
+    Number(i64),
+    Name(String),
 }

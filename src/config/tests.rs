@@ -617,3 +617,52 @@ fn transparent_mode_takes_a_listen_address_and_matches_by_ip_and_port() {
         "{e}"
     );
 }
+
+#[test]
+fn kubernetes_discovery_names_its_service_and_port_and_every_mistake_by_key() {
+    let base = "[[cluster]]\nname = \"planner\"\nkubernetes = { service = \"planner\", namespace = \"agents\", port = \"grpc\" }\n";
+    let c = parse(base).unwrap();
+    let k = c.clusters[0].kubernetes.clone().unwrap();
+    assert_eq!(k.service, "planner");
+    assert_eq!(k.namespace.as_deref(), Some("agents"));
+    assert_eq!(
+        k.port,
+        crate::cluster::kubernetes::PortRef::Name("grpc".into())
+    );
+    assert!(c.clusters[0].endpoints.is_empty());
+    let numbered = parse(&base.replace("\"grpc\"", "50051")).unwrap();
+    assert_eq!(
+        numbered.clusters[0].kubernetes.as_ref().unwrap().port,
+        crate::cluster::kubernetes::PortRef::Number(50051)
+    );
+    for (from, to, error) in [
+        (
+            "service = \"planner\"",
+            "service = \"Planner_1\"",
+            "mesh.toml: cluster[0].kubernetes.service: \"Planner_1\" is not a Service name",
+        ),
+        (
+            "namespace = \"agents\"",
+            "namespace = \"\"",
+            "mesh.toml: cluster[0].kubernetes.namespace: \"\" is not a namespace name",
+        ),
+        (
+            "port = \"grpc\"",
+            "port = 0",
+            "mesh.toml: cluster[0].kubernetes.port: must be the Service port's name",
+        ),
+        (
+            "port = \"grpc\"",
+            "port = \"grpc\", zone = 1",
+            "mesh.toml: cluster[0].kubernetes.zone: unknown field",
+        ),
+        (
+            "name = \"planner\"\n",
+            "name = \"planner\"\ndns = \"planner.test:1\"\n",
+            "mesh.toml: cluster[0].kubernetes: a cluster takes its endpoints from one of",
+        ),
+    ] {
+        let e = first_error(&base.replace(from, to));
+        assert!(e.starts_with(error), "{to}: {e}");
+    }
+}

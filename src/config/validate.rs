@@ -139,7 +139,8 @@ impl RawConfig {
                 })
                 .collect();
             let dns = validate_dns(&mut p, &at, &c, &nameservers);
-            if c.endpoints.is_empty() && c.dns.is_none() {
+            let kubernetes = validate_kubernetes(&mut p, &at, &c);
+            if c.endpoints.is_empty() && c.dns.is_none() && c.kubernetes.is_none() {
                 p.add(
                     format!("{at}.endpoints"),
                     "a cluster needs at least one endpoint ([[cluster.endpoints]] address = \"host:port\"), or a dns name to find them by",
@@ -270,6 +271,7 @@ impl RawConfig {
             clusters.push(ClusterConfig {
                 tls,
                 dns,
+                kubernetes,
                 request_timeout: limits.request_timeout,
                 idle_timeout: limits.idle_timeout,
                 keepalive_interval: limits.keepalive_interval,
@@ -1168,6 +1170,82 @@ fn validate_nameservers(p: &mut Problems, raw: &[String]) -> Vec<SocketAddr> {
 
 /// `dns = "host:port"` and `dns_refresh`: a name whose addresses are the
 /// endpoints, instead of `endpoints`.
+/// A cluster's `kubernetes` table: a Service (a DNS label), its namespace
+/// and port, and no other source of endpoints.
+fn validate_kubernetes(
+    p: &mut Problems,
+    at: &str,
+    c: &super::raw::RawCluster,
+) -> Option<crate::cluster::kubernetes::KubernetesConfig> {
+    use super::raw::RawPort;
+    use crate::cluster::kubernetes::{KubernetesConfig, PortRef};
+    let k = c.kubernetes.as_ref()?;
+    let key = format!("{at}.kubernetes");
+    if !c.endpoints.is_empty() || c.dns.is_some() {
+        p.add(
+            &key,
+            "a cluster takes its endpoints from one of `endpoints`, `dns` and `kubernetes`",
+        );
+    }
+    if !c.split.is_empty() {
+        p.add(
+            &key,
+            "`split` needs each endpoint's version, which EndpointSlices do not give: list the endpoints instead",
+        );
+    }
+    // Names of Services and namespaces are DNS labels (RFC 1123).
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    let mut ok = true;
+    if !label(&k.service) {
+        p.add(
+            format!("{key}.service"),
+            format!(
+                "{:?} is not a Service name (lowercase letters, digits and '-', at most 63)",
+                k.service
+            ),
+        );
+        ok = false;
+    }
+    if let Some(ns) = &k.namespace
+        && !label(ns)
+    {
+        p.add(
+            format!("{key}.namespace"),
+            format!(
+                "{ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
+            ),
+        );
+        ok = false;
+    }
+    let port = match &k.port {
+        RawPort::Number(n) => match u16::try_from(*n) {
+            Ok(n) if n > 0 => Some(PortRef::Number(n)),
+            _ => None,
+        },
+        RawPort::Name(name) if label(name) && name.len() <= 15 => Some(PortRef::Name(name.clone())),
+        RawPort::Name(_) => None,
+    };
+    let Some(port) = port else {
+        p.add(
+            format!("{key}.port"),
+            "must be the Service port's name (e.g. \"grpc\") or a number from 1 to 65535",
+        );
+        return None;
+    };
+    ok.then(|| KubernetesConfig {
+        service: k.service.clone(),
+        namespace: k.namespace.clone(),
+        port,
+    })
+}
+
 fn validate_dns(
     p: &mut Problems,
     at: &str,

@@ -87,7 +87,7 @@ async fn tunnel(
 ) {
     if let Some(slot) = ctx.router.slot(target) {
         tracing::debug!(target, cluster = slot.name(), "CONNECT tunnel to a cluster");
-        let route = Route::Cluster(slot, ctx.router.clone());
+        let route = Route::Cluster(slot);
         if tcp.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.is_err() {
             return;
         }

@@ -217,7 +217,7 @@ impl Context {
 enum Route {
     /// Every call to one cluster (CONNECT tunnel, local port): to its
     /// current build, which a config reload may change.
-    Cluster(Arc<Slot>, Arc<Router>),
+    Cluster(Arc<Slot>),
     /// Each call to the cluster its `:authority` names.
     Authority(Arc<Router>),
 }
@@ -225,12 +225,11 @@ enum Route {
 impl Route {
     async fn call(self, req: Request<h2::RecvStream>) -> Response<ResponseBody> {
         let cluster = match self {
-            Route::Cluster(slot, router) => match slot.current() {
+            Route::Cluster(slot) => match slot.current() {
                 Some(cluster) => cluster,
                 None => {
                     let error = ProxyError::ClusterRemoved {
                         cluster: slot.name().to_string(),
-                        known: router.names(),
                     };
                     return grpc::status_response(&error.to_status());
                 }
@@ -318,7 +317,7 @@ pub async fn serve_local(
     let limit = ctx.clone();
     accept_loop(listener, &limit, drain, move |tcp, drain| {
         let ctx = ctx.clone();
-        let route = Route::Cluster(slot.clone(), ctx.router.clone());
+        let route = Route::Cluster(slot.clone());
         async move {
             let peer = tcp.peer_addr().ok();
             serve_h2(tcp, peer, route, &ctx, drain).await

@@ -98,7 +98,7 @@ pub(super) async fn handle(mut tcp: TcpStream, ctx: Arc<Context>, drain: drain::
         if first.starts_with(H2_PREFACE) {
             stats.balanced.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%destination, cluster = slot.name(), "redirected HTTP/2: balanced per call");
-            let route = Route::Cluster(slot, ctx.router.clone());
+            let route = Route::Cluster(slot);
             serve_h2(Prefixed::new(first.freeze(), tcp), peer, route, &ctx, drain).await;
             return;
         }

@@ -17,8 +17,10 @@ pub enum ProxyError {
 
     /// The cluster a tunnel or a local port serves was removed by a config
     /// reload.
-    #[error("cluster {cluster:?} was removed by a config reload; known clusters: {known}")]
-    ClusterRemoved { cluster: String, known: String },
+    #[error(
+        "cluster {cluster:?} was removed by a config reload; this connection was bound to it (reconnect to reach another)"
+    )]
+    ClusterRemoved { cluster: String },
 
     /// No endpoint of the cluster could take the call: each was tried (a
     /// connect, or the request sent) or passed over (at its limit, removed).

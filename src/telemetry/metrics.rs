@@ -189,7 +189,7 @@ const ENDPOINT_COUNTERS: [EndpointCounter; 4] = [
 /// Cluster figures: name, help, type, and how to read the value.
 type ClusterFigure = (&'static str, &'static str, MetricType, fn(&Cluster) -> u64);
 
-const CLUSTER_FIGURES: [ClusterFigure; 9] = [
+const CLUSTER_FIGURES: [ClusterFigure; 11] = [
     (
         "agentmesh_cluster_in_flight",
         "Calls in flight in a cluster.",
@@ -243,6 +243,18 @@ const CLUSTER_FIGURES: [ClusterFigure; 9] = [
         "DNS discovery: lookups that failed or came back empty (the last endpoints stayed).",
         Counter,
         |c| ClusterStats::get(&c.stats().dns_failures),
+    ),
+    (
+        "agentmesh_cluster_kubernetes_updates",
+        "Kubernetes discovery: endpoint sets applied from the Service's EndpointSlices.",
+        Counter,
+        |c| ClusterStats::get(&c.stats().kubernetes_updates),
+    ),
+    (
+        "agentmesh_cluster_kubernetes_errors",
+        "Kubernetes discovery: API client or watch errors (the last endpoints stayed).",
+        Counter,
+        |c| ClusterStats::get(&c.stats().kubernetes_errors),
     ),
 ];
 
