@@ -84,10 +84,10 @@ fn write_hosts(path: &Path, names: &[(IpAddr, &str)]) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Agents on 127.0.0.2, .3 and .4 at one port (DNS gives addresses; the
-/// port is the cluster's), named after their address.
+/// Agents on 127.0.0.2, .3, .4 and .5 at one port (DNS gives addresses;
+/// the port is the cluster's), named after their address.
 async fn agents_on_one_port() -> (u16, Vec<IpAddr>, Agents) {
-    let ips: Vec<IpAddr> = (2..=4)
+    let ips: Vec<IpAddr> = (2..=5)
         .map(|i| format!("127.0.0.{i}").parse().unwrap())
         .collect();
     for _ in 0..20 {
@@ -121,105 +121,104 @@ async fn agents_on_one_port() -> (u16, Vec<IpAddr>, Agents) {
             return (port, ips, agents);
         }
     }
-    panic!("no port free on 127.0.0.2-4");
-}
-
-/// Calls in a loop, one after another on `concurrency` callers, until
-/// `stop`: the answers by agent, and the calls that failed.
-fn caller(
-    client: agentmesh::pb::agent_client::AgentClient<tonic::transport::Channel>,
-    concurrency: usize,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(BTreeMap<String, usize>, Vec<tonic::Status>)> {
-    tokio::spawn(async move {
-        let tasks: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (mut client, stop) = (client.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let (mut seen, mut failed) = (BTreeMap::new(), Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
-                        match client.invoke(request(b"x")).await {
-                            Ok(r) => *seen.entry(r.into_inner().agent).or_insert(0) += 1,
-                            Err(s) => failed.push(s),
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    (seen, failed)
-                })
-            })
-            .collect();
-        gather(tasks).await
-    })
-}
-
-fn calls_to(agents: &Agents, i: usize) -> u64 {
-    agents.stats[i].get(&agents.stats[i].calls)
+    panic!("no port free on 127.0.0.2-5");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_follow_the_dns_answer_while_calls_flow_and_a_failed_answer_keeps_them() {
+async fn endpoints_follow_the_dns_answer_under_200_calls_a_second_and_a_failed_answer_keeps_them() {
     bounded(Duration::from_secs(60), async {
-        let (port, ips, agents) = agents_on_one_port().await;
+        let (port, ips, _agents) = agents_on_one_port().await;
         let name = "planner.test";
-        let dns = Dns::start(&[(ips[0], name), (ips[1], name)]).await;
+        let refresh = Duration::from_secs(1);
+        let dns = Dns::start(&[(ips[0], name), (ips[1], name), (ips[2], name)]).await;
         let mut cluster = planner(&[]);
         cluster.endpoints.clear();
         cluster.dns = Some(DnsConfig {
             host: name.into(),
             port,
-            refresh: Duration::from_millis(200),
+            refresh,
             nameservers: vec![dns.addr],
         });
         let sidecar = sidecar(vec![cluster]).await;
         let router = sidecar.router().clone();
         let endpoints = || router.clusters()[0].endpoints().len();
         assert!(
-            eventually(Duration::from_secs(5), || endpoints() == 2).await,
-            "the first answer's two endpoints"
+            eventually(Duration::from_secs(5), || endpoints() == 3).await,
+            "the first answer's three endpoints"
         );
         let client = planner_client(Way::LocalPort, &sidecar).await;
-        let spread_before = spread(&client, 40, 4).await;
-        assert_eq!(spread_before.len(), 2, "{spread_before:?}");
+        let spread_before = spread(&client, 60, 4).await;
+        assert_eq!(spread_before.len(), 3, "{spread_before:?}");
 
         let stop = Arc::new(AtomicBool::new(false));
-        let running = caller(client.clone(), 4, stop.clone());
+        let log: Log = Arc::default();
+        let load = paced_load(client.clone(), 200, 4_000, stop.clone(), log.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
 
-        // A third address: it takes calls within a refresh or two.
-        dns.answer(&[(ips[0], name), (ips[1], name), (ips[2], name)]);
-        assert!(
-            eventually(Duration::from_secs(5), || calls_to(&agents, 2) > 0).await,
-            "the added agent got no call"
-        );
-        // The first goes: no call to it after its calls in flight end.
-        dns.answer(&[(ips[1], name), (ips[2], name)]);
-        assert!(eventually(Duration::from_secs(5), || endpoints() == 2).await);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let gone = calls_to(&agents, 0);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            calls_to(&agents, 0),
-            gone,
-            "the removed agent still got calls"
-        );
+        // A fourth address comes and the first goes, in one answer.
+        let changed = std::time::Instant::now();
+        dns.answer(&[(ips[1], name), (ips[2], name), (ips[3], name)]);
+        let bound = refresh + Duration::from_secs(1);
+        tokio::time::sleep(bound + Duration::from_secs(1)).await;
 
         // The name stops resolving: the last set stays.
         let failures =
             || agentmesh::cluster::ClusterStats::get(&router.clusters()[0].stats().dns_failures);
         dns.answer(&[]);
         assert!(eventually(Duration::from_secs(5), || failures() >= 1).await);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(endpoints(), 2, "a failed answer emptied the cluster");
-        let (one, two) = (calls_to(&agents, 1), calls_to(&agents, 2));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(calls_to(&agents, 1) > one && calls_to(&agents, 2) > two);
-
+        let failing = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(endpoints(), 3, "a failed answer emptied the cluster");
         stop.store(true, Ordering::Relaxed);
-        let (seen, failed) = running.await.unwrap();
+        load.await.unwrap();
+
+        let log = log.lock().unwrap().clone();
+        let failed: Vec<_> = log.iter().filter_map(|(_, r)| r.as_ref().err()).collect();
         assert!(
             failed.is_empty(),
             "calls failed while endpoints changed: {failed:?}"
         );
-        eprintln!("calls by agent while the answer changed: {seen:?}");
+        let answered = |agent: IpAddr| {
+            let name = agent.to_string();
+            move |r: &&(std::time::Instant, Result<String, String>)| {
+                r.1.as_deref() == Ok(name.as_str())
+            }
+        };
+        let first_to_new = log
+            .iter()
+            .filter(answered(ips[3]))
+            .map(|(at, _)| at.saturating_duration_since(changed))
+            .min()
+            .expect("the added agent got calls");
+        assert!(
+            first_to_new <= bound,
+            "the added agent's first call came {first_to_new:?} after the change"
+        );
+        let late_to_removed = log
+            .iter()
+            .filter(answered(ips[0]))
+            .filter(|(at, _)| *at > changed + bound)
+            .count();
+        assert_eq!(
+            late_to_removed, 0,
+            "the removed agent got calls after dns_refresh + 1 s"
+        );
+        let after_failure: BTreeMap<String, usize> = log
+            .iter()
+            .filter(|(at, _)| *at > failing)
+            .fold(BTreeMap::new(), |mut m, (_, r)| {
+                *m.entry(r.clone().unwrap()).or_insert(0) += 1;
+                m
+            });
+        assert_eq!(
+            after_failure.len(),
+            3,
+            "the last set serves while the name fails: {after_failure:?}"
+        );
+        eprintln!(
+            "{} calls at 200/s; the added agent's first call {first_to_new:?} after the change",
+            log.len()
+        );
 
         let metrics = admin_get(sidecar.admin_addr(), "/metrics").await;
         assert!(

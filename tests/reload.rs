@@ -101,42 +101,6 @@ impl ConfigMap {
     }
 }
 
-/// Every call of the load: when it started, and the agent that answered or
-/// the status it failed with.
-type Log = Arc<Mutex<Vec<(Instant, Result<String, String>)>>>;
-
-/// Calls at `per_second` on `client` until `stop` (at most `max` calls).
-fn paced_load(
-    client: AgentClient<Channel>,
-    per_second: u64,
-    max: usize,
-    stop: Arc<AtomicBool>,
-    log: Log,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
-        let mut calls = Vec::new();
-        for _ in 0..max {
-            tick.tick().await;
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let (mut client, log) = (client.clone(), log.clone());
-            calls.push(tokio::spawn(async move {
-                let started = Instant::now();
-                let result = match client.invoke(request(b"reload")).await {
-                    Ok(r) => Ok(r.into_inner().agent),
-                    Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-                };
-                log.lock().unwrap().push((started, result));
-            }));
-        }
-        for call in calls {
-            let _ = call.await;
-        }
-    })
-}
-
 /// `n` calls on 16 callers at once: the share of each agent, and failures.
 async fn burst(client: &AgentClient<Channel>, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
     let per = n / 16;

@@ -435,3 +435,39 @@ pub async fn gather<F>(callers: Vec<tokio::task::JoinHandle<Seen<F>>>) -> Seen<F
     }
     (seen, failed)
 }
+
+/// Every call of the load: when it started, and the agent that answered or
+/// the status it failed with.
+pub type Log = Arc<std::sync::Mutex<Vec<(std::time::Instant, Result<String, String>)>>>;
+
+/// Calls at `per_second` on `client` until `stop` (at most `max` calls).
+pub fn paced_load(
+    client: AgentClient<Channel>,
+    per_second: u64,
+    max: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    log: Log,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+        let mut calls = Vec::new();
+        for _ in 0..max {
+            tick.tick().await;
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let (mut client, log) = (client.clone(), log.clone());
+            calls.push(tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let result = match client.invoke(request(b"paced")).await {
+                    Ok(r) => Ok(r.into_inner().agent),
+                    Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+                };
+                log.lock().unwrap().push((started, result));
+            }));
+        }
+        for call in calls {
+            let _ = call.await;
+        }
+    })
+}
