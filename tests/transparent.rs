@@ -16,9 +16,9 @@ use support::*;
 
 const SIDECAR_UID: &str = "65534";
 
-/// A network namespace whose loopback holds 10.200.0.1-6 too (addresses
-/// that iptables' loopback exception, 127.0.0.0/8, does not cover);
-/// deleted when dropped.
+/// A network namespace whose loopback holds 10.200.0.1-7 too (addresses
+/// that iptables' loopback exception, 127.0.0.0/8, does not cover), and
+/// whose /etc/hosts names 10.200.0.7 `planner.test`; deleted when dropped.
 struct Netns {
     name: String,
 }
@@ -30,10 +30,19 @@ impl Netns {
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
             .status();
+        // `ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts:
+        // a Service-like name whose address no agent has.
+        let etc = format!("/etc/netns/{name}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            format!("{etc}/hosts"),
+            "127.0.0.1 localhost\n10.200.0.7 planner.test\n",
+        )
+        .unwrap();
         let ns = Netns { name };
         run("ip", &["netns", "add", &ns.name]);
         ns.run("ip", &["link", "set", "lo", "up"]);
-        for i in 1..=6 {
+        for i in 1..=7 {
             ns.run(
                 "ip",
                 &["addr", "add", &format!("10.200.0.{i}/32"), "dev", "lo"],
@@ -109,6 +118,7 @@ impl Drop for Netns {
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
 
@@ -144,7 +154,7 @@ fn config(dir: &Path) -> PathBuf {
     let text = "[listener]\nproxy = \"127.0.0.1:15001\"\ntransparent = \"127.0.0.1:15006\"\n\
                 [admin]\nlisten = \"127.0.0.1:15000\"\n\n\
                 [[cluster]]\nname = \"planner.agents\"\n\
-                match = [\"10.200.0.5:7007\"]\n\
+                match = [\"10.200.0.5:7007\", \"planner.test:50051\"]\n\
                 endpoints = [{ address = \"10.200.0.2:50051\" }, { address = \"10.200.0.3:50051\" }, { address = \"10.200.0.4:50051\" }]\n";
     let file = dir.join("agentmesh.toml");
     std::fs::write(&file, text).unwrap();
@@ -255,6 +265,19 @@ async fn redirected_grpc_is_balanced_over_every_agent_and_other_tcp_passes_throu
             "an agent's status passes through: {balanced}"
         );
 
+        // A name in `match`, as a Service's: the client dials
+        // planner.test:50051, whose address (10.200.0.7) no agent has.
+        let named: serde_json::Value = serde_json::from_str(
+            &ns.output(&python, &[client, "planner.test:50051", "30"])
+                .await,
+        )
+        .unwrap();
+        assert_eq!(named["failures"], serde_json::json!([]), "{named}");
+        for agent in ["a0", "a1", "a2"] {
+            let n = named["counts"][agent].as_u64().unwrap_or(0);
+            assert!(n >= 5, "{agent} answered {n} of 30 by name: {named}");
+        }
+
         // Plain TCP, to an address the cluster's `match` claims (the first
         // bytes are not HTTP/2) and to one no cluster claims: echoed.
         let echo = script("echo.py");
@@ -272,7 +295,11 @@ async fn redirected_grpc_is_balanced_over_every_agent_and_other_tcp_passes_throu
         }
 
         let metrics = ns.admin("/metrics").await.expect("metrics");
-        assert_eq!(counter(&metrics, "balanced"), 1, "grpcio's one connection");
+        assert_eq!(
+            counter(&metrics, "balanced"),
+            2,
+            "grpcio's one connection for each target"
+        );
         assert_eq!(counter(&metrics, "passed_through"), 2);
         drop(children);
     })

@@ -41,6 +41,12 @@ impl Cluster {
                 cluster.clone().discover(dns.clone())
             }));
         }
+        if !self.config.match_names.is_empty() {
+            let cluster = self.clone();
+            tasks.push(Task::supervised("match resolver", move || {
+                cluster.clone().resolve_matches()
+            }));
+        }
         if let Some(k) = &self.config.kubernetes {
             let (cluster, k) = (self.clone(), k.clone());
             tasks.push(Task::supervised("Kubernetes discovery", move || {

@@ -103,6 +103,8 @@ pub struct Cluster {
     traces: std::sync::OnceLock<Arc<Traces>>,
     /// The TLS client of its endpoints' connections (`tls`).
     tls: Option<Arc<crate::endpoint::tls::Tls>>,
+    /// Transparent mode: the addresses `match`'s names resolved to.
+    matched: ArcSwap<Vec<std::net::SocketAddr>>,
 }
 
 /// Refusals are logged at most this often per cluster; `/clusters` counts
@@ -164,6 +166,7 @@ impl Cluster {
                 .tls
                 .clone()
                 .map(|t| Arc::new(crate::endpoint::tls::Tls::new(&config.name, t))),
+            matched: ArcSwap::from_pointee(Vec::new()),
         };
         cluster.apply(Update::Reset(config.endpoints.clone()));
         cluster
@@ -263,6 +266,44 @@ impl Cluster {
     /// The current ready set, groups and pickers.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// Transparent mode: whether a connection redirected from `destination`
+    /// is this cluster's by its `match` (an address, or one a name
+    /// resolved to).
+    pub fn matches(&self, destination: std::net::SocketAddr) -> bool {
+        self.config.matches.contains(&destination) || self.matched.load().contains(&destination)
+    }
+
+    /// Resolves `match`'s names every 5 s until the task is dropped; a
+    /// failed lookup keeps the addresses it had.
+    pub(crate) async fn resolve_matches(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            let mut found = Vec::new();
+            let mut error = None;
+            for (host, port) in &self.config.match_names {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => found.extend(addrs),
+                    Err(e) => error = Some(format!("{host}:{port}: {e}")),
+                }
+            }
+            match error {
+                Some(e) => {
+                    if !failing {
+                        tracing::warn!(cluster = %self.name, error = %e, "a name in match does not resolve; keeping the addresses it had (logged once until it does)");
+                    }
+                    failing = true;
+                }
+                None => {
+                    failing = false;
+                    found.sort();
+                    found.dedup();
+                    self.matched.store(Arc::new(found));
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
     }
 
     pub fn affinity(&self) -> Option<&Affinity> {

@@ -129,7 +129,8 @@ impl Router {
     }
 
     /// Transparent mode: the slot of the cluster a connection redirected
-    /// from `destination` is for: the first whose `match` names it, else
+    /// from `destination` is for: the first whose `match` names it (or a
+    /// name there resolved to it), else
     /// the first with an endpoint there (by its address, or the address its
     /// connection reached).
     pub fn slot_for_destination(&self, destination: SocketAddr) -> Option<Arc<Slot>> {
@@ -137,7 +138,7 @@ impl Router {
         let cluster = table
             .clusters
             .iter()
-            .find(|c| c.config().matches.contains(&destination))
+            .find(|c| c.matches(destination))
             .or_else(|| {
                 table.clusters.iter().find(|c| {
                     c.endpoints().iter().any(|e| {

@@ -159,6 +159,9 @@ pub struct ClusterConfig {
     /// Transparent mode: original destinations that are this cluster's
     /// (its Service's address), beside its endpoints' own addresses.
     pub matches: Vec<SocketAddr>,
+    /// ...and names whose addresses are (a Service's name, which resolves
+    /// to its ClusterIP), with the port; resolved again every 5 s.
+    pub match_names: Vec<(String, u16)>,
     pub connect_timeout: Duration,
     pub endpoints: Vec<EndpointConfig>,
     /// How many random candidates the load-aware strategies compare.
@@ -687,6 +690,7 @@ impl ClusterConfig {
             strategy: Strategy::RoundRobin,
             local_port: None,
             matches: Vec::new(),
+            match_names: Vec::new(),
             connect_timeout: Duration::from_secs(2),
             endpoints: addresses.iter().map(EndpointConfig::new).collect(),
             choices: Choices::default(),

@@ -580,7 +580,7 @@ fn bad_telemetry_values_name_their_keys() {
 }
 
 #[test]
-fn transparent_mode_takes_a_listen_address_and_matches_by_ip_and_port() {
+fn transparent_mode_takes_a_listen_address_and_matches_by_address_or_name() {
     let on = GOOD.replace(
         "[listener]\n",
         "[listener]\ntransparent = \"127.0.0.1:15006\"\n",
@@ -599,9 +599,16 @@ fn transparent_mode_takes_a_listen_address_and_matches_by_ip_and_port() {
         vec!["10.96.0.15:50051".parse().unwrap()]
     );
 
-    let e = first_error(&on.replace("10.96.0.15:50051", "planner.agents:50051"));
+    let named = parse(&on.replace("10.96.0.15:50051", "planner.agents:50051")).unwrap();
+    assert_eq!(
+        named.clusters[0].match_names,
+        vec![("planner.agents".to_string(), 50051)]
+    );
+    let e = first_error(&on.replace("10.96.0.15:50051", "planner agents"));
     assert!(
-        e.starts_with("mesh.toml: cluster[0].match[0]: \"planner.agents:50051\" is not IP:port"),
+        e.starts_with(
+            "mesh.toml: cluster[0].match[0]: \"planner agents\" is not IP:port or name:port"
+        ),
         "{e}"
     );
     let e = first_error(&on.replace("127.0.0.1:15006", "127.0.0.1:15001"));

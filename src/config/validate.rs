@@ -123,21 +123,24 @@ impl RawConfig {
                 claim(&mut p, &mut listens, addr, &key);
                 Some(addr)
             });
-            let matches: Vec<SocketAddr> = c
-                .matches
-                .iter()
-                .enumerate()
-                .filter_map(|(i, m)| match m.parse() {
-                    Ok(addr) => Some(addr),
-                    Err(_) => {
-                        p.add(
-                            format!("{at}.match[{i}]"),
-                            format!("{m:?} is not IP:port; give the address callers dial (a Service's ClusterIP and port)"),
-                        );
-                        None
-                    }
-                })
-                .collect();
+            let (mut matches, mut match_names) = (Vec::new(), Vec::new());
+            for (i, m) in c.matches.iter().enumerate() {
+                if let Ok(addr) = m.parse::<SocketAddr>() {
+                    matches.push(addr);
+                    continue;
+                }
+                let name = check_host_port(m).ok().and_then(|()| {
+                    let (host, port) = m.rsplit_once(':')?;
+                    Some((host.to_string(), port.parse::<u16>().ok()?))
+                });
+                match name {
+                    Some(n) => match_names.push(n),
+                    None => p.add(
+                        format!("{at}.match[{i}]"),
+                        format!("{m:?} is not IP:port or name:port (the address callers dial, e.g. a Service's \"planner.agents:50051\")"),
+                    ),
+                }
+            }
             let dns = validate_dns(&mut p, &at, &c, &nameservers);
             let kubernetes = validate_kubernetes(&mut p, &at, &c);
             if c.endpoints.is_empty() && c.dns.is_none() && c.kubernetes.is_none() {
@@ -289,6 +292,7 @@ impl RawConfig {
                 strategy: c.strategy,
                 local_port,
                 matches,
+                match_names,
                 connect_timeout: c.connect_timeout,
                 endpoints,
                 choices,
