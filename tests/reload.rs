@@ -251,6 +251,7 @@ async fn ten_reloads_under_load_by_sighup_and_symlink_swap_lose_no_call() {
             ),
         ));
         let took = in_effect(ports.admin, t, |s| addresses(s).contains(&a(3))).await;
+        eprintln!("a3 added: in effect after {took:?}");
         assert!(
             took.is_some_and(|d| d < Duration::from_secs(1)),
             "a3 added: {took:?}"
@@ -267,6 +268,7 @@ async fn ten_reloads_under_load_by_sighup_and_symlink_swap_lose_no_call() {
         ));
         hangup(&child);
         let took = in_effect(ports.admin, t, |s| !addresses(s).contains(&a(0))).await;
+        eprintln!("a0 removed: in effect after {took:?}");
         assert!(
             took.is_some_and(|d| d < Duration::from_secs(1)),
             "a0 removed: {took:?}"
@@ -282,6 +284,7 @@ async fn ten_reloads_under_load_by_sighup_and_symlink_swap_lose_no_call() {
             &v(&[(1, 3, "v1"), (2, 1, "v1"), (3, 1, "v1")], None, ""),
         ));
         let took = in_effect(ports.admin, t, |s| weight_of(s, &a(1)) == Some(3)).await;
+        eprintln!("a1 reweighted: in effect after {took:?}");
         assert!(
             took.is_some_and(|d| d < Duration::from_secs(1)),
             "a1 reweighted: {took:?}"
@@ -289,6 +292,10 @@ async fn ten_reloads_under_load_by_sighup_and_symlink_swap_lose_no_call() {
         let (seen, failed) = burst(&tunnel, 3_000).await;
         burst_failures.extend(failed);
         let a1 = share(&seen, "a1");
+        eprintln!(
+            "weights 3:1:1: a1 took {a1:.1}% of {} calls",
+            seen.values().sum::<usize>()
+        );
         assert!(
             (a1 - 60.0).abs() <= 4.0,
             "a1 at weight 3 of 5 took {a1:.1}%: {seen:?}"
@@ -314,6 +321,7 @@ async fn ten_reloads_under_load_by_sighup_and_symlink_swap_lose_no_call() {
                     map.swap(&bad);
                 }
                 let took = in_effect(ports.admin, t, |s| s["reloads"]["invalid"] == 1).await;
+                eprintln!("invalid file: refused after {took:?}");
                 assert!(
                     took.is_some_and(|d| d < Duration::from_secs(1)),
                     "invalid file counted: {took:?}"
@@ -387,6 +395,7 @@ async fn ten_reloads_under_load_by_sighup_and_symlink_swap_lose_no_call() {
         hangup(&child);
         let _ = &mut child;
         let took = in_effect(ports.admin, t, |s| s["reloads"]["applied"] == 8).await;
+        eprintln!("retry policy: in effect after {took:?}");
         assert!(
             took.is_some_and(|d| d < Duration::from_secs(1)),
             "retry policy: {took:?}"

@@ -255,6 +255,10 @@ async fn redirected_grpc_is_balanced_over_every_agent_and_other_tcp_passes_throu
                 .await,
         )
         .unwrap();
+        eprintln!(
+            "redirected, dialling 10.200.0.2:50051: {}",
+            balanced["counts"]
+        );
         assert_eq!(balanced["failures"], serde_json::json!([]), "{balanced}");
         for agent in ["a0", "a1", "a2"] {
             let n = balanced["counts"][agent].as_u64().unwrap_or(0);
@@ -272,6 +276,10 @@ async fn redirected_grpc_is_balanced_over_every_agent_and_other_tcp_passes_throu
                 .await,
         )
         .unwrap();
+        eprintln!(
+            "redirected, dialling planner.test:50051: {}",
+            named["counts"]
+        );
         assert_eq!(named["failures"], serde_json::json!([]), "{named}");
         for agent in ["a0", "a1", "a2"] {
             let n = named["counts"][agent].as_u64().unwrap_or(0);
