@@ -390,8 +390,6 @@ pub fn health(router: &Router, mesh: Option<&Mesh>, reloads: &ReloadStats) -> He
                 ),
             ));
         }
-    }
-    for c in router.clusters().iter() {
         if c.stats().kubernetes_failing.load(Relaxed) {
             let service = c
                 .config()
@@ -401,9 +399,8 @@ pub fn health(router: &Router, mesh: Option<&Mesh>, reloads: &ReloadStats) -> He
             reasons.push((
                 Status::Degraded,
                 format!(
-                    "cluster {:?}: watching the EndpointSlices of Service {service:?} is failing; the last {} endpoints stay",
-                    c.name(),
-                    c.endpoints().len()
+                    "cluster {:?}: watching the EndpointSlices of Service {service:?} is failing; the last {total} endpoints stay",
+                    c.name()
                 ),
             ));
         }
