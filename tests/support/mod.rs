@@ -206,10 +206,24 @@ pub fn python() -> std::path::PathBuf {
 /// Runs `tests/python/SCRIPT ARGS..` with [`python`] to its end: the JSON
 /// object it prints.
 pub async fn python_json(script: &str, args: &[String]) -> serde_json::Value {
+    python_json_niced(0, script, args).await
+}
+
+/// As [`python_json`], with the script run at `nice` niceness (`nice -n`):
+/// a load generator that stands for another host should not take the CPU
+/// of the processes it measures.
+pub async fn python_json_niced(nice: i32, script: &str, args: &[String]) -> serde_json::Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);
-    let out = tokio::process::Command::new(python())
+    let mut command = if nice == 0 {
+        tokio::process::Command::new(python())
+    } else {
+        let mut nice_command = tokio::process::Command::new("nice");
+        nice_command.args(["-n", &nice.to_string()]).arg(python());
+        nice_command
+    };
+    let out = command
         .arg(path)
         .args(args)
         .kill_on_drop(true)
