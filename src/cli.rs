@@ -65,6 +65,8 @@ pub enum Command {
         #[arg(long, default_value_t = 2102)]
         proxy_uid: u32,
     },
+    /// Read and change a running sidecar through its admin API.
+    Ctl(CtlArgs),
     /// Install the iptables rules of transparent mode, as an init container
     /// does: the pod's outbound TCP redirected to the transparent port,
     /// except the sidecar's own (by user id), loopback and the excluded
@@ -291,4 +293,165 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
     use serde::de::IntoDeserializer;
     let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = s.into_deserializer();
     Strategy::deserialize(de).map_err(|e| e.to_string())
+}
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// The sidecar's admin port.
+    #[arg(long, global = true, default_value = agentmesh::config::DEFAULT_ADMIN)]
+    pub admin: String,
+    /// The `[admin] token`, needed for writes from another host.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTMESH_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// `table` or `json`.
+    #[arg(long, short, global = true, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+pub enum CtlCommand {
+    /// Every cluster: strategy, ready endpoints, calls in flight, split.
+    Clusters,
+    /// Endpoints with their state, weight, load and latency.
+    Endpoints { cluster: Option<String> },
+    /// A live table of every endpoint: calls/s, share, in flight, p50/p99.
+    Top {
+        cluster: Option<String>,
+        /// How often to refresh.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many refreshes (0: until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        iterations: u32,
+    },
+    /// Take an endpoint out of the picks; its calls in flight finish.
+    Eject(HoldArgs),
+    /// Send an endpoint no new call; its calls in flight finish.
+    Drain(HoldArgs),
+    /// Treat an endpoint as failed (and, with gossip, tell the mesh).
+    Failover(HoldArgs),
+    /// End an eject, drain or failover, and give back the configured weight.
+    Restore { cluster: String, endpoint: String },
+    /// Set an endpoint's weight (until restored or reloaded).
+    Weight {
+        cluster: String,
+        endpoint: String,
+        weight: u32,
+    },
+    /// Give a version a percent of the cluster's calls; the other versions
+    /// share the rest.
+    Canary {
+        cluster: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        percent: u32,
+    },
+    /// Set the whole version split: `ctl split planner v1=90 v2=10`.
+    Split {
+        cluster: String,
+        #[arg(required = true)]
+        shares: Vec<String>,
+    },
+    /// Where a call would go and why, without sending it: the candidates
+    /// compared, their costs and the choice.
+    Explain {
+        cluster: String,
+        /// `/package.Service/Method`.
+        #[arg(long)]
+        method: Option<String>,
+        /// A header of the call, `NAME=VALUE` (repeatable), e.g. its
+        /// session key.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+    /// Reload the config file (undoes every change made by ctl).
+    Reload,
+}
+
+#[derive(Args)]
+pub struct HoldArgs {
+    pub cluster: String,
+    pub endpoint: String,
+    /// How long (e.g. 30s, 5m); without it, until `ctl restore`.
+    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    pub for_: Option<Duration>,
+}
+
+impl CtlArgs {
+    pub fn options(&self) -> agentmesh::tools::ctl::Options {
+        use agentmesh::tools::ctl::{Options, Output};
+        Options {
+            admin: self.admin.clone(),
+            token: self.token.clone(),
+            output: if self.output == "json" {
+                Output::Json
+            } else {
+                Output::Table
+            },
+        }
+    }
+
+    pub fn action(self) -> agentmesh::tools::ctl::Action {
+        use agentmesh::tools::ctl::Action;
+        let hold = |kind, h: HoldArgs| Action::Hold {
+            kind,
+            cluster: h.cluster,
+            endpoint: h.endpoint,
+            for_: h.for_,
+        };
+        match self.command {
+            CtlCommand::Clusters => Action::Clusters,
+            CtlCommand::Endpoints { cluster } => Action::Endpoints { cluster },
+            CtlCommand::Top {
+                cluster,
+                interval,
+                iterations,
+            } => Action::Top {
+                cluster,
+                interval,
+                iterations,
+            },
+            CtlCommand::Eject(h) => hold("eject", h),
+            CtlCommand::Drain(h) => hold("drain", h),
+            CtlCommand::Failover(h) => hold("failover", h),
+            CtlCommand::Restore { cluster, endpoint } => Action::Restore { cluster, endpoint },
+            CtlCommand::Weight {
+                cluster,
+                endpoint,
+                weight,
+            } => Action::Weight {
+                cluster,
+                endpoint,
+                weight,
+            },
+            CtlCommand::Canary {
+                cluster,
+                version,
+                percent,
+            } => Action::Canary {
+                cluster,
+                version,
+                percent,
+            },
+            CtlCommand::Split { cluster, shares } => Action::Split { cluster, shares },
+            CtlCommand::Explain {
+                cluster,
+                method,
+                headers,
+            } => Action::Explain {
+                cluster,
+                method,
+                headers,
+            },
+            CtlCommand::Reload => Action::Reload,
+        }
+    }
 }

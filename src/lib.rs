@@ -56,3 +56,11 @@ pub mod fuzzing {
 pub mod pb {
     tonic::include_proto!("agentmesh.demo.v1");
 }
+
+/// The admin API, `proto/agentmesh/admin/v1/admin.proto`.
+pub mod admin_pb {
+    tonic::include_proto!("agentmesh.admin.v1");
+
+    /// The admin API's descriptors, for server reflection.
+    pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("admin_descriptors");
+}

@@ -135,6 +135,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ctl(args) => {
+            let options = args.options();
+            let action = args.action();
+            match runtime(1).block_on(agentmesh::tools::ctl::run(&options, action)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("agentmesh ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::InitIptables {
             port,
             proxy_uid,

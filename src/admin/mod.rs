@@ -14,6 +14,12 @@
 //! - `GET /mesh` (with `[mesh]`): JSON: this node, its peers, the gossip
 //!   counters, and per endpoint the local and the mesh view.
 //! - `GET /metrics`: Prometheus text format (see [`crate::telemetry::metrics`]).
+//!
+//! On the same port, told apart by content type, the admin gRPC API
+//! ([`api`]) with `grpc.health.v1` and server reflection: HTTP/1.1 and
+//! HTTP/2 are both served.
+
+pub mod api;
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -36,12 +42,35 @@ use crate::telemetry::metrics::{self, Metrics};
 /// Admin connections open at once at most; more are closed as they come.
 const ADMIN_CONNECTIONS: usize = 64;
 
+/// The admin gRPC services: the API, health and reflection.
+pub async fn grpc_routes(api: api::AdminApi) -> tonic::service::Routes {
+    use crate::admin_pb::admin_server::AdminServer;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AdminServer<api::AdminApi>>().await;
+    let mut routes = tonic::service::Routes::new(AdminServer::new(api)).add_service(health_service);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::admin_pb::DESCRIPTORS)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    match reflection().build_v1() {
+        Ok(v1) => routes = routes.add_service(v1),
+        Err(e) => tracing::warn!(error = %e, "admin API: no server reflection"),
+    }
+    if let Ok(v1alpha) = reflection().build_v1alpha() {
+        routes = routes.add_service(v1alpha);
+    }
+    routes
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: Arc<TcpListener>,
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
     metrics: Arc<Metrics>,
     reloads: Arc<ReloadStats>,
+    grpc: tonic::service::Routes,
     header_timeout: std::time::Duration,
     mut drain: drain::Watch,
 ) {
@@ -53,7 +82,7 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             _ = drain.signaled() => return,
         };
-        let Ok((tcp, _)) = accepted else {
+        let Ok((tcp, peer)) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
@@ -61,20 +90,49 @@ pub async fn serve(
             continue;
         };
         let (router, mesh, metrics) = (router.clone(), mesh.clone(), metrics.clone());
-        let reloads = reloads.clone();
+        let (reloads, grpc) = (reloads.clone(), grpc.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &router, mesh.as_deref(), &metrics, &reloads);
-                async move { Ok::<_, Infallible>(response) }
+            // A connection that sends nothing in time is closed (HTTP/1.1
+            // connections also between requests: see below).
+            if tokio::time::timeout(header_timeout, tcp.peek(&mut [0u8; 1]))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let is_grpc = req
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let local = (!is_grpc).then(|| {
+                    respond(&req, &router, mesh.as_deref(), &metrics, &reloads)
+                        .map(tonic::body::Body::new)
+                });
+                let grpc = grpc.clone();
+                async move {
+                    if let Some(response) = local {
+                        return Ok::<_, Infallible>(response);
+                    }
+                    req.extensions_mut().insert(api::Peer(peer));
+                    let response = tower::ServiceExt::oneshot(grpc, req).await;
+                    Ok(response.unwrap_or_else(|never| match never {}))
+                }
             });
-            // A connection that sends no request head in time, the first
-            // or the next, is closed.
-            let conn = hyper::server::conn::http1::Builder::new()
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = conn.await {
+                .header_read_timeout(header_timeout);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(16)
+                .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
+                .keep_alive_timeout(std::time::Duration::from_secs(10));
+            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
@@ -263,6 +321,7 @@ pub fn stats_json(router: &Router, reloads: Option<&ReloadStats>) -> String {
             "invalid": ReloadStats::get(&r.invalid),
             "by_signal": ReloadStats::get(&r.by_signal),
             "by_file": ReloadStats::get(&r.by_file),
+            "by_api": ReloadStats::get(&r.by_api),
             "last_error": r.last_error(),
         });
     }

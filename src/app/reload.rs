@@ -40,6 +40,8 @@ pub enum Trigger {
     Signal,
     /// The file (or the symlink it is reached through) changed.
     File,
+    /// The admin API's `Reload`.
+    Api,
 }
 
 /// What reloads have done, for `/stats` and `/metrics`.
@@ -54,6 +56,7 @@ pub struct ReloadStats {
     /// Reloads by trigger.
     pub by_signal: AtomicU64,
     pub by_file: AtomicU64,
+    pub by_api: AtomicU64,
     /// Why the last refused file was refused; cleared by a valid one.
     last_error: Mutex<Option<String>>,
 }
@@ -79,6 +82,38 @@ pub struct Changes {
     pub endpoints: Vec<(String, Applied)>,
     /// Keys that changed but keep their running values until a restart.
     pub need_restart: Vec<String>,
+}
+
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("clusters added", &self.added),
+            ("clusters removed", &self.removed),
+            ("clusters rebuilt", &self.rebuilt),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what}: {}", names.join(", ")));
+            }
+        }
+        for (name, a) in &self.endpoints {
+            parts.push(format!(
+                "cluster {name}: {} endpoints added, {} removed, {} reweighted",
+                a.added, a.removed, a.reweighted
+            ));
+        }
+        if !self.need_restart.is_empty() {
+            parts.push(format!(
+                "need a restart to apply: {}",
+                self.need_restart.join(", ")
+            ));
+        }
+        if parts.is_empty() {
+            f.write_str("nothing changed")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
 }
 
 impl Changes {
@@ -113,6 +148,8 @@ struct State {
     tasks: HashMap<String, Vec<Task>>,
     /// Clusters taken out by a reload, finishing their calls.
     retiring: Vec<Task>,
+    /// The config file, once [`Reloader::remember`] has named it.
+    path: Option<PathBuf>,
 }
 
 /// After a cluster leaves the router, calls that found it a moment before
@@ -145,6 +182,7 @@ impl Reloader {
                 last_read: None,
                 tasks,
                 retiring: Vec::new(),
+                path: None,
             }),
         }
     }
@@ -156,9 +194,16 @@ impl Reloader {
     /// Remembers the file's bytes now, so that a file event that does not
     /// change them is not taken for a change.
     pub async fn remember(&self, path: &Path) {
+        let mut state = self.state.lock().await;
+        state.path = Some(path.to_owned());
         if let Ok(bytes) = std::fs::read(path) {
-            self.state.lock().await.last_read = Some(bytes);
+            state.last_read = Some(bytes);
         }
+    }
+
+    /// The config file reloads read, if the sidecar was started from one.
+    pub async fn path(&self) -> Option<PathBuf> {
+        self.state.lock().await.path.clone()
     }
 
     /// Reads `path` and applies it if valid. A [`Trigger::File`] reload of
@@ -179,6 +224,7 @@ impl Reloader {
         match trigger {
             Trigger::Signal => &self.stats.by_signal,
             Trigger::File => &self.stats.by_file,
+            Trigger::Api => &self.stats.by_api,
         }
         .fetch_add(1, Ordering::Relaxed);
         let file_error = |reason: String| {
@@ -196,7 +242,24 @@ impl Reloader {
             },
         };
         Some(match parsed {
-            Ok(config) => Ok(self.apply_locked(&mut state, config).await),
+            Ok(config) => {
+                let changes = self.apply_locked(&mut state, config).await;
+                // A reload gives back what the config says: the admin
+                // API's holds, weights and splits end.
+                let undone: usize = self
+                    .router
+                    .clusters()
+                    .iter()
+                    .map(|c| c.undo_api_changes())
+                    .sum();
+                if undone > 0 {
+                    tracing::info!(
+                        undone,
+                        "the reload undid the changes made through the admin API"
+                    );
+                }
+                Ok(changes)
+            }
             Err(errors) => {
                 self.stats.invalid.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.stats.last_error) = Some(errors.to_string());

@@ -97,6 +97,13 @@ impl Sidecar {
             reloader.stats().clone(),
         ));
 
+        let grpc = admin::grpc_routes(admin::api::AdminApi::new(
+            router.clone(),
+            reloader.clone(),
+            config.admin.token.as_ref(),
+        ))
+        .await;
+
         let mut tasks = Vec::new();
         tasks.push(Task::supervised("proxy listener", {
             let (ctx, watch) = (ctx.clone(), drain.watch());
@@ -113,6 +120,7 @@ impl Sidecar {
                     mesh.clone(),
                     metrics.clone(),
                     reloads.clone(),
+                    grpc.clone(),
                     header_timeout,
                     watch.clone(),
                 )

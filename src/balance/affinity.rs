@@ -94,6 +94,23 @@ impl Affinity {
             .and_then(|pin| self.fresh(&pin, now).then_some(pin.endpoint))
     }
 
+    /// Where [`Affinity::pick`] would send session `key`, without pinning
+    /// it or touching its pin: the index, and whether it is the pin.
+    pub fn peek(&self, key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<(usize, bool)> {
+        if let Some(id) = self.pinned(key)
+            && let Some(i) = ready.iter().position(|e| e.id() == id)
+            && !tried.contains(id)
+        {
+            return Some((i, true));
+        }
+        let key = &*short_key(key);
+        let i = match self.balance_factor {
+            None => rendezvous(key, ready, tried)?,
+            Some(factor) => bounded(key, ready, tried, factor)?,
+        };
+        Some((i, false))
+    }
+
     /// The index in `ready` for session `key`: its pinned endpoint while
     /// that is ready (and not tried), otherwise a new placement, pinned.
     pub fn pick(&self, key: &str, ready: &[Arc<Endpoint>], tried: &Tried) -> Option<usize> {

@@ -259,7 +259,17 @@ pub struct Snapshot {
     groups: Vec<Group>,
     /// True when no endpoint was ready and every endpoint is used instead.
     panic: bool,
+    /// Calls placed among the groups (when there are several), from a
+    /// random start: the n-th call's point in [0, 1) is the fractional part
+    /// of n times the golden ratio's inverse (a Weyl sequence), so every
+    /// group's share is met within 3 or 4 calls at any count of calls,
+    /// where a random draw strays by the square root of the count (a 10%
+    /// canary over 2,000 calls: 200, give or take 4 against 13).
+    placed: std::sync::atomic::AtomicU64,
 }
+
+/// 2^64 divided by the golden ratio.
+const WEYL_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Snapshot {
     /// Builds the snapshot of `endpoints` as they are at `now`.
@@ -331,6 +341,7 @@ impl Snapshot {
             ready,
             groups,
             panic,
+            placed: std::sync::atomic::AtomicU64::new(fastrand::u64(..)),
         }
     }
 
@@ -353,15 +364,37 @@ impl Snapshot {
         tried: &Tried,
         affinity: Option<&Affinity>,
     ) -> Option<&Arc<Endpoint>> {
+        self.choose::<true>(call, tried, affinity)
+    }
+
+    /// Where `call` would go, as [`Snapshot::pick`] decides, without
+    /// pinning its session (the admin API's `Explain`). The picker's own
+    /// state moves as for a call: round robin's turn, the runner-up.
+    pub fn pick_dry(&self, call: &Call<'_>, affinity: Option<&Affinity>) -> Option<&Arc<Endpoint>> {
+        self.choose::<false>(call, &Tried::default(), affinity)
+    }
+
+    fn choose<const PIN: bool>(
+        &self,
+        call: &Call<'_>,
+        tried: &Tried,
+        affinity: Option<&Affinity>,
+    ) -> Option<&Arc<Endpoint>> {
         if self.ready.is_empty() {
             return None;
         }
         if let Some(affinity) = affinity {
             if let Some(key) = affinity.key(call.headers) {
-                let pinned = call.explain.and_then(|_| affinity.pinned(key));
-                if let Some(i) = affinity.pick(key, &self.ready, tried) {
+                let chosen = if PIN {
+                    let pinned = call.explain.and_then(|_| affinity.pinned(key));
+                    affinity
+                        .pick(key, &self.ready, tried)
+                        .map(|i| (i, pinned == Some(self.ready[i].id())))
+                } else {
+                    affinity.peek(key, &self.ready, tried)
+                };
+                if let Some((i, hit)) = chosen {
                     if let Some(x) = call.explain {
-                        let hit = pinned == Some(self.ready[i].id());
                         x.borrow_mut().affinity = Some(if hit { "pinned" } else { "new pin" });
                     }
                     return Some(&self.ready[i]);
@@ -372,7 +405,11 @@ impl Snapshot {
             0 => None,
             1 => Some(&self.groups[0]),
             _ => {
-                let x = fastrand::f64() * self.groups.last().map_or(1.0, |g| g.upto);
+                let n = self
+                    .placed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let point = (n.wrapping_mul(WEYL_STEP) >> 11) as f64 / (1u64 << 53) as f64;
+                let x = point * self.groups.last().map_or(1.0, |g| g.upto);
                 self.groups
                     .iter()
                     .find(|g| x < g.upto)
@@ -486,6 +523,38 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A split's shares hold at every count of calls, not only on average:
+    /// within 4 calls of 10% (and of 25% and 50%) after each of the first
+    /// 2,000 calls, from any start. A random draw strays by 13 at 2,000.
+    #[test]
+    fn a_version_split_holds_within_two_calls_at_every_count() {
+        let headers = HeaderMap::new();
+        let call = Call::new("/s/m", &headers);
+        for canary in [10, 25, 50] {
+            let mut config = ClusterConfig::for_test("test", &[]);
+            config.split = vec![("v1".into(), 100 - canary), ("v2".into(), canary)];
+            let eps: Vec<_> = (0..3)
+                .map(|i| {
+                    let v = if i == 2 { "v2" } else { "v1" };
+                    test_support::endpoint(&config, i, 1, None, 0, Some(v))
+                })
+                .collect();
+            let snapshot = Snapshot::build(&config, None, &eps, Instant::now());
+            let mut to_canary = 0.0;
+            for n in 1..=2000 {
+                let e = snapshot.pick(&call, &Tried::default(), None).unwrap();
+                if e.version() == Some("v2") {
+                    to_canary += 1.0;
+                }
+                let want = n as f64 * f64::from(canary) / 100.0;
+                assert!(
+                    (to_canary - want).abs() <= 4.0,
+                    "{canary}%: {to_canary} of {n} calls to the canary"
+                );
+            }
+        }
+    }
 
     #[test]
     fn pick_skips_tried_endpoints_and_gives_up_when_all_are_tried() {

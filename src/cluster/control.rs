@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::Cluster;
 use crate::balance::Snapshot;
+use crate::config::ClusterConfig;
 use crate::endpoint::Endpoint;
 use crate::util::{Task, lock};
 
@@ -74,12 +75,18 @@ impl Cluster {
             joined = live.iter().filter(|e| e.has_joined()).cloned().collect();
             if joined.is_empty() { &live } else { &joined }
         };
-        let snapshot = Snapshot::build(
-            &self.config,
-            self.local_zone.as_deref(),
-            set,
-            Instant::now(),
-        );
+        let with_split;
+        let config = match &*lock(&self.split_by_api) {
+            Some(split) => {
+                with_split = ClusterConfig {
+                    split: split.clone(),
+                    ..self.config.clone()
+                };
+                &with_split
+            }
+            None => &self.config,
+        };
+        let snapshot = Snapshot::build(config, self.local_zone.as_deref(), set, Instant::now());
         let ready = snapshot.ready().len();
         let was = self.snapshot.load();
         if snapshot.is_panic() && !was.is_panic() {

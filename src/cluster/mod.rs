@@ -105,6 +105,9 @@ pub struct Cluster {
     tls: Option<Arc<crate::endpoint::tls::Tls>>,
     /// Transparent mode: the addresses `match`'s names resolved to.
     matched: ArcSwap<Vec<std::net::SocketAddr>>,
+    /// A version split set through the admin API, in place of the
+    /// config's; read by rebuilds only.
+    split_by_api: Mutex<Option<Vec<(String, u32)>>>,
 }
 
 /// Refusals are logged at most this often per cluster; `/clusters` counts
@@ -167,6 +170,7 @@ impl Cluster {
                 .clone()
                 .map(|t| Arc::new(crate::endpoint::tls::Tls::new(&config.name, t))),
             matched: ArcSwap::from_pointee(Vec::new()),
+            split_by_api: Mutex::new(None),
         };
         cluster.apply(Update::Reset(config.endpoints.clone()));
         cluster
@@ -201,6 +205,34 @@ impl Cluster {
         {
             tracing::warn!(cluster = %self.name, %reason, "refusing calls: a limit is reached (logged at most every 10 s; /clusters counts them all)");
         }
+    }
+
+    /// The version split in force (percent by version), and whether the
+    /// admin API set it.
+    pub fn split(&self) -> (Vec<(String, u32)>, bool) {
+        match &*crate::util::lock(&self.split_by_api) {
+            Some(split) => (split.clone(), true),
+            None => (self.config.split.clone(), false),
+        }
+    }
+
+    /// Sets the version split (admin API), until a config reload.
+    pub fn set_split(&self, split: Vec<(String, u32)>) {
+        *crate::util::lock(&self.split_by_api) = Some(split);
+        self.rebuild();
+    }
+
+    /// Undoes what the admin API changed: holds, weights, the split.
+    /// Returns how many things it undid.
+    pub fn undo_api_changes(&self) -> usize {
+        let mut undone = usize::from(crate::util::lock(&self.split_by_api).take().is_some());
+        for e in self.endpoints.load().iter() {
+            undone += usize::from(e.restore());
+        }
+        if undone > 0 {
+            self.rebuild();
+        }
+        undone
     }
 
     pub fn config(&self) -> &ClusterConfig {

@@ -148,6 +148,19 @@ pub struct ListenerConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Lets the admin API's writes come from other hosts when sent with
+    /// it (`authorization: Bearer TOKEN`); without it, only from loopback.
+    pub token: Option<Token>,
+}
+
+/// A secret that `Debug` does not print.
+#[derive(Clone, PartialEq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -632,6 +645,7 @@ impl Config {
                 transparent: None,
             },
             admin: AdminConfig {
+                token: None,
                 listen: "127.0.0.1:0".parse().expect("literal address"),
             },
             locality: LocalityConfig::default(),

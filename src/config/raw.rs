@@ -132,12 +132,15 @@ impl Default for RawListener {
 pub(super) struct RawAdmin {
     #[serde(default = "default_admin")]
     pub(super) listen: String,
+    #[serde(default)]
+    pub(super) token: Option<String>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: default_admin(),
+            token: None,
         }
     }
 }

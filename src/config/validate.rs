@@ -18,7 +18,7 @@ use super::{
     DEFAULT_MAX_QUEUED_SPANS, DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD,
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_SERVICE_NAME, EndpointConfig, HealthCheckConfig,
     LatencyConfig, ListenerConfig, LocalityConfig, MeshConfig, OutlierConfig, PerformanceConfig,
-    RetryConfig, RuntimeConfig, TelemetryConfig,
+    RetryConfig, RuntimeConfig, TelemetryConfig, Token,
 };
 use crate::endpoint::FailureClasses;
 use crate::wire::grpc::parse_code;
@@ -68,6 +68,19 @@ impl RawConfig {
         };
         let proxy = p.socket_addr("listener.proxy", &self.listener.proxy);
         let admin = p.socket_addr("admin.listen", &self.admin.listen);
+        let token = match self.admin.token {
+            Some(t) if t.chars().count() < MIN_TOKEN => {
+                p.add(
+                    "admin.token",
+                    format!(
+                        "is {} characters long; a token needs at least {MIN_TOKEN} (e.g. `openssl rand -hex 16`), or leave it out to take writes from loopback only",
+                        t.chars().count()
+                    ),
+                );
+                None
+            }
+            t => t.map(Token),
+        };
 
         // Every listen address, to catch two listeners on one port (an
         // unspecified address such as 0.0.0.0 takes the port on every one).
@@ -364,7 +377,10 @@ impl RawConfig {
                         max_connections,
                         transparent,
                     },
-                    admin: AdminConfig { listen: admin },
+                    admin: AdminConfig {
+                        listen: admin,
+                        token,
+                    },
                     clusters,
                     mesh: None,
                     telemetry,
@@ -413,6 +429,9 @@ fn nonzero(
 
 /// Durations are at most this long: far beyond any use, and clear of
 /// overflow when added to a clock reading.
+/// The shortest `admin.token` taken.
+const MIN_TOKEN: usize = 16;
+
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn positive(p: &mut Problems, key: String, value: Option<Duration>, default: Duration) -> Duration {

@@ -67,6 +67,52 @@ pub struct Endpoint {
     joined: AtomicBool,
     /// Rung when a retired endpoint's last call ends.
     idle: Notify,
+    /// An operator's drain, eject or failover (admin API), if any; `held`
+    /// says whether there is one, so that readiness need not lock.
+    hold: Mutex<Option<Hold>>,
+    held: AtomicBool,
+    /// The weight its cluster's config or discovery gave it; `weight`
+    /// differs while the admin API has set another.
+    configured_weight: AtomicU32,
+    weight_by_api: AtomicBool,
+}
+
+/// What an operator's hold does: every kind keeps the endpoint out of the
+/// picks while its calls in flight finish; a failover is also reported to
+/// the mesh's peers as this sidecar's own ejection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldKind {
+    Drain,
+    Eject,
+    Failover,
+}
+
+impl HoldKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldKind::Drain => "drain",
+            HoldKind::Eject => "eject",
+            HoldKind::Failover => "failover",
+        }
+    }
+
+    /// The endpoint's state while held.
+    fn state(self) -> &'static str {
+        match self {
+            HoldKind::Drain => "drained",
+            HoldKind::Eject => "ejected by admin",
+            HoldKind::Failover => "failover",
+        }
+    }
+}
+
+/// An operator's hold on an endpoint, until a time or until restored.
+#[derive(Clone, Debug)]
+pub struct Hold {
+    pub kind: HoldKind,
+    pub until: Option<Instant>,
+    /// Who asked (the admin caller's address).
+    pub by: String,
 }
 
 /// Counters kept for display; all relaxed atomics.
@@ -108,7 +154,8 @@ pub struct StatsSnapshot {
     /// one).
     pub mesh_in_flight: f64,
     /// `ready`, `unhealthy`, `ejected`, `probing`, `unreachable`,
-    /// `joining` or `removed`.
+    /// `joining`, `removed`, or an operator's hold: `drained`, `ejected by
+    /// admin`, `failover`.
     pub state: &'static str,
 }
 
@@ -165,6 +212,10 @@ impl Endpoint {
             retired: AtomicBool::new(false),
             joined: AtomicBool::new(true),
             idle: Notify::new(),
+            hold: Mutex::new(None),
+            held: AtomicBool::new(false),
+            configured_weight: AtomicU32::new(config.weight.get()),
+            weight_by_api: AtomicBool::new(false),
             zone: config.zone.as_deref().map(Arc::from),
             priority: config.priority,
             version: config.version.as_deref().map(Arc::from),
@@ -192,8 +243,15 @@ impl Endpoint {
         NonZeroU32::new(self.weight.load(Ordering::Relaxed)).unwrap_or(NonZeroU32::MIN)
     }
 
-    /// Gives the endpoint a new weight; returns whether it changed.
+    /// Gives the endpoint a new configured weight (an update of its
+    /// cluster's endpoints); returns whether the weight in force changed
+    /// (it does not while the admin API's weight stands).
     pub fn set_weight(&self, weight: NonZeroU32) -> bool {
+        self.configured_weight
+            .store(weight.get(), Ordering::Relaxed);
+        if self.weight_by_api.load(Ordering::Relaxed) {
+            return false;
+        }
         self.weight.swap(weight.get(), Ordering::Relaxed) != weight.get()
     }
 
@@ -315,13 +373,76 @@ impl Endpoint {
     /// Whether the endpoint may take calls now: it is healthy, its breaker
     /// is not open, and it is not sitting out a connect failure.
     pub fn is_ready(&self, now: Instant) -> bool {
-        self.is_healthy() && self.is_admitting() && self.connection.is_reachable(now)
+        self.is_healthy()
+            && self.is_admitting()
+            && self.connection.is_reachable(now)
+            && self.hold(now).is_none()
     }
 
     /// Whether the endpoint is up apart from its health and breaker: it is
-    /// not sitting out a failed connect. Panic mode still uses such endpoints.
+    /// not sitting out a failed connect, nor held by an operator. Panic
+    /// mode still uses such endpoints.
     pub fn is_reachable(&self, now: Instant) -> bool {
-        self.connection.is_reachable(now)
+        self.connection.is_reachable(now) && self.hold(now).is_none()
+    }
+
+    /// The operator's hold in force at `now`, if any (one that has run out
+    /// is dropped here).
+    pub fn hold(&self, now: Instant) -> Option<Hold> {
+        if !self.held.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut hold = lock(&self.hold);
+        if hold
+            .as_ref()
+            .and_then(|h| h.until)
+            .is_some_and(|t| t <= now)
+        {
+            let ended = hold.take();
+            self.held.store(false, Ordering::Release);
+            if let Some(h) = ended {
+                tracing::info!(endpoint = %self.address, kind = h.kind.as_str(), by = %h.by, "the operator's hold on the endpoint is over");
+            }
+        }
+        hold.clone()
+    }
+
+    /// Holds the endpoint out of the picks (admin API) until `until`, or
+    /// until [`Endpoint::restore`]; replaces any hold before it.
+    pub fn set_hold(&self, hold: Hold) {
+        *lock(&self.hold) = Some(hold);
+        self.held.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// Ends an operator's hold and gives back the configured weight if
+    /// the API had set another; returns whether anything changed.
+    pub fn restore(&self) -> bool {
+        let held = lock(&self.hold).take().is_some();
+        self.held.store(false, Ordering::Release);
+        let mut changed = held;
+        if self.weight_by_api.swap(false, Ordering::Relaxed) {
+            let configured = self.configured_weight.load(Ordering::Relaxed);
+            changed |= self.weight.swap(configured, Ordering::Relaxed) != configured;
+        }
+        if changed {
+            self.changed.notify_one();
+        }
+        changed
+    }
+
+    /// Sets the weight through the admin API (a config reload gives back
+    /// the configured one).
+    pub fn set_weight_by_api(&self, weight: NonZeroU32) {
+        self.weight_by_api.store(true, Ordering::Relaxed);
+        if self.weight.swap(weight.get(), Ordering::Relaxed) != weight.get() {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether the weight in force was set through the admin API.
+    pub fn weight_set_by_api(&self) -> bool {
+        self.weight_by_api.load(Ordering::Relaxed)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -341,10 +462,15 @@ impl Endpoint {
         } else {
             lock(&self.breaker).open_until()
         };
-        match (self.connection.reachable_at(), breaker) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let hold = if self.held.load(Ordering::Acquire) {
+            lock(&self.hold).as_ref().and_then(|h| h.until)
+        } else {
+            None
+        };
+        [self.connection.reachable_at(), breaker, hold]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Moves an open breaker whose time is up to half-open; the cluster's
@@ -495,6 +621,15 @@ impl Endpoint {
     /// peers: its breaker, opened by its own calls, until when and why; or
     /// failing health checks.
     pub fn own_verdict(&self) -> Option<OwnVerdict> {
+        if let Some(hold) = self.hold(Instant::now())
+            && hold.kind == HoldKind::Failover
+        {
+            return Some(OwnVerdict {
+                unhealthy: false,
+                until: hold.until,
+                reason: format!("failover drill (asked by {})", hold.by),
+            });
+        }
         if !self.is_healthy() {
             return Some(OwnVerdict {
                 unhealthy: true,
@@ -544,6 +679,8 @@ impl Endpoint {
             "removed"
         } else if !self.has_joined() {
             "joining"
+        } else if let Some(hold) = self.hold(now) {
+            hold.kind.state()
         } else if !self.is_healthy() {
             "unhealthy"
         } else if !self.breaker_closed.load(Ordering::Acquire) {
