@@ -713,3 +713,173 @@ endpoints = [{ address = "127.0.0.1:1" }, { address = "127.0.0.1:2" }]
     })
     .await;
 }
+
+/// The dashboard in headless Chromium (tests/node/dashboard.mjs, with
+/// playwright-core): while 200 calls a second run, the page shows every
+/// endpoint with the state, calls and a third of the calls each that
+/// `/stats?format=json` has; its "drain" button drains an endpoint, which
+/// the page and `/stats` then show, and which takes no more calls. The
+/// screenshot is saved under the test's temporary directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_figures_and_drains_from_its_button() {
+    bounded(Duration::from_secs(90), async {
+        let agents = Agents::start(3).await;
+        let s = running(&agents, &["v1", "v1", "v1"], "").await;
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = paced_load(s.client().await, 200, 8_000, stop.clone(), log.clone());
+        let target = agents.addrs[2].to_string();
+        let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node/dashboard.mjs");
+        let out = tokio::process::Command::new("node")
+            .arg(&script)
+            .arg(s.admin.to_string())
+            .arg(&target)
+            .arg(&screenshot)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("node runs (scripts/test installs playwright-core and chromium)");
+        let stats: Value =
+            serde_json::from_str(&admin_get(s.admin, "/stats?format=json").await).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        load.await.unwrap();
+        assert!(
+            out.status.success(),
+            "dashboard.mjs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("the page before the drain: {}", page["before"]);
+        eprintln!("the page after: {}", page["after"]);
+        eprintln!("screenshot: {}", screenshot.display());
+        assert_eq!(page["errors"], serde_json::json!([]), "{page}");
+        let listed = &stats["clusters"][0]["endpoints"];
+        let by_address = |rows: &Value, a: &str| -> Value {
+            rows.as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["address"] == a)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {a} in {rows}"))
+        };
+        for i in 0..3 {
+            let a = agents.addrs[i].to_string();
+            let before = by_address(&page["before"], &a);
+            let now = by_address(listed, &a);
+            assert_eq!(before["cluster"], "planner");
+            assert_eq!(before["state"], "ready");
+            // The page read its figures before /stats was asked.
+            let (shown, counted) = (
+                before["calls"].as_u64().unwrap(),
+                now["calls"].as_u64().unwrap(),
+            );
+            assert!(
+                shown > 0 && shown <= counted,
+                "{a}: the page {shown}, /stats {counted}"
+            );
+            let rate = before["rate"].as_f64().unwrap();
+            assert!(
+                (40.0..=100.0).contains(&rate),
+                "{a}: {rate} calls/s of 200 over three"
+            );
+            let after = by_address(&page["after"], &a);
+            if a == target {
+                assert_eq!(after["state"], "drained");
+                assert_eq!(after["rate"].as_f64().unwrap(), 0.0);
+                assert_eq!(now["state"], "drained");
+                assert_eq!(now["hold"]["kind"], "drain");
+            } else {
+                assert_eq!(after["state"], "ready");
+                assert!(after["rate"].as_f64().unwrap() > 60.0, "{after}");
+            }
+        }
+        assert!(
+            page["status"].as_str().unwrap().contains("drained"),
+            "{page}"
+        );
+        assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000);
+        let failed: Vec<_> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().err().cloned())
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    })
+    .await;
+}
+
+/// `ctl top` in a real terminal (tmux): the pane shows every endpoint with
+/// its calls per second under 150 calls a second, and the figures change
+/// from one refresh to the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_top_refreshes_a_table_in_a_real_terminal() {
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(3).await;
+        let s = running(&agents, &["v1", "v1", "v1"], "").await;
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = paced_load(s.client().await, 150, 3_000, stop.clone(), log.clone());
+        let session = format!("am-top-{}", std::process::id());
+        let command = format!(
+            "{} ctl --admin {} top --interval 300ms",
+            env!("CARGO_BIN_EXE_agentmesh"),
+            s.admin
+        );
+        let tmux = |args: &[&str]| {
+            let out = std::process::Command::new("tmux")
+                .args(args)
+                .output()
+                .expect("tmux runs");
+            assert!(
+                out.status.success(),
+                "tmux {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "160",
+            "-y",
+            "20",
+            &command,
+        ]);
+        struct Kill(String);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("tmux")
+                    .args(["kill-session", "-t", &self.0])
+                    .status();
+            }
+        }
+        let _kill = Kill(session.clone());
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let first = tmux(&["capture-pane", "-p", "-t", &session]);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let second = tmux(&["capture-pane", "-p", "-t", &session]);
+        stop.store(true, Ordering::Relaxed);
+        load.await.unwrap();
+        eprintln!("ctl top, captured:\n{first}\n... and a second later:\n{second}");
+        for pane in [&first, &second] {
+            assert!(pane.contains("CALLS/S") && pane.contains("SHARE"), "{pane}");
+            for a in &agents.addrs {
+                let row = pane
+                    .lines()
+                    .find(|l| l.contains(&a.to_string()))
+                    .unwrap_or_else(|| panic!("no row for {a}: {pane}"));
+                // planner  ADDR  ready  RATE  SHARE ...: 50 calls/s each.
+                let rate: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+                assert!((25.0..=80.0).contains(&rate), "{row}");
+            }
+        }
+        assert_ne!(first, second, "the figures change");
+    })
+    .await;
+}

@@ -14,12 +14,14 @@
 //! - `GET /mesh` (with `[mesh]`): JSON: this node, its peers, the gossip
 //!   counters, and per endpoint the local and the mesh view.
 //! - `GET /metrics`: Prometheus text format (see [`crate::telemetry::metrics`]).
+//! - `GET /ui`: the live load dashboard (see [`ui`]).
 //!
 //! On the same port, told apart by content type, the admin gRPC API
 //! ([`api`]) with `grpc.health.v1` and server reflection: HTTP/1.1 and
 //! HTTP/2 are both served.
 
 pub mod api;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -43,11 +45,12 @@ use crate::telemetry::metrics::{self, Metrics};
 const ADMIN_CONNECTIONS: usize = 64;
 
 /// The admin gRPC services: the API, health and reflection.
-pub async fn grpc_routes(api: api::AdminApi) -> tonic::service::Routes {
+pub async fn grpc_routes(api: Arc<api::AdminApi>) -> tonic::service::Routes {
     use crate::admin_pb::admin_server::AdminServer;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<api::AdminApi>>().await;
-    let mut routes = tonic::service::Routes::new(AdminServer::new(api)).add_service(health_service);
+    let mut routes =
+        tonic::service::Routes::new(AdminServer::from_arc(api)).add_service(health_service);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::admin_pb::DESCRIPTORS)
@@ -70,6 +73,7 @@ pub async fn serve(
     mesh: Option<Arc<Mesh>>,
     metrics: Arc<Metrics>,
     reloads: Arc<ReloadStats>,
+    api: Arc<api::AdminApi>,
     grpc: tonic::service::Routes,
     header_timeout: std::time::Duration,
     mut drain: drain::Watch,
@@ -90,7 +94,7 @@ pub async fn serve(
             continue;
         };
         let (router, mesh, metrics) = (router.clone(), mesh.clone(), metrics.clone());
-        let (reloads, grpc) = (reloads.clone(), grpc.clone());
+        let (reloads, grpc, api) = (reloads.clone(), grpc.clone(), api.clone());
         tokio::spawn(async move {
             let _permit = permit;
             // A connection that sends nothing in time is closed (HTTP/1.1
@@ -106,14 +110,26 @@ pub async fn serve(
                     .headers()
                     .get(http::header::CONTENT_TYPE)
                     .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                let local = (!is_grpc).then(|| {
-                    respond(&req, &router, mesh.as_deref(), &metrics, &reloads)
-                        .map(tonic::body::Body::new)
-                });
-                let grpc = grpc.clone();
+                let path = req.uri().path();
+                let local = if is_grpc || path.starts_with("/ui/api/") {
+                    None
+                } else if path == "/ui" || path == "/ui/" {
+                    Some(ui::page())
+                } else if path == "/ui/events" {
+                    Some(ui::events(router.clone(), mesh.clone()))
+                } else {
+                    Some(
+                        respond(&req, &router, mesh.as_deref(), &metrics, &reloads)
+                            .map(tonic::body::Body::new),
+                    )
+                };
+                let (grpc, api) = (grpc.clone(), api.clone());
                 async move {
                     if let Some(response) = local {
                         return Ok::<_, Infallible>(response);
+                    }
+                    if !is_grpc {
+                        return Ok(ui::write(&api, req, peer).await);
                     }
                     req.extensions_mut().insert(api::Peer(peer));
                     let response = tower::ServiceExt::oneshot(grpc, req).await;
@@ -185,7 +201,7 @@ fn respond(
         "/clusters" => (StatusCode::OK, clusters(router)),
         _ => (
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /health, /stats, /stats?format=json, /clusters, /metrics or /mesh\n".to_string(),
+            "not found; try /live, /ready, /health, /stats, /stats?format=json, /clusters, /metrics, /mesh or /ui\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -232,6 +248,13 @@ pub fn stats(router: &Router) -> String {
 /// `/stats?format=json`: per cluster its figures, and per endpoint its
 /// counters, calls by outcome and recent latency percentiles.
 pub fn stats_json(router: &Router, reloads: Option<&ReloadStats>) -> String {
+    let mut out = serde_json::to_string_pretty(&stats_value(router, reloads)).unwrap_or_default();
+    out.push('\n');
+    out
+}
+
+/// What [`stats_json`] prints.
+pub fn stats_value(router: &Router, reloads: Option<&ReloadStats>) -> serde_json::Value {
     use crate::cluster::ClusterStats as S;
     use serde_json::json;
     let now = tokio::time::Instant::now();
@@ -262,9 +285,18 @@ pub fn stats_json(router: &Router, reloads: Option<&ReloadStats>) -> String {
                             "p99_ms": ms(p.p99),
                         })
                     });
+                    let hold = e.hold(now).map(|h| {
+                        json!({
+                            "kind": h.kind.as_str(),
+                            "by": h.by,
+                            "remaining_ms": h.until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                        })
+                    });
                     json!({
                         "address": e.address(),
                         "weight": e.weight().get(),
+                        "weight_set_by_api": e.weight_set_by_api(),
+                        "hold": hold,
                         "zone": e.zone(),
                         "priority": e.priority(),
                         "version": e.version(),
@@ -288,16 +320,16 @@ pub fn stats_json(router: &Router, reloads: Option<&ReloadStats>) -> String {
                 })
                 .collect();
             let (ejected, max_ejected) = c.ejected();
-            let split: serde_json::Map<_, _> = c
-                .config()
-                .split
-                .iter()
-                .map(|(v, share)| (v.clone(), (*share).into()))
+            let (split, split_set_by_api) = c.split();
+            let split: serde_json::Map<_, _> = split
+                .into_iter()
+                .map(|(v, share)| (v, share.into()))
                 .collect();
             json!({
                 "name": c.name(),
                 "strategy": c.strategy().as_str(),
                 "split": split,
+                "split_set_by_api": split_set_by_api,
                 "in_flight": c.in_flight(),
                 "ready": snapshot.ready().len(),
                 "panic": snapshot.is_panic(),
@@ -325,9 +357,7 @@ pub fn stats_json(router: &Router, reloads: Option<&ReloadStats>) -> String {
             "last_error": r.last_error(),
         });
     }
-    let mut out = serde_json::to_string_pretty(&all).unwrap_or_default();
-    out.push('\n');
-    out
+    all
 }
 
 /// The `/clusters` text.

@@ -97,12 +97,12 @@ impl Sidecar {
             reloader.stats().clone(),
         ));
 
-        let grpc = admin::grpc_routes(admin::api::AdminApi::new(
+        let api = Arc::new(admin::api::AdminApi::new(
             router.clone(),
             reloader.clone(),
             config.admin.token.as_ref(),
-        ))
-        .await;
+        ));
+        let grpc = admin::grpc_routes(api.clone()).await;
 
         let mut tasks = Vec::new();
         tasks.push(Task::supervised("proxy listener", {
@@ -120,6 +120,7 @@ impl Sidecar {
                     mesh.clone(),
                     metrics.clone(),
                     reloads.clone(),
+                    api.clone(),
                     grpc.clone(),
                     header_timeout,
                     watch.clone(),

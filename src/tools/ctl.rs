@@ -441,6 +441,7 @@ where
                     "MESH",
                     "P50",
                     "P99",
+                    "CALLS",
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -456,6 +457,7 @@ where
                     format!("{:.1}", e.mesh_in_flight),
                     format!("{:.1}ms", e.p50_ms),
                     format!("{:.1}ms", e.p99_ms),
+                    e.calls.to_string(),
                 ]);
             }
             // Home, clear, then the table (as `top` redraws).
