@@ -365,6 +365,11 @@ async fn explain_shows_the_candidates_their_costs_and_the_session_pin() {
         let pinned = ctl_json(s.admin, &["explain", "planner", "-H", "x-session-id=slow"]).await;
         assert_eq!(pinned["affinity"], "pinned", "{pinned}");
         assert_eq!(pinned["chosen"], slow_to.as_str());
+        // The pin is counted on its endpoint.
+        let listed = ctl_json(s.admin, &["endpoints", "planner"]).await;
+        assert_eq!(endpoint(&listed, &slow_to)["sessions"], 1, "{listed}");
+        let pins: u64 = (0..3).map(|i| endpoint(&listed, &a(i))["sessions"].as_u64().unwrap()).sum();
+        assert_eq!(pins, 1);
         // Without a key: every candidate's cost, and the busy one loses.
         let x = ctl_json(s.admin, &["explain", "planner", "--method", "/agentmesh.demo.v1.Agent/Invoke"]).await;
         eprintln!("explain: {x}");

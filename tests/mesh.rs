@@ -664,3 +664,68 @@ async fn a_mesh_wide_retry_budget_shares_one_floor_when_every_endpoint_fails() {
     })
     .await;
 }
+
+/// The failover drill mesh-wide: `ctl failover` on sidecar A takes the
+/// endpoint out of A's picks, and A tells its peer B, which takes it out
+/// too (as a peer's ejection) for the rest of the drill; B's calls then go
+/// to the other two. Back on both when the drill ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_drill_on_one_sidecar_reaches_its_peers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    bounded(Duration::from_secs(60), async {
+        let agents = Agents::start(3).await;
+        let a = first(vec![cluster(&agents.addrs, Strategy::RoundRobin)], true).await;
+        let b = second(&a, vec![cluster(&agents.addrs, Strategy::RoundRobin)], true).await;
+        let f = agents.addrs[0];
+        let asked = Instant::now();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+            .args(["ctl", "--admin", &a.admin_addr().to_string(), "failover"])
+            .args(["planner.agents", &f.to_string(), "--for", "4s"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(state_of(&a, f), "failover");
+        let reached = eventually(Duration::from_secs(3), || state_of(&b, f) == "ejected").await;
+        let took = asked.elapsed();
+        eprintln!("failover on A: B took the endpoint out after {took:?}");
+        assert!(reached, "B did not take it out: {}", state_of(&b, f));
+        let client = planner_client(Way::LocalPort, &b).await;
+        let mut to_f = 0;
+        for _ in 0..30 {
+            let agent = client
+                .clone()
+                .invoke(request(b"x"))
+                .await
+                .unwrap()
+                .into_inner()
+                .agent;
+            to_f += usize::from(agent == "agent-0");
+        }
+        assert_eq!(to_f, 0, "B sent calls to the drilled endpoint");
+        let stats: Value =
+            serde_json::from_str(&agentmesh::admin::stats_json(b.router(), None)).unwrap();
+        let listed = stats["clusters"][0]["endpoints"].as_array().unwrap();
+        let e = listed
+            .iter()
+            .find(|e| e["address"] == f.to_string())
+            .unwrap();
+        assert_eq!(e["mesh_ejections"], 1, "{e}");
+        // The drill ends on both.
+        let back = eventually(Duration::from_secs(8), || {
+            state_of(&a, f) == "ready" && matches!(state_of(&b, f), "ready" | "probing")
+        })
+        .await;
+        assert!(
+            back,
+            "after the drill: A {}, B {}",
+            state_of(&a, f),
+            state_of(&b, f)
+        );
+    })
+    .await;
+}

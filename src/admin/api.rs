@@ -169,9 +169,10 @@ impl AdminApi {
         let endpoints = clusters
             .iter()
             .flat_map(|c| {
+                let pinned = sessions(c);
                 c.endpoints()
                     .iter()
-                    .map(|e| endpoint_pb(c, e, now))
+                    .map(|e| endpoint_with_sessions(c, e, now, &pinned))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -193,7 +194,24 @@ fn is_loopback(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// Sessions pinned to each endpoint of `cluster`, by id.
+fn sessions(cluster: &Cluster) -> std::collections::HashMap<u64, usize> {
+    cluster
+        .affinity()
+        .map(|a| a.sessions_by_endpoint())
+        .unwrap_or_default()
+}
+
 fn endpoint_pb(cluster: &Cluster, e: &Endpoint, now: Instant) -> pb::Endpoint {
+    endpoint_with_sessions(cluster, e, now, &sessions(cluster))
+}
+
+fn endpoint_with_sessions(
+    cluster: &Cluster,
+    e: &Endpoint,
+    now: Instant,
+    sessions: &std::collections::HashMap<u64, usize>,
+) -> pb::Endpoint {
     let s = e.stats();
     let latency = e.calls().percentiles(now);
     let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
@@ -224,6 +242,7 @@ fn endpoint_pb(cluster: &Cluster, e: &Endpoint, now: Instant) -> pb::Endpoint {
         hold,
         health_passed: s.health_passed,
         health_failed: s.health_failed,
+        sessions: sessions.get(&e.id()).copied().unwrap_or(0) as u64,
     }
 }
 

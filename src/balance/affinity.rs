@@ -75,6 +75,19 @@ impl Affinity {
         self.table.len()
     }
 
+    /// Fresh sessions pinned to each endpoint, by endpoint id (a walk of
+    /// the table: for the admin API, not for calls).
+    pub fn sessions_by_endpoint(&self) -> std::collections::HashMap<u64, usize> {
+        let now = self.now_ms();
+        let mut counts = std::collections::HashMap::new();
+        for pin in self.table.iter() {
+            if self.fresh(&pin, now) {
+                *counts.entry(pin.endpoint).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }

@@ -593,6 +593,7 @@ fn endpoint_json(e: &pb::Endpoint) -> Value {
         "version": e.version,
         "priority": e.priority,
         "health_checks": {"passed": e.health_passed, "failed": e.health_failed},
+        "sessions": e.sessions,
     })
 }
 
@@ -654,6 +655,7 @@ fn endpoints_table(endpoints: &[pb::Endpoint]) -> String {
             "FAILURES",
             "P50",
             "P99",
+            "SESSIONS",
         ]
         .map(String::from)
         .to_vec(),
@@ -671,6 +673,7 @@ fn endpoints_table(endpoints: &[pb::Endpoint]) -> String {
             e.failures.to_string(),
             format!("{:.1}ms", e.p50_ms),
             format!("{:.1}ms", e.p99_ms),
+            e.sessions.to_string(),
         ]);
     }
     let mut out = table(&rows);
