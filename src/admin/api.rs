@@ -371,7 +371,10 @@ impl pb::admin_server::Admin for AdminApi {
             affinity: x.affinity.unwrap_or_default().to_string(),
             group: x
                 .group
-                .map(|(i, of, n)| format!("{} of {of} ({n} endpoints)", i + 1))
+                .map(|(i, of, n)| {
+                    let s = if n == 1 { "" } else { "s" };
+                    format!("{} of {of} ({n} endpoint{s})", i + 1)
+                })
                 .unwrap_or_default(),
             ready: snapshot.ready().len() as u32,
             panic: snapshot.is_panic(),

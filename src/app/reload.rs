@@ -82,6 +82,9 @@ pub struct Changes {
     pub endpoints: Vec<(String, Applied)>,
     /// Keys that changed but keep their running values until a restart.
     pub need_restart: Vec<String>,
+    /// Holds, weights and splits set through the admin API that the
+    /// reload undid.
+    pub api_changes_undone: usize,
 }
 
 impl std::fmt::Display for Changes {
@@ -106,6 +109,12 @@ impl std::fmt::Display for Changes {
             parts.push(format!(
                 "need a restart to apply: {}",
                 self.need_restart.join(", ")
+            ));
+        }
+        if self.api_changes_undone > 0 {
+            parts.push(format!(
+                "undid {} change(s) made through the admin API",
+                self.api_changes_undone
             ));
         }
         if parts.is_empty() {
@@ -243,7 +252,7 @@ impl Reloader {
         };
         Some(match parsed {
             Ok(config) => {
-                let changes = self.apply_locked(&mut state, config).await;
+                let mut changes = self.apply_locked(&mut state, config).await;
                 // A reload gives back what the config says: the admin
                 // API's holds, weights and splits end.
                 let undone: usize = self
@@ -258,6 +267,7 @@ impl Reloader {
                         "the reload undid the changes made through the admin API"
                     );
                 }
+                changes.api_changes_undone = undone;
                 Ok(changes)
             }
             Err(errors) => {
