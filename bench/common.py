@@ -53,8 +53,16 @@ def ensure_packages(wanted=PEERS, check=True):
 def build():
     """Builds the binary the benchmarks run: the profile-guided release
     build of scripts/build-release (the one deploy/Dockerfile ships), or
-    with BENCH_BUILD=plain a plain `cargo build --release`."""
+    with BENCH_BUILD=plain a plain `cargo build --release`; BENCH_BIN=PATH
+    runs that binary as it is (CI's smoke runs take the test build: they
+    check the harness, not the figures)."""
     global BIN, BUILD
+    given = os.environ.get("BENCH_BIN")
+    if given:
+        BIN = os.path.abspath(given)
+        BUILD = f"given: BENCH_BIN={given}"
+        log(f"agentmesh: {BIN} ({BUILD})")
+        return
     if os.environ.get("BENCH_BUILD", "pgo") != "plain":
         done = subprocess.run([os.path.join(ROOT, "scripts", "build-release")], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
