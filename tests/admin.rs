@@ -892,3 +892,67 @@ async fn ctl_top_refreshes_a_table_in_a_real_terminal() {
     })
     .await;
 }
+
+/// The admin port takes HTTP/2 now, and a connection that sends the
+/// HTTP/2 preface and SETTINGS and then nothing is closed at the header
+/// timeout (1 s here), as is one that sends nothing at all: silent
+/// connections cannot hold the port's 64 slots, its liveness probe's among
+/// them. One that asked something stays while its Watch runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_admin_connections_are_closed_and_a_watch_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(Duration::from_secs(30), async {
+        let agents = Agents::start(1).await;
+        let mut config = Config::for_test(vec![planner(&agents.addrs)]);
+        config.listener.header_timeout = Duration::from_secs(1);
+        config.listener.idle_timeout = Duration::from_secs(2);
+        let sidecar = Sidecar::start(&config).await.unwrap();
+        let admin = sidecar.admin_addr();
+        // Closed: the peer's read ends (0 bytes or a reset) within the bound.
+        async fn closed_within(
+            tcp: &mut tokio::net::TcpStream,
+            limit: Duration,
+        ) -> Option<Duration> {
+            let t = Instant::now();
+            let mut buf = [0u8; 4096];
+            loop {
+                match tokio::time::timeout(limit, tcp.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        }
+        let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let mut preface = tokio::net::TcpStream::connect(admin).await.unwrap();
+        preface
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        let watch = ctl(
+            admin,
+            &[
+                "top",
+                "--interval",
+                "500ms",
+                "--iterations",
+                "8",
+                "-o",
+                "json",
+            ],
+        );
+        let (a, b, watched) = tokio::join!(
+            closed_within(&mut silent, Duration::from_secs(3)),
+            closed_within(&mut preface, Duration::from_secs(3)),
+            watch
+        );
+        eprintln!("silent connection closed after {a:?}, preface-only after {b:?}");
+        assert!(a.is_some_and(|d| d >= Duration::from_millis(900)), "{a:?}");
+        assert!(b.is_some_and(|d| d >= Duration::from_millis(900)), "{b:?}");
+        // The watch lasted 3.5 s, past both timeouts, and was not cut.
+        let (ok, out, err) = watched;
+        assert!(ok, "{err}");
+        assert_eq!(out.lines().count(), 8, "{out}");
+    })
+    .await;
+}

@@ -76,6 +76,7 @@ pub async fn serve(
     api: Arc<api::AdminApi>,
     grpc: tonic::service::Routes,
     header_timeout: std::time::Duration,
+    idle_timeout: std::time::Duration,
     mut drain: drain::Watch,
 ) {
     // The admin port has descriptors of its own (within the listeners'
@@ -105,7 +106,10 @@ pub async fn serve(
             {
                 return;
             }
+            let activity = Arc::new(Activity::new());
+            let seen = activity.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let open = seen.open();
                 let is_grpc = req
                     .headers()
                     .get(http::header::CONTENT_TYPE)
@@ -125,15 +129,20 @@ pub async fn serve(
                 };
                 let (grpc, api) = (grpc.clone(), api.clone());
                 async move {
-                    if let Some(response) = local {
-                        return Ok::<_, Infallible>(response);
-                    }
-                    if !is_grpc {
-                        return Ok(ui::write(&api, req, peer).await);
-                    }
-                    req.extensions_mut().insert(api::Peer(peer));
-                    let response = tower::ServiceExt::oneshot(grpc, req).await;
-                    Ok(response.unwrap_or_else(|never| match never {}))
+                    let response = if let Some(response) = local {
+                        response
+                    } else if !is_grpc {
+                        ui::write(&api, req, peer).await
+                    } else {
+                        req.extensions_mut().insert(api::Peer(peer));
+                        let response = tower::ServiceExt::oneshot(grpc, req).await;
+                        response.unwrap_or_else(|never| match never {})
+                    };
+                    // The request stays open until its response body is
+                    // sent (or dropped): a Watch, or the dashboard's events.
+                    Ok::<_, Infallible>(
+                        response.map(|body| tonic::body::Body::new(Held { body, _open: open })),
+                    )
                 }
             });
             let mut builder =
@@ -148,10 +157,107 @@ pub async fn serve(
                 .max_concurrent_streams(16)
                 .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
                 .keep_alive_timeout(std::time::Duration::from_secs(10));
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
-                tracing::debug!(error = %e, "admin connection ended with an error");
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                done = conn => if let Err(e) = done {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                },
+                () = activity.idle(header_timeout, idle_timeout) => {
+                    tracing::debug!(%peer, "admin connection closed: no request open for too long");
+                }
             }
         });
+    }
+}
+
+/// Requests open on one admin connection, and when the last one ended: an
+/// HTTP/2 connection (or an HTTP/1.1 one between requests) with none open
+/// is closed after the idle timeout, and before its first request after
+/// the header timeout, so that silent connections cannot hold the port's
+/// 64 slots (its liveness probe among them).
+struct Activity {
+    open: std::sync::atomic::AtomicUsize,
+    requests: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+/// One open request; dropped with its response body.
+struct Open(Arc<Activity>);
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted open until it is
+    /// sent or dropped; its length (and so `content-length`) is the body's.
+    struct Held {
+        #[pin]
+        body: tonic::body::Body,
+        _open: Open,
+    }
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        *crate::util::lock(&self.0.last) = tokio::time::Instant::now();
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            open: Default::default(),
+            requests: Default::default(),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn open(self: &Arc<Self>) -> Open {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.open.fetch_add(1, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+        Open(self.clone())
+    }
+
+    /// Returns once the connection has had no request open for too long:
+    /// `first` before its first request, `between` after.
+    async fn idle(&self, first: std::time::Duration, between: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let limit = if self.requests.load(Relaxed) == 0 {
+                first
+            } else {
+                between
+            };
+            let deadline = *crate::util::lock(&self.last) + limit;
+            let now = tokio::time::Instant::now();
+            let idle = self.open.load(Relaxed) == 0;
+            if idle && now >= deadline {
+                return;
+            }
+            // Look again at the deadline, or, while a request is open, a
+            // whole limit from now.
+            tokio::time::sleep_until(if idle { deadline } else { now + limit }).await;
+        }
     }
 }
 
@@ -514,4 +620,34 @@ pub fn health(router: &Router, mesh: Option<&Mesh>, reloads: &ReloadStats) -> He
         .max()
         .unwrap_or(Status::Healthy);
     Health { status, reasons }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admin_connection_is_idle_only_with_no_request_open() {
+        let first = Duration::from_secs(10);
+        let between = Duration::from_secs(300);
+        // Nothing ever asked: closed at the header timeout.
+        let a = Arc::new(Activity::new());
+        let t = Instant::now();
+        a.idle(first, between).await;
+        assert_eq!(t.elapsed(), first);
+        // A request open for 20 minutes (a Watch) keeps it; the idle
+        // timeout counts from when the request ended.
+        let a = Arc::new(Activity::new());
+        let open = a.open();
+        let t = Instant::now();
+        let ends = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1200)).await;
+            drop(open);
+        });
+        a.idle(first, between).await;
+        assert_eq!(t.elapsed(), Duration::from_secs(1200) + between);
+        ends.await.unwrap();
+    }
 }

@@ -113,6 +113,7 @@ impl Sidecar {
             let (router, mesh, watch) = (router.clone(), mesh.clone(), drain.watch());
             let reloads = reloader.stats().clone();
             let header_timeout = config.listener.header_timeout;
+            let idle_timeout = config.listener.idle_timeout;
             move || {
                 admin::serve(
                     admin.clone(),
@@ -123,6 +124,7 @@ impl Sidecar {
                     api.clone(),
                     grpc.clone(),
                     header_timeout,
+                    idle_timeout,
                     watch.clone(),
                 )
             }
