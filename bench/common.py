@@ -226,7 +226,9 @@ class Agents:
         self.procs, self.ports, self.names = [], [], []
         for spec in specs:
             port = free_port()
-            cmd = [BIN, "agent", "--listen", f"127.0.0.1:{port}", "--name", spec["name"]]
+            # --no-trace-echo: the agent does not send a call's traceparent
+            # back (a hook of the tracing tests, no work of any proxy's).
+            cmd = [BIN, "agent", "--listen", f"127.0.0.1:{port}", "--name", spec["name"], "--no-trace-echo"]
             for flag in ("delay_ms", "max_concurrency", "delay_after", "fail_ratio", "tls_cert", "tls_key"):
                 if spec.get(flag) is not None:
                     cmd += ["--" + flag.replace("_", "-"), str(spec[flag])]
@@ -375,6 +377,39 @@ backend be
         if self.proc:
             self.proc.stop()
             self.proc = None
+
+
+class Meshed(Proxy):
+    """agentmesh with [mesh] on, seeded with two idle sidecars of the same
+    cluster, started (on the load CPU) and stopped with it."""
+
+    def __init__(self, label, top="", headers=()):
+        super().__init__("agentmesh", "round_robin", label=label, headers=headers)
+        self.more = top
+        self.peers = []
+
+    def start(self, workdir, ports):
+        gossip = [free_port() for _ in range(3)]
+
+        def mesh(i):
+            seeds = ", ".join(f'"127.0.0.1:{p}"' for j, p in enumerate(gossip) if j != i)
+            return f'[mesh]\nlisten = "127.0.0.1:{gossip[i]}"\nseeds = [{seeds}]\ninsecure = true\n'
+
+        self.peers = [Proxy("agentmesh", "round_robin", label=f"{self.label} idle peer {i}", top=mesh(i))
+                      for i in (1, 2)]
+        for p in self.peers:
+            p.start(workdir, ports)
+            subprocess.run(["taskset", "-apc", LOAD_CPU, str(p.proc.pid)],
+                                  stdout=subprocess.DEVNULL, check=False)
+        self.top = mesh(0) + self.more
+        super().start(workdir, ports)
+        # The peers find each other within a gossip interval or two.
+        time.sleep(1.5)
+
+    def stop(self):
+        super().stop()
+        for p in self.peers:
+            p.stop()
 
 
 TLS_NAME = "agents.bench"

@@ -114,6 +114,10 @@ pub struct AgentArgs {
     /// Mutual TLS: callers must present a certificate from this CA.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Do not send a call's `traceparent` back (as `x-traceparent-received`,
+    /// which the tracing tests read): for benchmarks.
+    #[arg(long)]
+    no_trace_echo: bool,
 }
 
 impl AgentArgs {
@@ -134,6 +138,7 @@ impl AgentArgs {
             max_concurrency: self.max_concurrency,
             delay_after: self.delay_after,
             max_header_list_size: None,
+            echo_traceparent: !self.no_trace_echo,
         })
     }
 }

@@ -26,11 +26,11 @@ use crate::balance::{Call, Snapshot, Tried};
 use crate::cluster::{Admitted, Cluster};
 use crate::config::RetryConfig;
 use crate::endpoint::{Endpoint, InFlight, Outcome, Refused, Sender};
+use crate::telemetry::otlp::Attr;
 use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
 use crate::wire::stream::{Pump, Received};
 use crate::wire::timer::Timer;
-use opentelemetry::KeyValue;
 
 /// What the caller gets.
 pub(super) type Answer = Result<Response<ResponseBody>, ProxyError>;
@@ -228,7 +228,7 @@ impl<'c> Attempts<'c> {
         };
         match entered {
             Ok(in_flight) => {
-                self.note(|t| t.attempt(endpoint.address()));
+                self.note(|t| t.attempt(endpoint.address_shared()));
                 self.sent_to += 1;
                 Ok(Claimed {
                     endpoint,
@@ -257,7 +257,7 @@ impl<'c> Attempts<'c> {
     /// Notes why the call did not go to `endpoint`; that is the reason
     /// the caller is given if the call goes nowhere else.
     fn passed_over(&mut self, endpoint: &Arc<Endpoint>, why: &'static str) {
-        self.note(|t| t.passed_over(endpoint.address_shared(), why));
+        self.note(|t| t.passed_over(endpoint.address(), why));
         if self.sent_to == 0 {
             self.failed =
                 Failed::Nothing(format!("{} passed over: {why}", endpoint.address()).into());
@@ -301,10 +301,7 @@ impl<'c> Attempts<'c> {
                     None => {
                         in_flight.not_sent();
                         self.note(|t| {
-                            t.attempt_ended(
-                                endpoint.address_shared(),
-                                "deadline passed while connecting",
-                            )
+                            t.attempt_ended(endpoint.address(), "deadline passed while connecting")
                         });
                         let phase = format!("while connecting to {}", endpoint.address());
                         return Err(self.end(Err(self.expired(phase))));
@@ -312,10 +309,7 @@ impl<'c> Attempts<'c> {
                     Some(Err(e)) => {
                         tracing::debug!(cluster = self.cluster.name(), error = %e, "endpoint unreachable; trying another");
                         self.note(|t| {
-                            t.attempt_ended(
-                                endpoint.address_shared(),
-                                format!("connect failed: {e}"),
-                            )
+                            t.attempt_ended(endpoint.address(), &format!("connect failed: {e}"))
                         });
                         endpoint.connect_failed(&e);
                         in_flight.not_sent();
@@ -352,7 +346,7 @@ impl<'c> Attempts<'c> {
                     in_flight.finished(self.deadline.outcome());
                     self.note(|t| {
                         t.attempt_ended(
-                            endpoint.address_shared(),
+                            endpoint.address(),
                             "deadline passed waiting for the answer",
                         )
                     });
@@ -375,10 +369,7 @@ impl<'c> Attempts<'c> {
                     // stream opened: nothing was sent.
                     self.next = Some(self.template.request(body));
                     self.note(|t| {
-                        t.attempt_ended(
-                            endpoint.address_shared(),
-                            "not sent: the connection closed",
-                        )
+                        t.attempt_ended(endpoint.address(), "not sent: the connection closed")
                     });
                     if handed_back {
                         in_flight.not_sent();
@@ -420,7 +411,7 @@ impl<'c> Attempts<'c> {
                 }
                 self.note(|t| {
                     t.attempt_ended(
-                        endpoint.address_shared(),
+                        endpoint.address(),
                         match trailers_only {
                             Some(code) => grpc::code_name(code),
                             None if refused => "refused the request",
@@ -461,7 +452,7 @@ impl<'c> Attempts<'c> {
                 // processed it: as good as never sent.
                 in_flight.not_sent();
                 self.note(|t| {
-                    t.attempt_ended(endpoint.address_shared(), format!("not processed: {error}"))
+                    t.attempt_ended(endpoint.address(), &format!("not processed: {error}"))
                 });
                 tracing::debug!(cluster = self.cluster.name(), endpoint = endpoint.address(), %error, "call not processed; trying another endpoint");
                 self.failed = Failed::Nothing(format!("{}: {error}", endpoint.address()).into());
@@ -476,8 +467,8 @@ impl<'c> Attempts<'c> {
                 self.answered += 1;
                 self.note(|t| {
                     t.attempt_ended(
-                        endpoint.address_shared(),
-                        format!("stream broke: {}", grpc::describe(&error)),
+                        endpoint.address(),
+                        &format!("stream broke: {}", grpc::describe(&error)),
                     )
                 });
                 let code = grpc::code_for_upstream_error(&error);
@@ -527,9 +518,9 @@ impl<'c> Attempts<'c> {
         self.note(|t| {
             t.event(
                 "retry",
-                vec![
-                    KeyValue::new("agentmesh.attempt", attempt),
-                    KeyValue::new("agentmesh.backoff_ms", pause.as_millis() as i64),
+                &[
+                    ("agentmesh.attempt", Attr::Int(attempt)),
+                    ("agentmesh.backoff_ms", Attr::Int(pause.as_millis() as i64)),
                 ],
             )
         });

@@ -39,11 +39,11 @@ pub use response::ResponseBody;
 
 use crate::cluster::{Admitted, Cluster};
 use crate::endpoint::Outcome;
+use crate::telemetry::otlp::Attr;
 use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
 use attempt::{Answer, Attempts, Flow};
 use error::ProxyError;
-use opentelemetry::KeyValue;
 
 /// How much of a request body is kept for re-sending a call that never
 /// reached an endpoint, when no retry policy names a larger bound.
@@ -124,10 +124,8 @@ async fn send(
 ) -> Answer {
     let admitted = admit(cluster, req.headers()).inspect_err(|error| {
         if let Some(span) = trace {
-            span.event(
-                "refused",
-                vec![KeyValue::new("agentmesh.reason", error.to_string())],
-            );
+            let reason = error.to_string();
+            span.event("refused", &[("agentmesh.reason", Attr::Str(&reason))]);
         }
     })?;
     let mut attempts = Attempts::new(cluster, req, deadline, admitted, trace);

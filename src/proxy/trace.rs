@@ -4,11 +4,9 @@
 
 use std::sync::Arc;
 
-use http::Request;
-use opentelemetry::KeyValue;
-
 use crate::cluster::Cluster;
-use crate::telemetry::trace::{CallSpan, Traces};
+use crate::telemetry::trace::{CallInfo, CallSpan, Traces};
+use http::Request;
 
 /// The span for `req`, if it is sampled (its `traceparent` is then the
 /// sidecar's span).
@@ -19,7 +17,7 @@ pub(super) fn start<B>(
 ) -> Option<Box<CallSpan>> {
     let parent = traces.sample(req.headers())?;
     let path = req.uri().path();
-    let method = path.strip_prefix('/').unwrap_or(path).to_string();
+    let method = path.strip_prefix('/').unwrap_or(path);
     let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(http::header::HOST)
@@ -29,15 +27,13 @@ pub(super) fn start<B>(
         Some((host, port)) => (host, port.parse::<i64>().ok()),
         None => (authority.unwrap_or(cluster.name()), None),
     };
-    let mut attributes = vec![
-        KeyValue::new("rpc.system.name", "grpc"),
-        KeyValue::new("rpc.method", method.clone()),
-        KeyValue::new("server.address", server.to_string()),
-        KeyValue::new("agentmesh.cluster", cluster.name().to_string()),
-        KeyValue::new("agentmesh.strategy", cluster.strategy().as_str()),
-    ];
-    if let Some(port) = port {
-        attributes.push(KeyValue::new("server.port", port));
-    }
-    Some(traces.start_span(&parent, method, attributes, req.headers_mut()))
+    let call = CallInfo {
+        method,
+        server,
+        port,
+        cluster: cluster.name(),
+        strategy: cluster.strategy().as_str(),
+    };
+    let started = traces.start_span(&parent, &call);
+    Some(started.headers(req.headers_mut()))
 }

@@ -1,48 +1,48 @@
 //! Traces: one OpenTelemetry span per proxied call, in the caller's trace.
 //!
 //! A call that is not sampled costs a header lookup or two. A sampled
-//! call's span is built as it goes straight into the OTLP protobuf types of
-//! `opentelemetry-proto`, and sent by that crate's tonic client of the OTLP
-//! trace service. The SDK's span pipeline (a span, then `SpanData`, then a
-//! conversion into the same protobufs, value by value through `Display`)
-//! measured 63k instructions per sampled call over an unsampled one; the
-//! spans made here carry the same fields for less (see the README). The
-//! SDK still reads and writes the W3C headers (its propagator) and gathers
-//! the resource (its detectors, so `OTEL_RESOURCE_ATTRIBUTES` counts).
+//! call's span is written as it goes straight into its OTLP protobuf
+//! encoding ([`otlp`]), and a batch of those bytes is sent as one export
+//! to the OTLP trace service. Two earlier designs cost more per sampled
+//! call: the SDK's span pipeline (a span, then `SpanData`, then a
+//! conversion into `opentelemetry-proto`'s structs, value by value through
+//! `Display`), and building those structs directly and encoding them at
+//! export (see the README's figures). The SDK still reads the caller's W3C
+//! headers (its propagator) and gathers the resource (its detectors, so
+//! `OTEL_RESOURCE_ATTRIBUTES` counts).
 //!
 //! - **Context**: a caller's W3C `traceparent` (and `tracestate`) is read
 //!   with the SDK's propagator; the sidecar's span is its child, and the
 //!   upstream request carries a `traceparent` naming the sidecar's span as
-//!   parent, so the agent's spans nest under it. A call that is not
+//!   parent (and the caller's `tracestate`), so the agent's spans nest
+//!   under it. A call that is not
 //!   sampled keeps the caller's headers as they came.
 //! - **Sampling**: the caller's sampled flag decides; a call without a
 //!   parent is sampled at `sample_ratio` (default 0); `x-agentmesh-trace: 1`
 //!   samples any call.
 //! - **Export**: a finished span goes into a bounded queue and never waits:
 //!   when the queue is full it is dropped and counted. A thread of its own
-//!   sends the queue in batches; a batch the backend refuses or does not
+//!   sends the queue in batches, woken once a batch rather than once a
+//!   span; a batch the backend refuses or does not
 //!   take within the export timeout is dropped and counted too. Calls are
 //!   never slowed by the backend.
 
-use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry::{Context, KeyValue, Value};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1 as pb_common;
 use opentelemetry_proto::tonic::resource::v1::Resource as PbResource;
-use opentelemetry_proto::tonic::trace::v1 as pb;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tokio::sync::mpsc;
+use prost::Message as _;
+use tokio::sync::{Notify, mpsc};
+
+use super::otlp::{Attr, Batch, Envelope, Fields, PreEncoded, span, status};
 
 use crate::balance::explain::Explanation;
 use crate::config::TelemetryConfig;
@@ -75,8 +75,19 @@ pub struct SpanCounts {
 pub struct Traces {
     ratio: f64,
     propagator: TraceContextPropagator,
-    queue: mpsc::Sender<pb::Span>,
-    counts: Arc<SpanCounts>,
+    shared: Arc<Shared>,
+}
+
+/// What a span needs when it ends: the queue to the export thread and
+/// the counts.
+struct Shared {
+    queue: mpsc::Sender<Vec<u8>>,
+    counts: SpanCounts,
+    /// Spans in the queue (about: the export thread takes them off in
+    /// batches); the span that makes it [`BATCH`] wakes the export thread
+    /// early, so a busy sidecar wakes it once a batch, not once a span.
+    queued: AtomicUsize,
+    batch_ready: Notify,
 }
 
 impl std::fmt::Debug for Traces {
@@ -85,6 +96,18 @@ impl std::fmt::Debug for Traces {
             .field("ratio", &self.ratio)
             .finish_non_exhaustive()
     }
+}
+
+/// What every call's span says of it: the OpenTelemetry RPC conventions'
+/// attributes and the cluster's own.
+#[derive(Debug, Clone, Copy)]
+pub struct CallInfo<'a> {
+    /// `package.Service/Method`: the span's name and `rpc.method`.
+    pub method: &'a str,
+    pub server: &'a str,
+    pub port: Option<i64>,
+    pub cluster: &'a str,
+    pub strategy: &'a str,
 }
 
 impl Traces {
@@ -96,16 +119,20 @@ impl Traces {
         };
         let resource = resource(&config.service_name);
         let (queue, spans) = mpsc::channel(config.max_queued_spans);
-        let counts = Arc::new(SpanCounts::default());
-        // Encoding and sending spans runs on a thread of its own, so that a
-        // batch being exported never holds up a call on the proxy's
-        // workers.
+        let shared = Arc::new(Shared {
+            queue,
+            counts: SpanCounts::default(),
+            queued: AtomicUsize::new(0),
+            batch_ready: Notify::new(),
+        });
+        // Sending spans runs on a thread of its own, so that a batch being
+        // exported never holds up a call on the proxy's workers.
         let (built, exporter_built) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("span-export".into())
             .spawn({
-                let (counts, endpoint) = (counts.clone(), endpoint.clone());
-                move || export_thread(endpoint, resource, spans, counts, built)
+                let (shared, endpoint) = (shared.clone(), endpoint.clone());
+                move || export_thread(endpoint, resource, spans, shared, built)
             })
             .map_err(|e| anyhow::anyhow!("starting the span export thread: {e}"))?;
         exporter_built
@@ -115,13 +142,12 @@ impl Traces {
         Ok(Some(Arc::new(Traces {
             ratio: config.sample_ratio,
             propagator: TraceContextPropagator::new(),
-            queue,
-            counts,
+            shared,
         })))
     }
 
     pub fn counts(&self) -> &SpanCounts {
-        &self.counts
+        &self.shared.counts
     }
 
     /// Whether a call with `headers` gets a span: `None` if not, else the
@@ -147,7 +173,8 @@ impl Traces {
         } else {
             Context::new()
         };
-        let remote = parent.span().span_context().clone();
+        let span = parent.span();
+        let remote = span.span_context();
         let sampled = forced
             || if remote.is_valid() {
                 remote.is_sampled()
@@ -157,89 +184,120 @@ impl Traces {
         sampled.then_some(parent)
     }
 
-    /// Starts a sampled call's span, named `name`, under `parent`; its
-    /// `traceparent` (and the caller's `tracestate`) replace the caller's
-    /// in `headers`.
-    pub fn start_span(
-        &self,
-        parent: &Context,
-        name: String,
-        attributes: Vec<KeyValue>,
-        headers: &mut HeaderMap,
-    ) -> Box<CallSpan> {
-        let remote = parent.span().span_context().clone();
-        let (trace_id, parent_id, trace_state) = if remote.is_valid() {
-            (
-                remote.trace_id(),
-                Some(remote.span_id()),
-                remote.trace_state().clone(),
-            )
+    /// Starts a sampled call's span under `parent`; [`Started::headers`]
+    /// then gives the upstream request its `traceparent`.
+    pub fn start_span(&self, parent: &Context, call: &CallInfo<'_>) -> Started {
+        let parent = parent.span();
+        let remote = parent.span_context();
+        let trace_id = if remote.is_valid() {
+            remote.trace_id().to_bytes()
         } else {
-            (
-                TraceId::from(fastrand::u128(1..)),
-                None,
-                TraceState::default(),
-            )
+            fastrand::u128(1..).to_be_bytes()
         };
-        let span_id = SpanId::from(fastrand::u64(1..));
-        let context = SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, trace_state);
-        headers.remove(&TRACEPARENT);
-        headers.remove(&TRACESTATE);
-        self.propagator.inject_context(
-            &Context::new().with_remote_span_context(context.clone()),
-            &mut HeadersMut(headers),
-        );
-        let span = pb::Span {
-            trace_id: trace_id.to_bytes().to_vec(),
-            span_id: span_id.to_bytes().to_vec(),
-            trace_state: context.trace_state().header(),
-            parent_span_id: parent_id.map(|p| p.to_bytes().to_vec()).unwrap_or_default(),
-            // W3C flags (sampled), and whether the parent is remote: known.
-            flags: 0x01 | 0x100 | if parent_id.is_some() { 0x200 } else { 0 },
-            name,
-            kind: pb::span::SpanKind::Client as i32,
-            start_time_unix_nano: unix_nanos(SystemTime::now()),
-            attributes: attributes.into_iter().map(to_pb).collect(),
-            ..Default::default()
-        };
-        Box::new(CallSpan {
-            span,
-            attempts: 0,
-            peer: String::new(),
-            ended: false,
-            queue: self.queue.clone(),
-            counts: self.counts.clone(),
-        })
+        let span_id = fastrand::u64(1..).to_be_bytes();
+        let mut buf = Vec::with_capacity(1024);
+        let mut f = Fields(&mut buf);
+        f.bytes(span::TRACE_ID, &trace_id);
+        f.bytes(span::SPAN_ID, &span_id);
+        // W3C flags (sampled), and whether the parent is remote: known.
+        let mut flags = 0x01 | 0x100;
+        if remote.is_valid() {
+            let state = remote.trace_state().header();
+            if !state.is_empty() {
+                f.string(span::TRACE_STATE, &state);
+            }
+            f.bytes(span::PARENT_SPAN_ID, &remote.span_id().to_bytes());
+            flags |= 0x200;
+        }
+        f.fixed32(span::FLAGS, flags);
+        f.string(span::NAME, call.method);
+        f.varint(span::KIND, span::KIND_CLIENT);
+        f.fixed64(span::START_TIME, unix_nanos(SystemTime::now()));
+        const A: u32 = span::ATTRIBUTES;
+        f.attribute(A, "rpc.system.name", Attr::Str("grpc"));
+        f.attribute(A, "rpc.method", Attr::Str(call.method));
+        f.attribute(A, "server.address", Attr::Str(call.server));
+        if let Some(port) = call.port {
+            f.attribute(A, "server.port", Attr::Int(port));
+        }
+        f.attribute(A, "agentmesh.cluster", Attr::Str(call.cluster));
+        f.attribute(A, "agentmesh.strategy", Attr::Str(call.strategy));
+        Started {
+            span: Box::new(CallSpan {
+                buf,
+                attempts: 0,
+                peer: None,
+                ended: false,
+                shared: self.shared.clone(),
+            }),
+            traceparent: traceparent(&trace_id, &span_id),
+            new_trace: !remote.is_valid(),
+        }
     }
 }
 
-/// A sampled call's span. Ended by [`CallSpan::end`], or when dropped.
+/// A span just started, and the `traceparent` it gives the upstream
+/// request.
+pub struct Started {
+    span: Box<CallSpan>,
+    traceparent: HeaderValue,
+    new_trace: bool,
+}
+
+impl Started {
+    /// Writes the span's `traceparent` into the upstream request's
+    /// `headers` (the caller's `tracestate` stays; in a new trace there is
+    /// none to keep), and gives the span.
+    pub fn headers(self, headers: &mut HeaderMap) -> Box<CallSpan> {
+        if self.new_trace {
+            headers.remove(&TRACESTATE);
+        }
+        headers.insert(TRACEPARENT, self.traceparent);
+        self.span
+    }
+}
+
+/// `00-<trace id>-<span id>-01`, marked sensitive so that the HPACK
+/// encoder sends it as a literal instead of filling its table with a
+/// value that never comes again.
+fn traceparent(trace_id: &[u8; 16], span_id: &[u8; 8]) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    for (i, b) in trace_id.iter().chain(span_id).enumerate() {
+        // The span id starts after the trace id's 32 digits and a dash.
+        let at = 3 + 2 * i + usize::from(i >= 16);
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+    }
+    out[35] = b'-';
+    out[52..].copy_from_slice(b"-01");
+    let mut value = HeaderValue::from_bytes(&out).expect("hex digits and dashes");
+    value.set_sensitive(true);
+    value
+}
+
+/// A sampled call's span, as the bytes of its OTLP encoding so far. Ended
+/// by [`CallSpan::end`], or when dropped.
 pub struct CallSpan {
-    span: pb::Span,
+    buf: Vec<u8>,
     attempts: u32,
     /// The endpoint of the last attempt.
-    peer: String,
+    peer: Option<Arc<str>>,
     ended: bool,
-    queue: mpsc::Sender<pb::Span>,
-    counts: Arc<SpanCounts>,
+    shared: Arc<Shared>,
 }
 
 impl CallSpan {
-    pub fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
-        self.span.events.push(pb::span::Event {
-            time_unix_nano: unix_nanos(SystemTime::now()),
-            name: name.to_string(),
-            attributes: attributes.into_iter().map(to_pb).collect(),
-            dropped_attributes_count: 0,
-        });
+    pub fn event(&mut self, name: &str, attributes: &[(&str, Attr<'_>)]) {
+        Fields(&mut self.buf).event(unix_nanos(SystemTime::now()), name, attributes);
     }
 
     /// An attempt goes to `endpoint`. The span's peer attributes name the
     /// last one (the endpoint that answered), set when the span ends.
-    pub fn attempt(&mut self, endpoint: &str) {
+    pub fn attempt(&mut self, endpoint: &Arc<str>) {
         self.attempts += 1;
-        self.peer.clear();
-        self.peer.push_str(endpoint);
+        self.peer = Some(endpoint.clone());
     }
 
     /// The picker chose `endpoint`, for the reasons in `why`: an event
@@ -257,81 +315,71 @@ impl CallSpan {
             return;
         }
         let now = tokio::time::Instant::now();
-        let mut attributes = vec![KeyValue::new(
-            "agentmesh.endpoint",
-            endpoint.address_shared().clone(),
-        )];
+        let group = why
+            .group
+            .map(|(index, groups, size)| format!("{} of {groups} ({size} endpoints)", index + 1));
+        let described: Vec<String> = why
+            .candidates
+            .iter()
+            .map(|(e, cost)| describe(e, *cost, now))
+            .collect();
+        let mut attributes = Vec::with_capacity(7);
+        attributes.push(("agentmesh.endpoint", Attr::Str(endpoint.address())));
         if let Some(affinity) = why.affinity {
-            attributes.push(KeyValue::new("agentmesh.affinity", affinity));
+            attributes.push(("agentmesh.affinity", Attr::Str(affinity)));
         }
-        if let Some((index, groups, size)) = why.group {
-            attributes.push(KeyValue::new(
-                "agentmesh.group",
-                format!("{} of {groups} ({size} endpoints)", index + 1),
-            ));
+        if let Some(group) = &group {
+            attributes.push(("agentmesh.group", Attr::Str(group)));
         }
-        for (key, value) in [
-            ("agentmesh.zone", endpoint.zone()),
-            ("agentmesh.version", endpoint.version()),
-        ] {
-            if let Some(v) = value {
-                attributes.push(KeyValue::new(key, v.to_string()));
-            }
+        if let Some(zone) = endpoint.zone() {
+            attributes.push(("agentmesh.zone", Attr::Str(zone)));
+        }
+        if let Some(version) = endpoint.version() {
+            attributes.push(("agentmesh.version", Attr::Str(version)));
         }
         if endpoint.priority() > 0 {
-            attributes.push(KeyValue::new(
+            attributes.push((
                 "agentmesh.priority",
-                i64::from(endpoint.priority()),
+                Attr::Int(i64::from(endpoint.priority())),
             ));
         }
-        if !why.candidates.is_empty() {
-            let described: Vec<opentelemetry::StringValue> = why
-                .candidates
-                .iter()
-                .map(|(e, cost)| describe(e, *cost, now).into())
-                .collect();
-            attributes.push(KeyValue::new(
-                "agentmesh.candidates",
-                Value::Array(opentelemetry::Array::String(described)),
-            ));
+        if !described.is_empty() {
+            attributes.push(("agentmesh.candidates", Attr::Strs(&described)));
         }
-        self.event("pick", attributes);
+        self.event("pick", &attributes);
     }
 
     /// A retry the policy wanted was not made, and why.
-    pub fn retry_refused(&mut self, why: &'static str) {
-        self.event(
-            "retry refused",
-            vec![KeyValue::new("agentmesh.reason", why)],
-        );
+    pub fn retry_refused(&mut self, why: &str) {
+        self.event("retry refused", &[("agentmesh.reason", Attr::Str(why))]);
     }
 
     /// The picker's choice was passed over for another, and why.
-    pub fn passed_over(&mut self, endpoint: &Arc<str>, why: &'static str) {
+    pub fn passed_over(&mut self, endpoint: &str, why: &str) {
         self.event(
             "passed over",
-            vec![
-                KeyValue::new("agentmesh.endpoint", endpoint.clone()),
-                KeyValue::new("agentmesh.reason", why),
+            &[
+                ("agentmesh.endpoint", Attr::Str(endpoint)),
+                ("agentmesh.reason", Attr::Str(why)),
             ],
         );
     }
 
     /// How one attempt ended.
-    pub fn attempt_ended(&mut self, endpoint: &Arc<str>, outcome: impl Into<Cow<'static, str>>) {
-        let outcome: Cow<'static, str> = outcome.into();
+    pub fn attempt_ended(&mut self, endpoint: &str, outcome: &str) {
+        let attempt = i64::from(self.attempts);
         self.event(
             "attempt",
-            vec![
-                KeyValue::new("agentmesh.attempt", i64::from(self.attempts)),
-                KeyValue::new("agentmesh.endpoint", endpoint.clone()),
-                KeyValue::new("agentmesh.outcome", outcome),
+            &[
+                ("agentmesh.attempt", Attr::Int(attempt)),
+                ("agentmesh.endpoint", Attr::Str(endpoint)),
+                ("agentmesh.outcome", Attr::Str(outcome)),
             ],
         );
     }
 
     /// Ends the span with the status the caller got.
-    pub fn end(mut self: Box<Self>, code: tonic::Code, message: &str) {
+    pub fn end(mut self, code: tonic::Code, message: &str) {
         self.finish(code, message);
     }
 
@@ -339,32 +387,32 @@ impl CallSpan {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let mut span = std::mem::take(&mut self.span);
-        span.end_time_unix_nano = unix_nanos(SystemTime::now());
-        use pb_common::any_value::Value as V;
-        if !self.peer.is_empty() {
-            let (host, port) = split_host_port(&self.peer);
-            let address = pb_attr("network.peer.address", V::StringValue(host.to_string()));
-            span.attributes.push(address);
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut f = Fields(&mut buf);
+        const A: u32 = span::ATTRIBUTES;
+        if let Some(peer) = &self.peer {
+            let (host, port) = split_host_port(peer);
+            f.attribute(A, "network.peer.address", Attr::Str(host));
             if let Some(port) = port {
-                let port = pb_attr("network.peer.port", V::IntValue(i64::from(port)));
-                span.attributes.push(port);
+                f.attribute(A, "network.peer.port", Attr::Int(i64::from(port)));
             }
         }
         let name = crate::wire::grpc::code_name(code);
-        span.attributes.extend([
-            pb_attr("agentmesh.attempts", V::IntValue(i64::from(self.attempts))),
-            pb_attr("rpc.grpc.status_code", V::IntValue(code as i64)),
-            pb_attr("rpc.response.status_code", V::StringValue(name.to_string())),
-        ]);
+        f.attribute(A, "agentmesh.attempts", Attr::Int(i64::from(self.attempts)));
+        f.attribute(A, "rpc.grpc.status_code", Attr::Int(code as i64));
+        f.attribute(A, "rpc.response.status_code", Attr::Str(name));
+        f.fixed64(span::END_TIME, unix_nanos(SystemTime::now()));
         if code != tonic::Code::Ok {
-            span.status = Some(pb::Status {
-                message: format!("{name}: {message}"),
-                code: pb::status::StatusCode::Error as i32,
+            f.message(span::STATUS, |s| {
+                s.string(status::MESSAGE, &format!("{name}: {message}"));
+                s.varint(status::CODE, status::CODE_ERROR);
             });
         }
-        if self.queue.try_send(span).is_err() {
-            self.counts.dropped_queue_full.fetch_add(1, Relaxed);
+        let shared = &self.shared;
+        if shared.queue.try_send(buf).is_err() {
+            shared.counts.dropped_queue_full.fetch_add(1, Relaxed);
+        } else if shared.queued.fetch_add(1, Relaxed) + 1 == BATCH {
+            shared.batch_ready.notify_one();
         }
     }
 }
@@ -508,15 +556,6 @@ fn to_pb(kv: KeyValue) -> pb_common::KeyValue {
     }
 }
 
-/// An attribute made straight as a protobuf (no `KeyValue` in between).
-fn pb_attr(key: &str, value: pb_common::any_value::Value) -> pb_common::KeyValue {
-    pb_common::KeyValue {
-        key: key.to_string(),
-        value: Some(pb_common::AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
 struct Headers<'a>(&'a HeaderMap);
 
 impl Extractor for Headers<'_> {
@@ -529,19 +568,6 @@ impl Extractor for Headers<'_> {
     }
 }
 
-struct HeadersMut<'a>(&'a mut HeaderMap);
-
-impl Injector for HeadersMut<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
 /// The export thread: connects the OTLP client on a runtime of its own,
 /// says whether that worked, and sends queued spans until the queue's
 /// sender is gone (the tracer was dropped). A panic in the export loop is
@@ -549,8 +575,8 @@ impl Injector for HeadersMut<'_> {
 fn export_thread(
     endpoint: String,
     resource: PbResource,
-    spans: mpsc::Receiver<pb::Span>,
-    counts: Arc<SpanCounts>,
+    spans: mpsc::Receiver<Vec<u8>>,
+    shared: Arc<Shared>,
     built: std::sync::mpsc::Sender<anyhow::Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -577,15 +603,23 @@ fn export_thread(
             }
         };
         let _ = built.send(Ok(()));
-        let client = TraceServiceClient::new(channel);
+        let client = tonic::client::Grpc::new(channel);
         let spans = Arc::new(tokio::sync::Mutex::new(spans));
-        let resource = Arc::new(resource);
+        let scope = pb_common::InstrumentationScope {
+            name: "agentmesh".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        };
+        let envelope = Arc::new(Envelope {
+            resource: resource.encode_to_vec(),
+            scope: scope.encode_to_vec(),
+        });
         Task::supervised("span export", move || {
             export(
                 spans.clone(),
                 client.clone(),
-                resource.clone(),
-                counts.clone(),
+                envelope.clone(),
+                shared.clone(),
             )
         })
         .finished()
@@ -593,52 +627,56 @@ fn export_thread(
     });
 }
 
-/// Sends queued spans in batches: as many as are waiting (up to
-/// [`BATCH`]), after at most [`BATCH_WAIT`] once the first arrives.
+/// Sends queued spans in batches: once the first span arrives, the rest
+/// of its batch (up to [`BATCH`]) gathers for [`BATCH_WAIT`], or until a
+/// batch's worth is queued. The queue is read without waiting while they
+/// gather, so a span does not wake this thread.
 async fn export(
-    spans: Arc<tokio::sync::Mutex<mpsc::Receiver<pb::Span>>>,
-    mut client: TraceServiceClient<tonic::transport::Channel>,
-    resource: Arc<PbResource>,
-    counts: Arc<SpanCounts>,
+    spans: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>>,
+    mut client: tonic::client::Grpc<tonic::transport::Channel>,
+    envelope: Arc<Envelope>,
+    shared: Arc<Shared>,
 ) {
     let mut spans = spans.lock().await;
     let mut failing = false;
-    let scope = pb_common::InstrumentationScope {
-        name: "agentmesh".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        ..Default::default()
-    };
+    let path = http::uri::PathAndQuery::from_static(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    );
+    let counts = &shared.counts;
     loop {
+        let mut batch = Vec::with_capacity(BATCH);
         let Some(first) = spans.recv().await else {
             return;
         };
-        let mut batch = Vec::with_capacity(BATCH);
         batch.push(first);
-        let until = tokio::time::Instant::now() + BATCH_WAIT;
+        let _ = tokio::time::timeout(BATCH_WAIT, shared.batch_ready.notified()).await;
         while batch.len() < BATCH {
-            match tokio::time::timeout_at(until, spans.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => break,
+            match spans.try_recv() {
+                Ok(span) => batch.push(span),
+                Err(_) => break,
             }
         }
-        let n = batch.len() as u64;
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![pb::ResourceSpans {
-                resource: Some((*resource).clone()),
-                scope_spans: vec![pb::ScopeSpans {
-                    scope: Some(scope.clone()),
-                    spans: batch,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
+        let n = batch.len();
+        shared.queued.fetch_sub(n, Relaxed);
+        let request = Batch {
+            envelope: envelope.clone(),
+            spans: batch,
         };
-        let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.export(request));
+        let sent = tokio::time::timeout(EXPORT_TIMEOUT, async {
+            client
+                .ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            client
+                .unary(tonic::Request::new(request), path.clone(), PreEncoded)
+                .await
+        });
         let failure = match sent.await {
             Ok(Ok(_)) => None,
             Ok(Err(status)) => Some(format!("{:?}: {}", status.code(), status.message())),
             Err(_) => Some(format!("no answer within {EXPORT_TIMEOUT:?}")),
         };
+        let n = n as u64;
         match failure {
             None => {
                 counts.exported.fetch_add(n, Relaxed);

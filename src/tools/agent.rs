@@ -34,6 +34,10 @@ pub struct AgentOptions {
     pub max_header_list_size: Option<u32>,
     /// Serve TLS (see [`server_tls`]) instead of plain HTTP/2.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Send the `traceparent` a call came with back, as the response
+    /// header `x-traceparent-received` (for the tracing tests; the
+    /// benchmarks turn it off, as it is no work of the proxy's).
+    pub echo_traceparent: bool,
 }
 
 impl AgentOptions {
@@ -46,6 +50,7 @@ impl AgentOptions {
             delay_after: None,
             max_header_list_size: None,
             tls: None,
+            echo_traceparent: true,
         }
     }
 }
@@ -412,7 +417,10 @@ impl Agent for AgentService {
     ) -> Result<Response<InvokeReply>, Status> {
         let tracked = Tracked::start(&self.stats);
         let echo = request.metadata().get("x-echo").cloned();
-        let traceparent = request.metadata().get("traceparent").cloned();
+        let traceparent = match self.options.echo_traceparent {
+            true => request.metadata().get("traceparent").cloned(),
+            false => None,
+        };
         let r = request.into_inner();
         self.pause(r.delay_ms).await;
         let result = self.outcome(&r);
