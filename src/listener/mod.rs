@@ -31,10 +31,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::app::drain;
-use crate::cluster::{Router, Slot};
+
+use crate::cluster::{Cluster, Router, Slot};
 use crate::config::ListenerConfig;
+use crate::proxy;
 use crate::proxy::error::ProxyError;
-use crate::proxy::{self, ResponseBody};
 use crate::util::{Clock, Throttle};
 use crate::wire::grpc;
 use crate::wire::io::{Batched, PeerSignals};
@@ -223,17 +224,12 @@ enum Route {
 }
 
 impl Route {
-    async fn call(self, req: Request<h2::RecvStream>) -> Response<ResponseBody> {
-        let cluster = match self {
-            Route::Cluster(slot) => match slot.current() {
-                Some(cluster) => cluster,
-                None => {
-                    let error = ProxyError::ClusterRemoved {
-                        cluster: slot.name().to_string(),
-                    };
-                    return grpc::status_response(&error.to_status());
-                }
-            },
+    /// The cluster `req` goes to, or why there is none.
+    fn pick(&self, req: &Request<h2::RecvStream>) -> Result<Arc<Cluster>, ProxyError> {
+        match self {
+            Route::Cluster(slot) => slot.current().ok_or_else(|| ProxyError::ClusterRemoved {
+                cluster: slot.name().to_string(),
+            }),
             Route::Authority(router) => {
                 let authority = req
                     .uri()
@@ -241,21 +237,14 @@ impl Route {
                     .map(|a| a.as_str())
                     .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
                     .unwrap_or("");
-                match router.find(authority) {
-                    Some(cluster) => cluster,
-                    None => {
-                        let error = ProxyError::UnknownAuthority {
-                            authority: authority.to_string(),
-                            known: router.names(),
-                        };
-                        return grpc::status_response(&error.to_status());
-                    }
-                }
+                router
+                    .find(authority)
+                    .ok_or_else(|| ProxyError::UnknownAuthority {
+                        authority: authority.to_string(),
+                        known: router.names(),
+                    })
             }
-        };
-        // Not boxed here: the whole call is boxed once where its task is
-        // spawned.
-        proxy::forward(cluster, req).await
+        }
     }
 }
 
@@ -609,34 +598,48 @@ impl Drop for Open {
 /// One call: forwards it, then sends the answer back on `respond`. A
 /// caller that resets the stream while the call is under way ends it (the
 /// upstream stream is reset too).
-async fn serve_call(
+/// One call on a caller's connection. Written as a function that returns
+/// its future, not as an `async fn`: an `async fn` keeps each argument twice
+/// in its future (as given, and bound in its body) for as long as it runs,
+/// and the future is what an open stream costs in memory.
+fn serve_call(
     route: Route,
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     open: Open,
-) {
+) -> impl Future<Output = ()> + Send {
     let opened = Instant::now();
     // A reset at the caller's own deadline is no abuse.
     let patience =
         grpc::timeout(req.headers()).map_or(EARLY_RESET, |t| (t * 9 / 10).min(EARLY_RESET));
-    let mut call = std::pin::pin!(route.call(req));
-    let response = std::future::poll_fn(|cx| {
-        if respond.poll_reset(cx).is_ready() {
-            // Returning drops the call.
-            return std::task::Poll::Ready(None);
+    let routed = route.pick(&req);
+    async move {
+        let response = match routed {
+            Err(error) => Some(grpc::status_response(&error.to_status())),
+            // The call's future lives in this arm only, so the answer's
+            // pump below does not sit beside it.
+            Ok(cluster) => {
+                let mut call = std::pin::pin!(proxy::forward(cluster, req));
+                std::future::poll_fn(|cx| {
+                    if respond.poll_reset(cx).is_ready() {
+                        // Returning drops the call.
+                        return std::task::Poll::Ready(None);
+                    }
+                    call.as_mut().poll(cx).map(Some)
+                })
+                .await
+            }
+        };
+        let Some(response) = response else {
+            open.reset(opened.elapsed(), patience);
+            return;
+        };
+        let (parts, body) = response.into_parts();
+        let end = body.is_end_stream();
+        match respond.send_response(Response::from_parts(parts, ()), end) {
+            Ok(stream) if !end => Pump::new(body, stream).run().await,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "the answer could not be sent to the caller"),
         }
-        call.as_mut().poll(cx).map(Some)
-    })
-    .await;
-    let Some(response) = response else {
-        open.reset(opened.elapsed(), patience);
-        return;
-    };
-    let (parts, body) = response.into_parts();
-    let end = body.is_end_stream();
-    match respond.send_response(Response::from_parts(parts, ()), end) {
-        Ok(stream) if !end => Pump::new(body, stream).run().await,
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "the answer could not be sent to the caller"),
     }
 }

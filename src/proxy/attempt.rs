@@ -586,24 +586,52 @@ impl<'c> Attempts<'c> {
 /// proxy does (see [`grpc::set_remaining`]): its own answer to it
 /// (CANCELLED "Timeout expired" from tonic) arrives when the deadline has
 /// passed, and the caller gets the proxy's DEADLINE_EXCEEDED instead.
-async fn within<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    // Most of what is awaited here is ready at once (a pooled connection):
-    // arm no timer for it.
-    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
-    if let Poll::Ready(out) = first {
-        return (Instant::now() < deadline).then_some(out);
+fn within<F: Future>(deadline: Instant, f: F) -> Within<F> {
+    Within {
+        f,
+        timer: None,
+        deadline,
     }
-    let mut timer = std::pin::pin!(Timer::at(deadline));
-    std::future::poll_fn(|cx| {
-        if timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`within`]: a struct rather than an `async fn`, which
+    /// would keep `f` twice (as given, and pinned in its body) in every
+    /// call's future.
+    struct Within<F> {
+        #[pin]
+        f: F,
+        // Armed only when `f` is not ready at its first poll: most of what
+        // is awaited here is ready at once (a pooled connection).
+        #[pin]
+        timer: Option<Timer>,
+        deadline: Instant,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+            if timer.poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
         }
-        f.as_mut()
-            .poll(cx)
-            .map(|out| (Instant::now() < deadline).then_some(out))
-    })
-    .await
+        if let Poll::Ready(out) = this.f.poll(cx) {
+            return Poll::Ready((Instant::now() < *this.deadline).then_some(out));
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(Timer::at(*this.deadline)));
+            if let Some(timer) = this.timer.as_pin_mut() {
+                if timer.poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// How one attempt's request went.

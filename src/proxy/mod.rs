@@ -39,6 +39,8 @@ pub use response::ResponseBody;
 
 use crate::cluster::{Admitted, Cluster};
 use crate::endpoint::Outcome;
+use futures_util::future::Either;
+
 use crate::telemetry::otlp::Attr;
 use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;
@@ -82,10 +84,14 @@ impl Deadline {
 
 /// Proxies `req` to an endpoint of `cluster`. Never fails: what goes wrong
 /// becomes a gRPC status for the caller.
-pub async fn forward(
+pub fn forward(
     cluster: Arc<Cluster>,
     mut req: Request<h2::RecvStream>,
-) -> Response<ResponseBody> {
+) -> impl Future<Output = Response<ResponseBody>> + Send {
+    // Written as functions that return their futures, not `async fn`s (and
+    // `send` below): an `async fn` keeps each argument twice in its future
+    // (as given, and bound in its body) for as long as it runs, and these
+    // futures are what an open call costs in memory.
     let own = grpc::timeout(req.headers());
     let limit = cluster.config().request_timeout;
     let (timeout, source) = match own {
@@ -102,55 +108,64 @@ pub async fn forward(
         None => None,
         Some(traces) => trace::start(traces, &cluster, &mut req),
     };
-    match send(&cluster, req, deadline, &mut trace).await {
-        Ok(response) => response,
-        Err(error) => {
-            tracing::debug!(cluster = cluster.name(), %error, "call failed in the proxy");
-            let status = error.to_status();
-            if let Some(span) = trace {
-                span.end(status.code(), status.message());
+    async move {
+        match send(&cluster, req, deadline, &mut trace).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(cluster = cluster.name(), %error, "call failed in the proxy");
+                let status = error.to_status();
+                if let Some(span) = trace {
+                    span.end(status.code(), status.message());
+                }
+                grpc::status_response(&status)
             }
-            grpc::status_response(&status)
         }
     }
 }
 
 /// Admits the call and runs its attempts until one gives the answer.
-async fn send(
-    cluster: &Arc<Cluster>,
+fn send<'c>(
+    cluster: &'c Arc<Cluster>,
     req: Request<h2::RecvStream>,
     deadline: Deadline,
-    trace: &mut Option<Box<CallSpan>>,
-) -> Answer {
-    let admitted = admit(cluster, req.headers()).inspect_err(|error| {
-        if let Some(span) = trace {
-            let reason = error.to_string();
-            span.event("refused", &[("agentmesh.reason", Attr::Str(&reason))]);
-        }
-    })?;
-    let mut attempts = Attempts::new(cluster, req, deadline, admitted, trace);
-    loop {
-        // Each step leads to the next, or says where the call goes instead.
-        let flow = match attempts.request().and_then(|()| attempts.claim()) {
-            Err(flow) => flow,
-            Ok(claimed) => match attempts.send(claimed).await {
-                Err(flow) => flow,
-                Ok(sent) => match attempts.judge(sent) {
-                    Ok(response) => return Ok(response),
-                    Err(flow) => flow,
-                },
-            },
-        };
-        match flow {
-            Flow::Again => {}
-            Flow::Retry => {
-                if let Err(Flow::Done) = attempts.back_off().await {
-                    return attempts.answer();
-                }
+    trace: &'c mut Option<Box<CallSpan>>,
+) -> impl Future<Output = Answer> + Send + 'c {
+    let admitted = match admit(cluster, req.headers()) {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            if let Some(span) = trace {
+                let reason = error.to_string();
+                span.event("refused", &[("agentmesh.reason", Attr::Str(&reason))]);
             }
-            Flow::Done => return attempts.answer(),
+            return Either::Left(std::future::ready(Err(error)));
         }
-    }
+    };
+    let mut attempts = Attempts::new(cluster, req, deadline, admitted, trace);
+    Either::Right(async move {
+        loop {
+            // Each step leads to the next, or says where the call goes
+            // instead.
+            let flow = match attempts.request().and_then(|()| attempts.claim()) {
+                Err(flow) => flow,
+                Ok(claimed) => match attempts.send(claimed).await {
+                    Err(flow) => flow,
+                    Ok(sent) => match attempts.judge(sent) {
+                        Ok(response) => return Ok(response),
+                        Err(flow) => flow,
+                    },
+                },
+            };
+            match flow {
+                Flow::Again => {}
+                Flow::Retry => {
+                    if let Err(Flow::Done) = attempts.back_off().await {
+                        return attempts.answer();
+                    }
+                }
+                Flow::Done => return attempts.answer(),
+            }
+        }
+    })
 }
 
 /// The cluster's rate limits, then its limit of calls in flight.

@@ -147,7 +147,18 @@ impl Fields<'_> {
     /// lengths are worked out first, so nothing moves.
     pub fn attribute(&mut self, tag: u32, key: &str, value: Attr<'_>) {
         let any = value.encoded_len();
-        let kv = kv_len(key, &value);
+        let kv = field_len(key.len()) + field_len(any);
+        if let (Attr::Str(s), true) = (value, kv < 0x80 && tag < 0x10) {
+            // The common case, every length one byte: four copies.
+            let buf = &mut *self.0;
+            buf.reserve(2 + kv);
+            let key_byte = (tag << 3) as u8 | WireType::LengthDelimited as u8;
+            buf.extend_from_slice(&[key_byte, kv as u8, 0x0a, key.len() as u8]);
+            buf.extend_from_slice(key.as_bytes());
+            buf.extend_from_slice(&[0x12, any as u8, 0x0a, s.len() as u8]);
+            buf.extend_from_slice(s.as_bytes());
+            return;
+        }
         self.0.reserve(2 + encoded_len_varint(kv as u64) + kv);
         put_key(self.0, tag, WireType::LengthDelimited);
         put_varint(self.0, kv as u64);
