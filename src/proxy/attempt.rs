@@ -447,6 +447,22 @@ impl<'c> Attempts<'c> {
                 });
                 Ok(Response::from_parts(parts, body))
             }
+            Err(error) if self.shared.caller_broke() => {
+                // The sidecar reset the upstream stream itself, because the
+                // caller's request broke: the endpoint is not to blame.
+                let code = grpc::code_for_upstream_error(&error);
+                in_flight.finished(Outcome::Excused(code));
+                self.note(|t| t.attempt_ended(endpoint.address(), "the caller's request broke"));
+                self.failed = Failed::Broke(ProxyError::UpstreamFailed {
+                    cluster: self.cluster.name().to_string(),
+                    endpoint: endpoint.address().to_string(),
+                    code,
+                    reason: "the caller's request stream broke, so the sidecar reset this one"
+                        .to_string(),
+                });
+                self.shared.cancel();
+                Err(self.give_up())
+            }
             Err(error) if grpc::is_unprocessed(&error) => {
                 // Refused or cut off by GOAWAY before the endpoint
                 // processed it: as good as never sent.

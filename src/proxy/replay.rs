@@ -138,6 +138,12 @@ impl CallShared {
         self.cancelled.load(Ordering::Acquire)
     }
 
+    /// Whether the caller's request stream broke (a malformed body, say),
+    /// so that the sidecar reset the stream it was sending upstream.
+    pub(super) fn caller_broke(&self) -> bool {
+        self.replay().broke
+    }
+
     /// Whether another attempt could send the whole body from its start.
     pub(super) fn can_replay(&self) -> bool {
         let r = self.replay();

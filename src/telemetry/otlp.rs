@@ -320,6 +320,8 @@ mod tests {
         f.attribute(span::ATTRIBUTES, "server.port", Attr::Int(50051));
         f.attribute(span::ATTRIBUTES, "negative", Attr::Int(-3));
         let long = "x".repeat(300);
+        // Past the one-byte lengths of the short path.
+        f.attribute(span::ATTRIBUTES, "long", Attr::Str(&long));
         let candidates = ["a cost 1.0".to_string(), long.clone()];
         f.event(
             5,
@@ -376,10 +378,16 @@ mod tests {
                 "rpc.method",
                 "server.port",
                 "negative",
+                "long",
                 "network.peer.address"
             ]
         );
         assert_eq!(string_of(s.attributes[0].value.as_ref()), Some("Invoke"));
+        assert_eq!(
+            string_of(s.attributes[3].value.as_ref()),
+            Some(long.as_str())
+        );
+        assert_eq!(string_of(s.attributes[4].value.as_ref()), Some("127.0.0.2"));
         let int = |i: usize| match s.attributes[i].value.as_ref().unwrap().value {
             Some(any_value::Value::IntValue(n)) => n,
             ref other => panic!("{other:?}"),

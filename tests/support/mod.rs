@@ -408,7 +408,14 @@ pub async fn raw_call_in_parts(
                 tokio::time::sleep(pause).await;
             }
             let last = i + 1 == parts.len();
-            stream.send_data(bytes::Bytes::copy_from_slice(part), last)?;
+            if stream
+                .send_data(bytes::Bytes::copy_from_slice(part), last)
+                .is_err()
+            {
+                // The answer came before the body was all sent (a 431, say)
+                // and closed the stream: it is read below.
+                break;
+            }
         }
     }
     let response = std::future::poll_fn(|cx| std::pin::Pin::new(&mut response).poll(cx)).await?;
