@@ -31,7 +31,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::app::drain;
-
 use crate::cluster::{Cluster, Router, Slot};
 use crate::config::ListenerConfig;
 use crate::proxy;
@@ -597,11 +596,10 @@ impl Drop for Open {
 
 /// One call: forwards it, then sends the answer back on `respond`. A
 /// caller that resets the stream while the call is under way ends it (the
-/// upstream stream is reset too).
-/// One call on a caller's connection. Written as a function that returns
-/// its future, not as an `async fn`: an `async fn` keeps each argument twice
-/// in its future (as given, and bound in its body) for as long as it runs,
-/// and the future is what an open stream costs in memory.
+/// upstream stream is reset too). A function that returns its future, not
+/// an `async fn`: an `async fn` keeps each argument twice in its future (as
+/// given, and bound in its body) for as long as it runs, and the future is
+/// what an open stream costs in memory.
 fn serve_call(
     route: Route,
     req: Request<h2::RecvStream>,

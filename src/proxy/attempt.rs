@@ -447,22 +447,6 @@ impl<'c> Attempts<'c> {
                 });
                 Ok(Response::from_parts(parts, body))
             }
-            Err(error) if self.shared.caller_broke() => {
-                // The sidecar reset the upstream stream itself, because the
-                // caller's request broke: the endpoint is not to blame.
-                let code = grpc::code_for_upstream_error(&error);
-                in_flight.finished(Outcome::Excused(code));
-                self.note(|t| t.attempt_ended(endpoint.address(), "the caller's request broke"));
-                self.failed = Failed::Broke(ProxyError::UpstreamFailed {
-                    cluster: self.cluster.name().to_string(),
-                    endpoint: endpoint.address().to_string(),
-                    code,
-                    reason: "the caller's request stream broke, so the sidecar reset this one"
-                        .to_string(),
-                });
-                self.shared.cancel();
-                Err(self.give_up())
-            }
             Err(error) if grpc::is_unprocessed(&error) => {
                 // Refused or cut off by GOAWAY before the endpoint
                 // processed it: as good as never sent.
@@ -479,7 +463,14 @@ impl<'c> Attempts<'c> {
                 Err(self.give_up())
             }
             Err(error) => {
-                in_flight.finished(Outcome::Reset);
+                let code = grpc::code_for_upstream_error(&error);
+                // A stream the sidecar reset itself, because the caller's
+                // request broke on its way, says nothing of the endpoint.
+                in_flight.finished(if self.shared.caller_broke() {
+                    Outcome::Excused(code)
+                } else {
+                    Outcome::Reset
+                });
                 self.answered += 1;
                 self.note(|t| {
                     t.attempt_ended(
@@ -487,7 +478,6 @@ impl<'c> Attempts<'c> {
                         &format!("stream broke: {}", grpc::describe(&error)),
                     )
                 });
-                let code = grpc::code_for_upstream_error(&error);
                 self.failed = Failed::Broke(ProxyError::UpstreamFailed {
                     cluster: self.cluster.name().to_string(),
                     endpoint: endpoint.address().to_string(),

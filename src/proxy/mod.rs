@@ -37,10 +37,10 @@ use tokio::time::Instant;
 pub use replay::RequestBody;
 pub use response::ResponseBody;
 
-use crate::cluster::{Admitted, Cluster};
-use crate::endpoint::Outcome;
 use futures_util::future::Either;
 
+use crate::cluster::{Admitted, Cluster};
+use crate::endpoint::Outcome;
 use crate::telemetry::otlp::Attr;
 use crate::telemetry::trace::CallSpan;
 use crate::wire::grpc;

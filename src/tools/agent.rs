@@ -417,9 +417,10 @@ impl Agent for AgentService {
     ) -> Result<Response<InvokeReply>, Status> {
         let tracked = Tracked::start(&self.stats);
         let echo = request.metadata().get("x-echo").cloned();
-        let traceparent = match self.options.echo_traceparent {
-            true => request.metadata().get("traceparent").cloned(),
-            false => None,
+        let traceparent = if self.options.echo_traceparent {
+            request.metadata().get("traceparent").cloned()
+        } else {
+            None
         };
         let r = request.into_inner();
         self.pause(r.delay_ms).await;
