@@ -379,6 +379,42 @@ backend be
             self.proc = None
 
 
+def measure(proxy, wd, ports, seconds, **load_args):
+    """Starts the proxy, warms it up, runs the measured load once; returns
+    the load report with the proxy's CPU per call and memory."""
+    proxy.start(wd, ports)
+    try:
+        idle = proxy.memory("VmRSS")
+        load(proxy.targets, max(0.3, seconds / 5), headers=proxy.headers,
+             **{**load_args, "rate": None, "concurrency": 16})
+        c0 = proxy.cpu()
+        report = load(proxy.targets, seconds, headers=proxy.headers, **load_args)
+        cpu = proxy.cpu() - c0
+        report["cpu_us_per_call"] = cpu / max(report["calls"], 1) * 1e6 if proxy.proc else None
+        report["rss_idle_kib"] = idle
+        report["rss_peak_kib"] = proxy.memory("VmHWM")
+        return report
+    finally:
+        proxy.stop()
+
+
+def h2load_run(proxy, wd, ports, body, requests, warmup):
+    """Starts the proxy, warms it up with `warmup` h2load requests (which
+    opens its upstream connections), runs `requests` more; returns h2load's
+    requests/s, the proxy's CPU per request and the share of its core it
+    kept busy (below 1.0, the proxy was not what bounded the count)."""
+    proxy.start(wd, ports)
+    try:
+        h2load(proxy.targets[0], body, warmup, headers=proxy.headers)
+        c0, t0 = proxy.cpu(), time.monotonic()
+        rps = h2load(proxy.targets[0], body, requests, headers=proxy.headers)
+        cpu, wall = proxy.cpu() - c0, time.monotonic() - t0
+        return {"rps": rps, "cpu_us_per_req": cpu / requests * 1e6 if proxy.proc else None,
+                "core_busy": cpu / wall if proxy.proc else None}
+    finally:
+        proxy.stop()
+
+
 class Meshed(Proxy):
     """agentmesh with [mesh] on, seeded with two idle sidecars of the same
     cluster, started (on the load CPU) and stopped with it."""
