@@ -398,6 +398,28 @@ def measure(proxy, wd, ports, seconds, **load_args):
         proxy.stop()
 
 
+def open_streams(proxy, wd, ports, streams, seconds):
+    """RSS with `streams` calls held open (each agent delays 1 s), on as
+    many connections as it takes at 100 streams each (agentmesh's default
+    listener.max_calls_per_connection, and HAProxy's default). Idle RSS is
+    also given in its two parts: anonymous memory (the heap, stacks) and
+    pages of the binary and its libraries (file-backed, shared with the
+    page cache)."""
+    proxy.start(wd, ports)
+    try:
+        idle = proxy.memory("VmRSS")
+        anon, files = proxy.memory("RssAnon"), proxy.memory("RssFile")
+        connections = max(4, -(-streams // 100))
+        report = load(proxy.targets, seconds, concurrency=streams, connections=connections, delay_ms=1000,
+                      sample=lambda: proxy.memory("VmRSS"))
+        peak = max(report.pop("samples") or [idle])
+        return {"rss_idle_kib": idle, "rss_idle_anon_kib": anon, "rss_idle_file_kib": files,
+                "rss_open_kib": peak, "kib_per_stream": (peak - idle) / streams if proxy.proc else None,
+                "calls": report["calls"], "errors": report["errors"]}
+    finally:
+        proxy.stop()
+
+
 def h2load_run(proxy, wd, ports, body, requests, warmup):
     """Starts the proxy, warms it up with `warmup` h2load requests (which
     opens its upstream connections), runs `requests` more; returns h2load's

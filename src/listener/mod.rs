@@ -596,48 +596,103 @@ impl Drop for Open {
 
 /// One call: forwards it, then sends the answer back on `respond`. A
 /// caller that resets the stream while the call is under way ends it (the
-/// upstream stream is reset too). A function that returns its future, not
-/// an `async fn`: an `async fn` keeps each argument twice in its future (as
-/// given, and bound in its body) for as long as it runs, and the future is
-/// what an open stream costs in memory.
+/// upstream stream is reset too).
 fn serve_call(
     route: Route,
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     open: Open,
-) -> impl Future<Output = ()> + Send {
+) -> ServeCall<impl Future<Output = Response<proxy::ResponseBody>> + Send> {
     let opened = Instant::now();
     // A reset at the caller's own deadline is no abuse.
     let patience =
         grpc::timeout(req.headers()).map_or(EARLY_RESET, |t| (t * 9 / 10).min(EARLY_RESET));
-    let routed = route.pick(&req);
-    async move {
-        let response = match routed {
-            Err(error) => Some(grpc::status_response(&error.to_status())),
-            // The call's future lives in this arm only, so the answer's
-            // pump below does not sit beside it.
-            Ok(cluster) => {
-                let mut call = std::pin::pin!(proxy::forward(cluster, req));
-                std::future::poll_fn(|cx| {
-                    if respond.poll_reset(cx).is_ready() {
-                        // Returning drops the call.
-                        return std::task::Poll::Ready(None);
+    let stage = match route.pick(&req) {
+        Ok(cluster) => Stage::Forwarding {
+            call: proxy::forward(cluster, req),
+        },
+        Err(error) => answer(&mut respond, grpc::status_response(&error.to_status())),
+    };
+    ServeCall {
+        stage,
+        respond,
+        open,
+        opened,
+        patience,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's task: its stages are one after another in the same place,
+    /// not side by side (as in an `async` block, which also keeps the
+    /// request it hands on), for this is what an open call costs in memory.
+    struct ServeCall<F> {
+        #[pin]
+        stage: Stage<F>,
+        respond: h2::server::SendResponse<Bytes>,
+        open: Open,
+        opened: Instant,
+        patience: Duration,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StageProj]
+    enum Stage<F> {
+        /// The call, until its response headers.
+        Forwarding { #[pin] call: F },
+        /// The response's body on its way to the caller.
+        Answering { pump: Pump<proxy::ResponseBody> },
+        Done,
+    }
+}
+
+/// Sends the response headers to the caller: what is left is the body.
+fn answer<F>(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    response: Response<proxy::ResponseBody>,
+) -> Stage<F> {
+    let (parts, body) = response.into_parts();
+    let end = body.is_end_stream();
+    match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(stream) if !end => Stage::Answering {
+            pump: Pump::new(body, stream),
+        },
+        Ok(_) => Stage::Done,
+        Err(e) => {
+            tracing::debug!(error = %e, "the answer could not be sent to the caller");
+            Stage::Done
+        }
+    }
+}
+
+impl<F: Future<Output = Response<proxy::ResponseBody>>> Future for ServeCall<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let mut this = self.project();
+        loop {
+            let next = match this.stage.as_mut().project() {
+                StageProj::Forwarding { call } => {
+                    if this.respond.poll_reset(cx).is_ready() {
+                        // Dropping the call resets its upstream stream.
+                        this.stage.set(Stage::Done);
+                        this.open.reset(this.opened.elapsed(), *this.patience);
+                        return std::task::Poll::Ready(());
                     }
-                    call.as_mut().poll(cx).map(Some)
-                })
-                .await
-            }
-        };
-        let Some(response) = response else {
-            open.reset(opened.elapsed(), patience);
-            return;
-        };
-        let (parts, body) = response.into_parts();
-        let end = body.is_end_stream();
-        match respond.send_response(Response::from_parts(parts, ()), end) {
-            Ok(stream) if !end => Pump::new(body, stream).run().await,
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "the answer could not be sent to the caller"),
+                    let response = std::task::ready!(call.poll(cx));
+                    answer(this.respond, response)
+                }
+                StageProj::Answering { pump } => {
+                    std::task::ready!(pump.poll(cx));
+                    Stage::Done
+                }
+                StageProj::Done => return std::task::Poll::Ready(()),
+            };
+            this.stage.set(next);
         }
     }
 }

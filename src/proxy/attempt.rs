@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
@@ -62,11 +63,11 @@ pub(super) struct Sent {
 }
 
 /// The state one call's attempts share.
-pub(super) struct Attempts<'c> {
-    cluster: &'c Arc<Cluster>,
+pub(super) struct Attempts {
+    cluster: Arc<Cluster>,
     deadline: Deadline,
-    /// The retry policy, if it covers the call's method.
-    policy: Option<&'c RetryConfig>,
+    /// Whether the cluster's retry policy covers the call's method.
+    retries: bool,
     admitted: Option<Admitted>,
     template: Template,
     shared: Arc<CallShared>,
@@ -89,25 +90,27 @@ pub(super) struct Attempts<'c> {
     /// An endpoint passed over while it connected, to wait for if no
     /// other takes the call.
     connecting: Option<Arc<Endpoint>>,
-    /// Set when a step ends the call.
-    answer: Option<Answer>,
+    /// Set when a step ends the call (boxed: it is set on failures only,
+    /// and the attempts are held as long as the call is open).
+    answer: Option<Box<Answer>>,
     /// The call's span, when it is sampled; handed to the response body
     /// once there is one.
-    trace: &'c mut Option<Box<CallSpan>>,
+    trace: Option<Box<CallSpan>>,
 }
 
-impl<'c> Attempts<'c> {
+impl Attempts {
     /// A call admitted to `cluster`: its body is kept for replay up to the
     /// retry policy's bound, and the retry budget counts it.
     pub(super) fn new(
-        cluster: &'c Arc<Cluster>,
+        cluster: Arc<Cluster>,
         req: Request<h2::RecvStream>,
         deadline: Deadline,
         admitted: Admitted,
-        trace: &'c mut Option<Box<CallSpan>>,
-    ) -> Attempts<'c> {
+        trace: Option<Box<CallSpan>>,
+    ) -> Attempts {
         let config = cluster.config();
         let policy = config.retry.as_ref().filter(|r| r.covers(req.uri().path()));
+        let retries = policy.is_some();
         if policy.is_some() {
             if let Some(budget) = cluster.retry_budget() {
                 budget.deposit(Instant::now());
@@ -121,6 +124,7 @@ impl<'c> Attempts<'c> {
             headers: parts.headers.clone(),
         };
         let limit = policy.map_or(REPLAY_LIMIT, |p| p.buffer_limit);
+        let snapshot = cluster.snapshot();
         let shared = Arc::new(CallShared::new(Received::new(body), limit));
         let next = Some(Request::from_parts(
             parts,
@@ -129,12 +133,12 @@ impl<'c> Attempts<'c> {
         Attempts {
             cluster,
             deadline,
-            policy,
+            retries,
             admitted: Some(admitted),
             template,
             shared,
             next,
-            snapshot: cluster.snapshot(),
+            snapshot,
             tried: Tried::default(),
             sent_to: 0,
             full: 0,
@@ -147,6 +151,51 @@ impl<'c> Attempts<'c> {
         }
     }
 
+    /// Runs the attempts until one gives the caller's answer.
+    pub(super) async fn run(&mut self) -> Answer {
+        loop {
+            // Each step leads to the next, or says where the call goes
+            // instead.
+            let flow = match self.request().and_then(|()| self.claim()) {
+                Err(flow) => flow,
+                Ok(claimed) => match self.send(claimed).await {
+                    Err(flow) => flow,
+                    Ok(sent) => match self.judge(sent) {
+                        Ok(response) => return Ok(response),
+                        Err(flow) => flow,
+                    },
+                },
+            };
+            match flow {
+                Flow::Again => {}
+                Flow::Retry => {
+                    if let Err(Flow::Done) = self.back_off().await {
+                        return self.answer();
+                    }
+                }
+                Flow::Done => return self.answer(),
+            }
+        }
+    }
+
+    pub(super) fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The call's span, if it is sampled and no response took it.
+    pub(super) fn take_trace(&mut self) -> Option<Box<CallSpan>> {
+        self.trace.take()
+    }
+
+    /// The cluster's retry policy, if it covers the call's method.
+    fn policy(&self) -> Option<&RetryConfig> {
+        self.cluster
+            .config()
+            .retry
+            .as_ref()
+            .filter(|_| self.retries)
+    }
+
     /// Notes on the span, if the call has one.
     fn note(&mut self, f: impl FnOnce(&mut CallSpan)) {
         if let Some(span) = self.trace.as_deref_mut() {
@@ -156,7 +205,7 @@ impl<'c> Attempts<'c> {
 
     /// Makes the request for this attempt ready in `next`: the first, or
     /// the kept body replayed. It stays there until it is sent.
-    pub(super) fn request(&mut self) -> Result<(), Flow> {
+    fn request(&mut self) -> Result<(), Flow> {
         if self.next.is_some() {
             return Ok(());
         }
@@ -177,7 +226,7 @@ impl<'c> Attempts<'c> {
     /// refuses the call; gives up when none is left. In panic mode an
     /// endpoint's breaker refuses nothing; nor does it when every other
     /// endpoint was passed over.
-    pub(super) fn claim(&mut self) -> Result<Claimed, Flow> {
+    fn claim(&mut self) -> Result<Claimed, Flow> {
         let Some(req) = self.next.as_ref() else {
             return Err(Flow::Again);
         };
@@ -286,7 +335,7 @@ impl<'c> Attempts<'c> {
     /// stream to break. A call handed back unsent (the connection closed
     /// under it) gets one more try on the same endpoint, over a fresh
     /// connection.
-    pub(super) async fn send(&mut self, claimed: Claimed) -> Result<Sent, Flow> {
+    async fn send(&mut self, claimed: Claimed) -> Result<Sent, Flow> {
         let Claimed {
             endpoint,
             mut in_flight,
@@ -389,7 +438,7 @@ impl<'c> Attempts<'c> {
     /// What the endpoint's answer means: the caller's response, or a retry
     /// ([`Flow::Retry`]) that the policy wants, of a body that can be sent
     /// again.
-    pub(super) fn judge(&mut self, sent: Sent) -> Result<Response<ResponseBody>, Flow> {
+    fn judge(&mut self, sent: Sent) -> Result<Response<ResponseBody>, Flow> {
         let Sent {
             endpoint,
             mut in_flight,
@@ -421,7 +470,7 @@ impl<'c> Attempts<'c> {
                 });
                 self.answered += 1;
                 let retry = trailers_only.is_some_and(|code| {
-                    wants_retry(self.policy, code, self.answered) && self.shared.can_replay()
+                    wants_retry(self.policy(), code, self.answered) && self.shared.can_replay()
                 });
                 let mut body = ResponseBody::new(body, self.deadline.at);
                 if retry {
@@ -484,7 +533,7 @@ impl<'c> Attempts<'c> {
                     code,
                     reason: grpc::describe(&error),
                 });
-                if wants_retry(self.policy, code, self.answered) && self.shared.can_replay() {
+                if wants_retry(self.policy(), code, self.answered) && self.shared.can_replay() {
                     return Err(Flow::Retry);
                 }
                 self.shared.cancel();
@@ -495,8 +544,8 @@ impl<'c> Attempts<'c> {
 
     /// Before a retry of a call that reached an endpoint: the retry budget
     /// must allow it, and the backoff must end before the deadline.
-    pub(super) async fn back_off(&mut self) -> Result<(), Flow> {
-        let Some(policy) = self.policy else {
+    async fn back_off(&mut self) -> Result<(), Flow> {
+        let Some(pause) = self.policy().map(|p| backoff(p, self.answered)) else {
             // A retry is judged wanted only under a policy.
             self.shared.cancel();
             return Err(self.give_up());
@@ -514,7 +563,6 @@ impl<'c> Attempts<'c> {
                 return Err(self.give_up());
             }
         }
-        let pause = backoff(policy, self.answered);
         if Instant::now() + pause >= self.deadline.at {
             self.note(|t| t.retry_refused("the backoff would pass the deadline"));
             self.shared.cancel();
@@ -548,16 +596,16 @@ impl<'c> Attempts<'c> {
     }
 
     /// The caller's answer, once a step returned [`Flow::Done`].
-    pub(super) fn answer(&mut self) -> Answer {
+    fn answer(&mut self) -> Answer {
         match self.answer.take() {
-            Some(answer) => answer,
+            Some(answer) => *answer,
             None => self.last_answer(),
         }
     }
 
     /// Ends the call with `answer`.
     fn end(&mut self, answer: Answer) -> Flow {
-        self.answer = Some(answer);
+        self.answer = Some(Box::new(answer));
         Flow::Done
     }
 
@@ -566,7 +614,7 @@ impl<'c> Attempts<'c> {
         let total = self.snapshot.ready().len();
         give_up(
             failed,
-            self.cluster,
+            &self.cluster,
             &self.tried,
             self.sent_to,
             total,
@@ -654,37 +702,45 @@ enum Exchange {
 /// Opens a stream for `req` on `sender` and sends its body while waiting
 /// for the response headers. A body still being sent when they come (a
 /// client or bidirectional stream) goes on in a task of its own; a unary
-/// request is sent whole before its answer and needs none.
-async fn exchange(sender: &mut Sender, req: Request<RequestBody>, now: Instant) -> Exchange {
+/// request is sent whole before its answer and needs none. The stream is
+/// opened before the future is made, which then holds what it waits on and
+/// nothing of the request.
+fn exchange(
+    sender: &mut Sender,
+    req: Request<RequestBody>,
+    now: Instant,
+) -> impl Future<Output = Exchange> + Send + use<> {
     let (parts, body) = req.into_parts();
     let end = body.is_end_stream();
     let (response, stream) = match sender.send_request(Request::from_parts(parts, ()), end) {
         Ok(opened) => opened,
-        Err(e) => return Exchange::Unsent(body, e),
+        Err(e) => return Either::Left(std::future::ready(Exchange::Unsent(body, e))),
     };
     let mut response = Awaited {
         response: Some(response),
         opened: now,
     };
     let mut pump = (!end).then(|| Pump::new(body, stream));
-    let answer = std::future::poll_fn(|cx| {
-        if let Some(p) = pump.as_mut() {
-            if p.poll(cx).is_ready() {
-                pump = None;
+    Either::Right(async move {
+        let answer = std::future::poll_fn(|cx| {
+            if let Some(p) = pump.as_mut() {
+                if p.poll(cx).is_ready() {
+                    pump = None;
+                }
             }
+            Pin::new(&mut response).poll(cx)
+        })
+        .await;
+        match answer {
+            Ok(response) => {
+                if let Some(pump) = pump {
+                    tokio::spawn(pump.run());
+                }
+                Exchange::Answered(response)
+            }
+            Err(e) => Exchange::Broke(e),
         }
-        Pin::new(&mut response).poll(cx)
     })
-    .await;
-    match answer {
-        Ok(response) => {
-            if let Some(pump) = pump {
-                tokio::spawn(pump.run());
-            }
-            Exchange::Answered(response)
-        }
-        Err(e) => Exchange::Broke(e),
-    }
 }
 
 /// An upstream stream is not reset sooner than this after it was opened...

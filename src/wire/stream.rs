@@ -110,9 +110,13 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
         }
     }
 
-    /// Runs the pump to its end.
-    pub async fn run(mut self) {
-        std::future::poll_fn(|cx| self.poll(cx)).await
+    /// Runs the pump to its end. (Not an `async fn`, which would keep the
+    /// pump twice in its future: as given, and bound in its body.)
+    pub fn run(mut self) -> impl Future<Output = ()> + Send
+    where
+        B: Send,
+    {
+        std::future::poll_fn(move |cx| self.poll(cx))
     }
 }
 
