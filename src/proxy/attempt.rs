@@ -72,7 +72,7 @@ pub(super) struct Attempts {
     template: Template,
     shared: Arc<CallShared>,
     /// The request for the next attempt, when one is at hand.
-    next: Option<Request<RequestBody>>,
+    next: Option<RequestBody>,
     snapshot: Arc<Snapshot>,
     /// Endpoints picked: sent the call, or passed over.
     tried: Tried,
@@ -117,19 +117,11 @@ impl Attempts {
             }
         }
         let (parts, body) = req.into_parts();
-        let template = Template {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-        };
+        let template = Template::new(parts);
         let limit = policy.map_or(REPLAY_LIMIT, |p| p.buffer_limit);
         let snapshot = cluster.snapshot();
         let shared = Arc::new(CallShared::new(Received::new(body), limit));
-        let next = Some(Request::from_parts(
-            parts,
-            RequestBody::call(shared.clone(), 0),
-        ));
+        let next = Some(RequestBody::call(shared.clone(), 0));
         Attempts {
             cluster,
             deadline,
@@ -154,17 +146,9 @@ impl Attempts {
     /// Runs the attempts until one gives the caller's answer.
     pub(super) async fn run(&mut self) -> Answer {
         loop {
-            // Each step leads to the next, or says where the call goes
-            // instead.
-            let flow = match self.request().and_then(|()| self.claim()) {
+            let flow = match self.attempt().await {
+                Ok(response) => return Ok(response),
                 Err(flow) => flow,
-                Ok(claimed) => match self.send(claimed).await {
-                    Err(flow) => flow,
-                    Ok(sent) => match self.judge(sent) {
-                        Ok(response) => return Ok(response),
-                        Err(flow) => flow,
-                    },
-                },
             };
             match flow {
                 Flow::Again => {}
@@ -176,6 +160,15 @@ impl Attempts {
                 Flow::Done => return self.answer(),
             }
         }
+    }
+
+    /// One attempt: each step leads to the next, or says where the call
+    /// goes instead.
+    async fn attempt(&mut self) -> Result<Response<ResponseBody>, Flow> {
+        self.request()?;
+        let claimed = self.claim()?;
+        let sent = self.send(claimed).await?;
+        self.judge(sent)
     }
 
     pub(super) fn cluster(&self) -> &Cluster {
@@ -211,8 +204,7 @@ impl Attempts {
         }
         match self.shared.new_attempt() {
             Some(attempt) => {
-                let body = RequestBody::call(self.shared.clone(), attempt);
-                self.next = Some(self.template.request(body));
+                self.next = Some(RequestBody::call(self.shared.clone(), attempt));
                 Ok(())
             }
             // The body went past the buffer: it cannot be sent again.
@@ -227,14 +219,14 @@ impl Attempts {
     /// endpoint's breaker refuses nothing; nor does it when every other
     /// endpoint was passed over.
     fn claim(&mut self) -> Result<Claimed, Flow> {
-        let Some(req) = self.next.as_ref() else {
+        if self.next.is_none() {
             return Err(Flow::Again);
-        };
+        }
         // A sampled call notes why it went where it went.
         let explain = self.trace.is_some().then(RefCell::<Explanation>::default);
         let call = Call {
             explain: explain.as_ref(),
-            ..Call::new(req.uri().path(), req.headers())
+            ..Call::new(self.template.path(), self.template.headers())
         };
         let picked = self
             .snapshot
@@ -317,11 +309,10 @@ impl Attempts {
     /// it carries no session key (a session stays where it is pinned), and
     /// some other endpoint it has not tried is connected.
     fn may_go_elsewhere(&self) -> bool {
-        let pinned = self.cluster.affinity().is_some_and(|a| {
-            self.next
-                .as_ref()
-                .is_some_and(|req| a.key(req.headers()).is_some())
-        });
+        let pinned = self
+            .cluster
+            .affinity()
+            .is_some_and(|a| a.key(self.template.headers()).is_some());
         !pinned
             && self
                 .snapshot
@@ -376,21 +367,27 @@ impl Attempts {
                 let phase = format!("before the call was sent to {}", endpoint.address());
                 return Err(self.end(Err(self.expired(phase))));
             }
-            let Some(mut req) = self.next.take() else {
+            let Some(body) = self.next.take() else {
                 in_flight.not_sent();
                 return Err(Flow::Again);
             };
-            if self.deadline.own.is_some() {
-                grpc::set_remaining(
-                    req.headers_mut(),
-                    self.deadline.at.saturating_duration_since(now),
-                    self.deadline.own,
-                );
-            }
+            // In a block of its own: the request is handed on before the
+            // wait, and must not be kept beside it.
+            let exchanged = {
+                let mut req = self.template.request(body);
+                if self.deadline.own.is_some() {
+                    grpc::set_remaining(
+                        req.headers_mut(),
+                        self.deadline.at.saturating_duration_since(now),
+                        self.deadline.own,
+                    );
+                }
+                exchange(&mut sender, req, now)
+            };
             // Dropping the exchange (deadline, caller gone) resets the
             // upstream stream (see `Awaited`); the in-flight count ends with
             // it.
-            return match within(self.deadline.at, exchange(&mut sender, req, now)).await {
+            return match within(self.deadline.at, exchanged).await {
                 None => {
                     in_flight.finished(self.deadline.outcome());
                     self.note(|t| {
@@ -416,7 +413,7 @@ impl Attempts {
                 Some(Exchange::Unsent(body, e)) => {
                     // The connection closed (or went away) before the
                     // stream opened: nothing was sent.
-                    self.next = Some(self.template.request(body));
+                    self.next = Some(body);
                     self.note(|t| {
                         t.attempt_ended(endpoint.address(), "not sent: the connection closed")
                     });
@@ -527,12 +524,12 @@ impl Attempts {
                         &format!("stream broke: {}", grpc::describe(&error)),
                     )
                 });
-                self.failed = Failed::Broke(ProxyError::UpstreamFailed {
+                self.failed = Failed::Broke(Box::new(ProxyError::UpstreamFailed {
                     cluster: self.cluster.name().to_string(),
                     endpoint: endpoint.address().to_string(),
                     code,
                     reason: grpc::describe(&error),
-                });
+                }));
                 if wants_retry(self.policy(), code, self.answered) && self.shared.can_replay() {
                     return Err(Flow::Retry);
                 }

@@ -17,15 +17,33 @@ use crate::util::lock;
 use crate::wire::grpc;
 use crate::wire::stream::{Abandon, Received};
 
-/// What is kept of a request to send it again.
+/// The caller's request without its body: each attempt sends a copy.
 pub(super) struct Template {
-    pub(super) method: Method,
-    pub(super) uri: Uri,
-    pub(super) version: Version,
-    pub(super) headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
 }
 
 impl Template {
+    pub(super) fn new(parts: http::request::Parts) -> Template {
+        Template {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        }
+    }
+
+    pub(super) fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    pub(super) fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The request for one attempt, with `body`.
     pub(super) fn request(&self, body: RequestBody) -> Request<RequestBody> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();

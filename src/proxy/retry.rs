@@ -19,7 +19,7 @@ pub(super) enum Failed {
     /// passed on if no retry happens.
     Answered(Box<Response<ResponseBody>>),
     /// An endpoint took the call and failed before answering.
-    Broke(ProxyError),
+    Broke(Box<ProxyError>),
 }
 
 /// Whether the policy retries a call whose `answered`-th attempt ended with
@@ -53,7 +53,7 @@ pub(super) fn give_up(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     match failed {
         Failed::Answered(response) => Ok(*response),
-        Failed::Broke(error) => Err(error),
+        Failed::Broke(error) => Err(*error),
         Failed::Nothing(_) if full > 0 && full == tried.len() => {
             let error = ProxyError::EndpointsFull {
                 cluster: cluster.name().to_string(),
