@@ -277,9 +277,10 @@ class Proxy:
             path = os.path.join(workdir, f"{name}.toml")
             endpoints = ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in ports)
             with open(path, "w") as f:
-                f.write(f"""[runtime]
-workers = 1
-[listener]
+                # No [runtime]: pinned to one CPU, the default is one event
+                # loop (a current-thread runtime), as a pod with a CPU limit
+                # of 1 gets it.
+                f.write(f"""[listener]
 proxy = "127.0.0.1:{free_port()}"
 [admin]
 listen = "127.0.0.1:{free_port()}"

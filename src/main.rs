@@ -182,8 +182,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `workers`: 0 for one per CPU; 1 for a single-threaded runtime (one event
-/// loop, like one nginx worker); more for that many threads.
 /// The sidecar's runtime. `runtime.workers = 0`, the default, gives it as
 /// many worker threads as the process may use CPUs: its affinity mask
 /// (`taskset`) and its cgroup's CPU quota (a pod's CPU limit), as the

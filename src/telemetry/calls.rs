@@ -107,7 +107,11 @@ impl Calls {
             outcomes: Default::default(),
             total: std::array::from_fn(|_| AtomicU64::new(0)),
             sum_ns: AtomicU64::new(0),
-            epochs: Default::default(),
+            // The first epoch (1, in slot 1) holds its slot from the start:
+            // a slot is cleared as a new epoch takes it, and calls that land
+            // while it is cleared are lost to the window, which would
+            // otherwise befall the first calls an endpoint ever ends.
+            epochs: [AtomicU64::new(0), AtomicU64::new(1)],
             recent: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
         }
     }
