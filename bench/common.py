@@ -6,6 +6,7 @@ taskset; the agents and the load generator share CPU 1. Everything listens
 on 127.0.0.1 only, and every run is bounded in time.
 """
 
+import datetime
 import json
 import math
 import os
@@ -697,6 +698,20 @@ def telemetry(endpoint, ratio):
 # A caller's traceparent with the sampled flag off: what an instrumented
 # caller that does not sample sends.
 UNSAMPLED = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+
+def save(kind, table, results):
+    """Writes a report to bench/results/: the Markdown table and the raw
+    JSON, named by the local time and `kind` (YYYY-MM-DD-HHMM-kind)."""
+    out = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    path = os.path.join(out, f"{stamp}-{kind}")
+    with open(path + ".md", "w") as f:
+        f.write(table)
+    with open(path + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"saved to bench/results/{stamp}-{kind}.md and .json")
 
 
 def workdir():
