@@ -111,7 +111,7 @@ impl Attempts {
         let config = cluster.config();
         let policy = config.retry.as_ref().filter(|r| r.covers(req.uri().path()));
         let retries = policy.is_some();
-        if policy.is_some() {
+        if retries {
             if let Some(budget) = cluster.retry_budget() {
                 budget.deposit(Instant::now());
             }
