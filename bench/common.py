@@ -406,17 +406,20 @@ def open_streams(proxy, wd, ports, streams, seconds):
     listener.max_calls_per_connection, and HAProxy's default). Idle RSS is
     also given in its two parts: anonymous memory (the heap, stacks) and
     pages of the binary and its libraries (file-backed, shared with the
-    page cache)."""
+    page cache); and per stream, the growth of anonymous memory alone (the
+    rest is code that the calls ran for the first time)."""
     proxy.start(wd, ports)
     try:
         idle = proxy.memory("VmRSS")
         anon, files = proxy.memory("RssAnon"), proxy.memory("RssFile")
         connections = max(4, -(-streams // 100))
         report = load(proxy.targets, seconds, concurrency=streams, connections=connections, delay_ms=1000,
-                      sample=lambda: proxy.memory("VmRSS"))
-        peak = max(report.pop("samples") or [idle])
+                      sample=lambda: (proxy.memory("VmRSS"), proxy.memory("RssAnon")))
+        samples = report.pop("samples") or [(idle, anon)]
+        peak, peak_anon = max(s[0] for s in samples), max(s[1] for s in samples)
         return {"rss_idle_kib": idle, "rss_idle_anon_kib": anon, "rss_idle_file_kib": files,
                 "rss_open_kib": peak, "kib_per_stream": (peak - idle) / streams if proxy.proc else None,
+                "anon_kib_per_stream": (peak_anon - anon) / streams if proxy.proc else None,
                 "calls": report["calls"], "errors": report["errors"]}
     finally:
         proxy.stop()
