@@ -292,7 +292,7 @@ async fn every_admin_call_works_through_ctl_against_a_real_sidecar() {
         assert!(e.contains("no endpoint of version \"v9\""), "{e}");
         let e = ctl_fails(s.admin, &["eject", "planner", &a(0), "--for", "400days"]).await;
         assert!(e.contains("longer than the most"), "{e}");
-        let e = ctl_fails(closed_port(), &["clusters"]).await;
+        let e = ctl_fails(dead_address(), &["clusters"]).await;
         assert!(e.contains("cannot reach the admin API"), "{e}");
 
         // grpc.health.v1 and server reflection on the same port.

@@ -17,7 +17,7 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_with_no_live_endpoint_answers_unavailable_naming_it() {
     bounded(Duration::from_secs(30), async {
-        let mut cluster = planner(&[closed_port(), closed_port()]);
+        let mut cluster = planner(&[dead_address(), dead_address()]);
         cluster.name = "lonely".into();
         cluster.aliases.clear();
         let sidecar = sidecar(vec![cluster]).await;
@@ -27,7 +27,7 @@ async fn a_cluster_with_no_live_endpoint_answers_unavailable_naming_it() {
             let status = client.invoke(request(b"x")).await.expect_err("nothing listens");
             assert_eq!(status.code(), Code::Unavailable, "{way:?}");
             assert!(
-                status.message().starts_with("agentmesh: cluster \"lonely\": no endpoint reachable (tried 2 of 2; last: 127.0.0.1:"),
+                status.message().starts_with("agentmesh: cluster \"lonely\": no endpoint reachable (tried 2 of 2; last: 127.0.0.3:"),
                 "{}",
                 status.message()
             );
@@ -42,7 +42,7 @@ async fn a_cluster_with_no_live_endpoint_answers_unavailable_naming_it() {
 async fn calls_that_find_an_endpoint_down_go_to_another() {
     bounded(Duration::from_secs(30), async {
         let agents = Agents::start(2).await;
-        let dead = closed_port();
+        let dead = dead_address();
         let sidecar = sidecar(vec![planner(&[agents.addrs[0], dead, agents.addrs[1]])]).await;
         let client = planner_client(Way::Connect, &sidecar).await;
         // `spread` panics on any failed call.
@@ -180,7 +180,7 @@ async fn refuse_unknown_answers_403_naming_the_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_requests_on_the_proxy_port_get_a_clear_refusal() {
     bounded(Duration::from_secs(30), async {
-        let sidecar = sidecar(vec![planner(&[closed_port()])]).await;
+        let sidecar = sidecar(vec![planner(&[dead_address()])]).await;
         let mut tcp = tokio::net::TcpStream::connect(sidecar.proxy_addr())
             .await
             .unwrap();

@@ -157,7 +157,7 @@ async fn calls_stay_in_the_local_zone_and_spill_when_it_is_short() {
         // One of two zone-a endpoints is down: zone-a keeps 1/2 * 1.4 = 70%.
         let cluster = zoned(&[
             (agents.addrs[0], "zone-a"),
-            (closed_port(), "zone-a"),
+            (dead_address(), "zone-a"),
             (agents.addrs[2], "zone-b"),
         ]);
         let sidecar = start(cluster).await;
@@ -209,8 +209,8 @@ async fn a_lower_priority_level_takes_over_when_the_first_is_unreachable() {
     bounded(Duration::from_secs(60), async {
         let agents = Agents::start(2).await;
         let mut cluster = planner(&[
-            closed_port(),
-            closed_port(),
+            dead_address(),
+            dead_address(),
             agents.addrs[0],
             agents.addrs[1],
         ]);

@@ -622,7 +622,7 @@ async fn health_is_healthy_degraded_or_unhealthy_and_says_why() {
     bounded(Duration::from_secs(60), async {
         let agents = Agents::start(3).await;
         let healthy = support::planner(&agents.addrs);
-        let mut down = support::planner(&[closed_port(), closed_port()]);
+        let mut down = support::planner(&[dead_address(), dead_address()]);
         down.name = "critic".into();
         down.aliases.clear();
         down.local_port = None;
@@ -636,7 +636,7 @@ async fn health_is_healthy_degraded_or_unhealthy_and_says_why() {
         assert_eq!(body["status"], "unhealthy");
         let reasons = body["reasons"].to_string();
         assert!(
-            reasons.contains("cluster \\\"critic\\\" has no ready endpoint (of 2: 127.0.0.1:"),
+            reasons.contains("cluster \\\"critic\\\" has no ready endpoint (of 2: 127.0.0.3:"),
             "{reasons}"
         );
         assert_eq!(
@@ -648,8 +648,8 @@ async fn health_is_healthy_degraded_or_unhealthy_and_says_why() {
         // One of three planner endpoints reachable: below the panic
         // threshold of half, so calls go to all three: degraded.
         config.clusters.truncate(1);
-        config.clusters[0].endpoints[1].address = closed_port().to_string();
-        config.clusters[0].endpoints[2].address = closed_port().to_string();
+        config.clusters[0].endpoints[1].address = dead_address().to_string();
+        config.clusters[0].endpoints[2].address = dead_address().to_string();
         sidecar.reloader().apply(config.clone()).await;
         let degraded = async {
             loop {

@@ -407,7 +407,7 @@ async fn a_backend_that_hangs_or_is_gone_slows_no_call() {
                 open.push(tcp);
             }
         });
-        for (backend, at) in [("hangs", hang_at), ("is gone", closed_port())] {
+        for (backend, at) in [("hangs", hang_at), ("is gone", dead_address())] {
             let agents = Agents::start_with(vec![AgentOptions::named("a")]).await;
             let mut config = Config::for_test(vec![planner(&agents.addrs)]);
             config.telemetry = TelemetryConfig {

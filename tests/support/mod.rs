@@ -75,9 +75,20 @@ pub fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// A loopback address where nothing listens.
+/// A loopback address where nothing listens yet: for a server the test
+/// starts on it (see `dead_address` for one that must stay down).
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// An address that stays down: a free port of 127.0.0.3, where no test
+/// binds (they all bind 127.0.0.1), so a connection to it is refused for
+/// the whole test. A free port of 127.0.0.1, as `closed_port` gives, can
+/// be handed by the system to another test's server running beside this
+/// one, and then answers.
+pub fn dead_address() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
     l.local_addr().unwrap()
 }
 
