@@ -78,8 +78,7 @@ pub fn loopback() -> SocketAddr {
 /// A loopback address where nothing listens yet: for a server the test
 /// starts on it (see `dead_address` for one that must stay down).
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    free_port_of("127.0.0.1")
 }
 
 /// An address that stays down: a free port of 127.0.0.3, where no test
@@ -88,7 +87,12 @@ pub fn closed_port() -> SocketAddr {
 /// be handed by the system to another test's server running beside this
 /// one, and then answers.
 pub fn dead_address() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    free_port_of("127.0.0.3")
+}
+
+/// A port of `ip` that the system had free a moment ago.
+fn free_port_of(ip: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
     l.local_addr().unwrap()
 }
 
