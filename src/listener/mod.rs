@@ -604,12 +604,12 @@ fn serve_call(
     open: Open,
 ) -> ServeCall<impl Future<Output = Response<proxy::ResponseBody>> + Send> {
     let opened = Instant::now();
+    let timeout = grpc::timeout(req.headers());
     // A reset at the caller's own deadline is no abuse.
-    let patience =
-        grpc::timeout(req.headers()).map_or(EARLY_RESET, |t| (t * 9 / 10).min(EARLY_RESET));
+    let patience = timeout.map_or(EARLY_RESET, |t| (t * 9 / 10).min(EARLY_RESET));
     let stage = match route.pick(&req) {
         Ok(cluster) => Stage::Forwarding {
-            call: proxy::forward(cluster, req),
+            call: proxy::forward(cluster, req, timeout),
         },
         Err(error) => answer(&mut respond, grpc::status_response(&error.to_status())),
     };

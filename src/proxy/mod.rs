@@ -82,18 +82,19 @@ impl Deadline {
     }
 }
 
-/// Proxies `req` to an endpoint of `cluster`. Never fails: what goes wrong
-/// becomes a gRPC status for the caller.
+/// Proxies `req` to an endpoint of `cluster`. `own` is the call's own
+/// timeout (its `grpc-timeout`, as [`grpc::timeout`] reads it). Never fails:
+/// what goes wrong becomes a gRPC status for the caller.
 pub fn forward(
     cluster: Arc<Cluster>,
     mut req: Request<h2::RecvStream>,
+    own: Option<Duration>,
 ) -> impl Future<Output = Response<ResponseBody>> + Send {
     // A function that does its synchronous work and returns its future,
     // not an `async fn`: an `async fn` keeps each argument in its future
     // for as long as it runs, even once it is handed on (the request, 240
     // bytes, was held so four times over), and this future is what an open
     // call costs in memory.
-    let own = grpc::timeout(req.headers());
     let limit = cluster.config().request_timeout;
     let (timeout, source) = match own {
         Some(t) if t <= limit => (t, "grpc-timeout"),

@@ -73,12 +73,14 @@ struct Replay {
     limit: usize,
     /// The body outgrew `limit`: no attempt can start over.
     overflowed: bool,
-    trailers: Option<HeaderMap>,
+    /// Boxed, as `ahead` is: requests seldom have either, and this is
+    /// held for as long as a call is open.
+    trailers: Option<Box<HeaderMap>>,
     /// The source is done (ended, or broke).
     ended: bool,
     broke: bool,
     /// A frame read ahead of its turn (see [`Replay::look_ahead`]).
-    ahead: Option<Frame<Bytes>>,
+    ahead: Option<Box<Frame<Bytes>>>,
     /// The attempt whose body may read; older attempts' bodies fail.
     attempt: u32,
 }
@@ -115,7 +117,7 @@ impl Replay {
                     if frame.data_ref().is_some_and(|d| d.is_empty()) {
                         continue;
                     }
-                    self.ahead = Some(frame);
+                    self.ahead = Some(Box::new(frame));
                     return;
                 }
             }
@@ -315,14 +317,14 @@ impl Body for RequestBody {
             }
             if !*trailers_sent {
                 *trailers_sent = true;
-                if let Some(t) = r.trailers.clone() {
-                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                if let Some(t) = &r.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::clone(t)))));
                 }
             }
             return Poll::Ready(None);
         }
         let next = match r.ahead.take() {
-            Some(frame) => Some(Ok(frame)),
+            Some(frame) => Some(Ok(*frame)),
             None => ready!(Pin::new(&mut r.source).poll_frame(cx)),
         };
         match next {
@@ -345,7 +347,7 @@ impl Body for RequestBody {
                     Err(frame) => {
                         if let Some(t) = frame.trailers_ref() {
                             // Trailers end a body.
-                            r.trailers = Some(t.clone());
+                            r.trailers = Some(Box::new(t.clone()));
                             r.ended = true;
                             *trailers_sent = true;
                         }

@@ -8,6 +8,7 @@ use tonic::Status;
 // Names as values: a lookup by `&str` parses the name first.
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Reads the call's `grpc-timeout` header: 1 to 8 ASCII digits and a unit
 /// (`H`, `M`, `S`, `m`, `u`, `n`), as the gRPC HTTP/2 protocol defines it.
@@ -69,7 +70,7 @@ pub fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
 
 /// The `grpc-message` in `headers`, as sent (percent-encoded).
 pub fn message(headers: &HeaderMap) -> Option<&str> {
-    headers.get("grpc-message")?.to_str().ok()
+    headers.get(&GRPC_MESSAGE)?.to_str().ok()
 }
 
 /// The bytes before each message of a gRPC body: a compressed flag and a
