@@ -181,16 +181,23 @@ def cpu_seconds(pid):
 
 def memory_kib(pid, field):
     """A /proc/PID/status field (VmRSS, VmHWM) summed over the tree, KiB."""
-    total = 0
+    return memory_kibs(pid, field)[0]
+
+
+def memory_kibs(pid, *fields):
+    """Several /proc/PID/status fields, each summed over the tree, KiB; one
+    read of each process's status for all of them."""
+    totals = dict.fromkeys(fields, 0)
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith(field + ":"):
-                        total += int(line.split()[1])
+                    name = line.split(":", 1)[0]
+                    if name in totals:
+                        totals[name] += int(line.split()[1])
         except (OSError, ValueError):
             continue
-    return total
+    return tuple(totals[f] for f in fields)
 
 
 class Proc:
@@ -375,6 +382,9 @@ backend be
     def memory(self, field):
         return memory_kib(self.proc.pid, field) if self.proc else 0
 
+    def memories(self, *fields):
+        return memory_kibs(self.proc.pid, *fields) if self.proc else (0,) * len(fields)
+
     def stop(self):
         if self.proc:
             self.proc.stop()
@@ -411,10 +421,10 @@ def open_streams(proxy, wd, ports, streams, seconds):
     proxy.start(wd, ports)
     try:
         idle = proxy.memory("VmRSS")
-        anon, files = proxy.memory("RssAnon"), proxy.memory("RssFile")
+        anon, files = proxy.memories("RssAnon", "RssFile")
         connections = max(4, -(-streams // 100))
         report = load(proxy.targets, seconds, concurrency=streams, connections=connections, delay_ms=1000,
-                      sample=lambda: (proxy.memory("VmRSS"), proxy.memory("RssAnon")))
+                      sample=lambda: proxy.memories("VmRSS", "RssAnon"))
         samples = report.pop("samples") or [(idle, anon)]
         peak, peak_anon = max(s[0] for s in samples), max(s[1] for s in samples)
         return {"rss_idle_kib": idle, "rss_idle_anon_kib": anon, "rss_idle_file_kib": files,
