@@ -86,6 +86,17 @@ struct Replay {
 }
 
 impl Replay {
+    /// Whether the caller's body has ended (or broke), noted once seen: a
+    /// stream whose request ended can still turn to an error after (its
+    /// connection closes for an HTTP/2 error), and that says nothing of
+    /// what was sent.
+    fn source_ended(&mut self) -> bool {
+        if !self.ended && self.ahead.is_none() && self.source.is_end_stream() {
+            self.ended = true;
+        }
+        self.ended
+    }
+
     /// The caller's request stream failed: every attempt's body fails, and
     /// the upstream stream is reset.
     fn broke_off(&mut self, error: &h2::Error) {
@@ -127,21 +138,24 @@ impl Replay {
 
 impl CallShared {
     pub(super) fn new(source: Received, limit: usize) -> CallShared {
+        let mut replay = Replay {
+            source,
+            kept: Kept::default(),
+            kept_len: 0,
+            limit,
+            overflowed: false,
+            trailers: None,
+            ended: false,
+            broke: false,
+            ahead: None,
+            attempt: 0,
+        };
+        // A request whose head ended its stream is whole from the start.
+        replay.source_ended();
         CallShared {
             cancelled: AtomicBool::new(false),
             waker: AtomicWaker::new(),
-            body: Mutex::new(Replay {
-                source,
-                kept: Kept::default(),
-                kept_len: 0,
-                limit,
-                overflowed: false,
-                trailers: None,
-                ended: false,
-                broke: false,
-                ahead: None,
-                attempt: 0,
-            }),
+            body: Mutex::new(replay),
         }
     }
 
@@ -199,9 +213,8 @@ impl CallShared {
     }
 
     fn carried_no_message(&self) -> bool {
-        let r = self.replay();
-        let ended = r.ended || (r.ahead.is_none() && r.source.is_end_stream());
-        ended && !r.broke && !r.overflowed && r.kept_len < grpc::PREFIX_LEN
+        let mut r = self.replay();
+        r.source_ended() && !r.broke && !r.overflowed && r.kept_len < grpc::PREFIX_LEN
     }
 
     /// Starts the next attempt, if the body can be sent again.
@@ -371,14 +384,92 @@ impl Body for RequestBody {
         // Told right, this lets the last data frame carry END_STREAM
         // instead of an empty frame after it (which servers count against
         // a flood limit).
-        let r = self.shared.replay();
+        let mut r = self.shared.replay();
         let replayed = r.overflowed || self.pos >= r.kept.len();
         replayed
             && r.ahead.is_none()
-            && if r.ended {
-                !r.broke && (self.trailers_sent || r.trailers.is_none())
-            } else {
-                r.source.is_end_stream()
+            && r.source_ended()
+            && !r.broke
+            && (self.trailers_sent || r.trailers.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A call over a real HTTP/2 connection in memory: the request's
+    /// stream as the sidecar's server side has it, and the caller's
+    /// connection task (abort it to break the connection).
+    async fn accepted(end: bool) -> (h2::RecvStream, tokio::task::JoinHandle<()>) {
+        let (caller, server) = tokio::io::duplex(1 << 16);
+        let (streams, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.unwrap();
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                let _ = streams.send((req.into_body(), respond));
             }
+        });
+        let (mut send, conn) = h2::client::handshake(caller).await.unwrap();
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::post("http://planner/agentmesh.demo.v1.Agent/Invoke")
+            .body(())
+            .unwrap();
+        let (_response, mut body) = send.send_request(req, end).unwrap();
+        if !end {
+            body.send_data(Bytes::new(), true).unwrap();
+        }
+        let (source, respond) = rx.recv().await.unwrap();
+        std::mem::forget(respond);
+        // The caller's half of the call is kept open with the driver.
+        std::mem::forget((send, body));
+        (source, driver)
+    }
+
+    /// A unary request without its message is the caller's fault (the
+    /// endpoint answers INTERNAL), also when the caller's connection
+    /// breaks before the answer comes: the request ended before it broke.
+    #[tokio::test]
+    async fn a_request_without_its_message_stays_the_callers_fault_after_its_connection_breaks() {
+        for end_on_head in [true, false] {
+            let (source, caller) = accepted(end_on_head).await;
+            let shared = Arc::new(CallShared::new(Received::new(source), 1024));
+            let mut body = RequestBody::call(shared.clone(), 0);
+            // As `exchange` sends it: whole at once, or pumped to its end.
+            assert_eq!(body.is_end_stream(), end_on_head);
+            if !end_on_head {
+                let pumped = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Some(frame) =
+                        std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                    {
+                        assert!(frame.unwrap().data_ref().is_some_and(Bytes::is_empty));
+                    }
+                })
+                .await;
+                assert!(pumped.is_ok(), "the body ends");
+            }
+            // The caller's connection breaks: its streams turn to errors.
+            caller.abort();
+            let broken = tokio::time::timeout(Duration::from_secs(5), async {
+                while lock(&shared.body).source.is_end_stream() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            assert!(broken.is_ok(), "the stream turned to an error");
+            assert_eq!(
+                shared.outcome_of(tonic::Code::Internal),
+                Outcome::Excused(tonic::Code::Internal),
+                "end on head: {end_on_head}"
+            );
+            assert_eq!(
+                shared.outcome_of(tonic::Code::Unavailable),
+                Outcome::Status(tonic::Code::Unavailable)
+            );
+        }
     }
 }
