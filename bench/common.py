@@ -379,6 +379,9 @@ backend be
     def cpu(self):
         return cpu_seconds(self.proc.pid) if self.proc else 0.0
 
+    def user_system(self):
+        return user_system(self.proc.pid) if self.proc else (0.0, 0.0)
+
     def memory(self, field):
         return memory_kib(self.proc.pid, field) if self.proc else 0
 
@@ -438,16 +441,22 @@ def open_streams(proxy, wd, ports, streams, seconds):
 def h2load_run(proxy, wd, ports, body, requests, warmup):
     """Starts the proxy, warms it up with `warmup` h2load requests (which
     opens its upstream connections), runs `requests` more; returns h2load's
-    requests/s, the proxy's CPU per request and the share of its core it
-    kept busy (below 1.0, the proxy was not what bounded the count)."""
+    requests/s, the proxy's CPU per request (and its user and system
+    parts) and the share of its core it kept busy (below 1.0, the proxy
+    was not what bounded the count)."""
     proxy.start(wd, ports)
     try:
         h2load(proxy.targets[0], body, warmup, headers=proxy.headers)
-        c0, t0 = proxy.cpu(), time.monotonic()
+        (u0, s0), t0 = proxy.user_system(), time.monotonic()
         rps = h2load(proxy.targets[0], body, requests, headers=proxy.headers)
-        cpu, wall = proxy.cpu() - c0, time.monotonic() - t0
-        return {"rps": rps, "cpu_us_per_req": cpu / requests * 1e6 if proxy.proc else None,
-                "core_busy": cpu / wall if proxy.proc else None}
+        (u1, s1), wall = proxy.user_system(), time.monotonic() - t0
+        cpu = (u1 - u0) + (s1 - s0)
+        if not proxy.proc:
+            return {"rps": rps, "cpu_us_per_req": None, "user_us_per_req": None,
+                    "system_us_per_req": None, "core_busy": None}
+        return {"rps": rps, "cpu_us_per_req": cpu / requests * 1e6,
+                "user_us_per_req": (u1 - u0) / requests * 1e6,
+                "system_us_per_req": (s1 - s0) / requests * 1e6, "core_busy": cpu / wall}
     finally:
         proxy.stop()
 
