@@ -400,10 +400,22 @@ mod tests {
 
     use super::*;
 
-    /// A call over a real HTTP/2 connection in memory: the request's
-    /// stream as the sidecar's server side has it, and the caller's
-    /// connection task (abort it to break the connection).
-    async fn accepted(end: bool) -> (h2::RecvStream, tokio::task::JoinHandle<()>) {
+    /// The caller's side of a call over a real HTTP/2 connection in
+    /// memory, and the server side's answer handle: held while the test
+    /// runs. Aborting `driver` breaks the connection.
+    struct Caller {
+        driver: tokio::task::JoinHandle<()>,
+        _held: (
+            h2::client::SendRequest<Bytes>,
+            h2::SendStream<Bytes>,
+            h2::server::SendResponse<Bytes>,
+        ),
+    }
+
+    /// A call whose request ends on its head (`end`) or on an empty DATA
+    /// frame after it, and its request stream as the sidecar's server
+    /// side has it.
+    async fn accepted(end: bool) -> (h2::RecvStream, Caller) {
         let (caller, server) = tokio::io::duplex(1 << 16);
         let (streams, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -424,10 +436,11 @@ mod tests {
             body.send_data(Bytes::new(), true).unwrap();
         }
         let (source, respond) = rx.recv().await.unwrap();
-        std::mem::forget(respond);
-        // The caller's half of the call is kept open with the driver.
-        std::mem::forget((send, body));
-        (source, driver)
+        let caller = Caller {
+            driver,
+            _held: (send, body, respond),
+        };
+        (source, caller)
     }
 
     /// A unary request without its message is the caller's fault (the
@@ -453,7 +466,7 @@ mod tests {
                 assert!(pumped.is_ok(), "the body ends");
             }
             // The caller's connection breaks: its streams turn to errors.
-            caller.abort();
+            caller.driver.abort();
             let broken = tokio::time::timeout(Duration::from_secs(5), async {
                 while lock(&shared.body).source.is_end_stream() {
                     tokio::time::sleep(Duration::from_millis(5)).await;
