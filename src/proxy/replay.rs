@@ -86,7 +86,8 @@ struct Replay {
 }
 
 impl Replay {
-    /// Whether the caller's body has ended (or broke), noted once seen: a
+    /// Whether the caller's body has ended (or broke), noted once seen
+    /// (`exchange` asks before it sends, through `is_end_stream`): a
     /// stream whose request ended can still turn to an error after (its
     /// connection closes for an HTTP/2 error), and that says nothing of
     /// what was sent.
@@ -138,24 +139,21 @@ impl Replay {
 
 impl CallShared {
     pub(super) fn new(source: Received, limit: usize) -> CallShared {
-        let mut replay = Replay {
-            source,
-            kept: Kept::default(),
-            kept_len: 0,
-            limit,
-            overflowed: false,
-            trailers: None,
-            ended: false,
-            broke: false,
-            ahead: None,
-            attempt: 0,
-        };
-        // A request whose head ended its stream is whole from the start.
-        replay.source_ended();
         CallShared {
             cancelled: AtomicBool::new(false),
             waker: AtomicWaker::new(),
-            body: Mutex::new(replay),
+            body: Mutex::new(Replay {
+                source,
+                kept: Kept::default(),
+                kept_len: 0,
+                limit,
+                overflowed: false,
+                trailers: None,
+                ended: false,
+                broke: false,
+                ahead: None,
+                attempt: 0,
+            }),
         }
     }
 
