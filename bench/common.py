@@ -383,7 +383,7 @@ backend be
         return user_system(self.proc.pid) if self.proc else (0.0, 0.0)
 
     def memory(self, field):
-        return memory_kib(self.proc.pid, field) if self.proc else 0
+        return self.memories(field)[0]
 
     def memories(self, *fields):
         return memory_kibs(self.proc.pid, *fields) if self.proc else (0,) * len(fields)
@@ -423,8 +423,7 @@ def open_streams(proxy, wd, ports, streams, seconds):
     rest is code that the calls ran for the first time)."""
     proxy.start(wd, ports)
     try:
-        idle = proxy.memory("VmRSS")
-        anon, files = proxy.memories("RssAnon", "RssFile")
+        idle, anon, files = proxy.memories("VmRSS", "RssAnon", "RssFile")
         connections = max(4, -(-streams // 100))
         report = load(proxy.targets, seconds, concurrency=streams, connections=connections, delay_ms=1000,
                       sample=lambda: proxy.memories("VmRSS", "RssAnon"))
