@@ -336,7 +336,8 @@ impl pb::admin_server::Admin for AdminApi {
         for (name, value) in &r.headers {
             let name = http::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| Status::invalid_argument(format!("{name:?} is not a header name")))?;
-            let value = http::HeaderValue::from_str(value).map_err(|_| {
+            // As the data path takes it: obs-text (UTF-8 included) is allowed.
+            let value = http::HeaderValue::from_bytes(value.as_bytes()).map_err(|_| {
                 Status::invalid_argument(format!("header {name}: {value:?} is not a header value"))
             })?;
             headers.append(name, value);

@@ -412,7 +412,9 @@ mod tests {
 
     fn headers(name: &'static str, value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(name, HeaderValue::from_str(value).expect("valid value"));
+        // From bytes: obs-text (bytes above 0x7f) is allowed in a value.
+        let value = HeaderValue::from_bytes(value.as_bytes()).expect("valid value");
+        headers.insert(name, value);
         headers
     }
 

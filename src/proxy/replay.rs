@@ -86,16 +86,11 @@ struct Replay {
 }
 
 impl Replay {
-    /// Whether the caller's body has ended (or broke), noted once seen
-    /// (`exchange` asks before it sends, through `is_end_stream`): a
-    /// stream whose request ended can still turn to an error after (its
-    /// connection closes for an HTTP/2 error), and that says nothing of
-    /// what was sent.
-    fn source_ended(&mut self) -> bool {
-        if !self.ended && self.ahead.is_none() && self.source.is_end_stream() {
-            self.ended = true;
-        }
-        self.ended
+    /// Whether the caller's body has ended (or broke): seen here, or by
+    /// `h2`, which keeps a stream's END_STREAM when its connection breaks
+    /// after it (from h2 0.4.21; before, the stream turned to an error).
+    fn source_ended(&self) -> bool {
+        self.ended || (self.ahead.is_none() && self.source.is_end_stream())
     }
 
     /// The caller's request stream failed: every attempt's body fails, and
@@ -211,7 +206,7 @@ impl CallShared {
     }
 
     fn carried_no_message(&self) -> bool {
-        let mut r = self.replay();
+        let r = self.replay();
         r.source_ended() && !r.broke && !r.overflowed && r.kept_len < grpc::PREFIX_LEN
     }
 
@@ -382,7 +377,7 @@ impl Body for RequestBody {
         // Told right, this lets the last data frame carry END_STREAM
         // instead of an empty frame after it (which servers count against
         // a flood limit).
-        let mut r = self.shared.replay();
+        let r = self.shared.replay();
         let replayed = r.overflowed || self.pos >= r.kept.len();
         replayed
             && r.ahead.is_none()
@@ -400,9 +395,11 @@ mod tests {
 
     /// The caller's side of a call over a real HTTP/2 connection in
     /// memory, and the server side's answer handle: held while the test
-    /// runs. Aborting `driver` breaks the connection.
+    /// runs. Aborting `driver` breaks the connection; `server` ends once
+    /// the sidecar's side has seen it break.
     struct Caller {
         driver: tokio::task::JoinHandle<()>,
+        server: tokio::task::JoinHandle<()>,
         _held: (
             h2::client::SendRequest<Bytes>,
             h2::SendStream<Bytes>,
@@ -416,7 +413,7 @@ mod tests {
     async fn accepted(end: bool) -> (h2::RecvStream, Caller) {
         let (caller, server) = tokio::io::duplex(1 << 16);
         let (streams, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let mut conn = h2::server::handshake(server).await.unwrap();
             while let Some(Ok((req, respond))) = conn.accept().await {
                 let _ = streams.send((req.into_body(), respond));
@@ -436,6 +433,7 @@ mod tests {
         let (source, respond) = rx.recv().await.unwrap();
         let caller = Caller {
             driver,
+            server,
             _held: (send, body, respond),
         };
         (source, caller)
@@ -463,15 +461,14 @@ mod tests {
                 .await;
                 assert!(pumped.is_ok(), "the body ends");
             }
-            // The caller's connection breaks: its streams turn to errors.
+            // The caller's connection breaks, and the sidecar's side of it
+            // has seen it (its connection task ends).
             caller.driver.abort();
-            let broken = tokio::time::timeout(Duration::from_secs(5), async {
-                while lock(&shared.body).source.is_end_stream() {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await;
-            assert!(broken.is_ok(), "the stream turned to an error");
+            let broken = tokio::time::timeout(Duration::from_secs(5), caller.server).await;
+            assert!(
+                broken.is_ok(),
+                "the sidecar's side saw the connection break"
+            );
             assert_eq!(
                 shared.outcome_of(tonic::Code::Internal),
                 Outcome::Excused(tonic::Code::Internal),
