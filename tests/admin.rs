@@ -348,6 +348,12 @@ async fn explain_shows_the_candidates_their_costs_and_the_session_pin() {
         let slow_to = first["chosen"].as_str().unwrap().to_string();
         let again = ctl_json(s.admin, &["explain", "planner", "-H", "x-session-id=slow"]).await;
         assert_eq!(again["affinity"], "new pin", "explain pinned nothing: {again}");
+        // A key is taken as the data path takes it: bytes above ASCII
+        // (UTF-8) are a value, a control character is not.
+        let utf8 = ctl_json(s.admin, &["explain", "planner", "-H", "x-session-id=café"]).await;
+        assert_eq!(utf8["affinity"], "new pin", "{utf8}");
+        let control = ctl_fails(s.admin, &["explain", "planner", "-H", "x-session-id=a\u{7f}b"]).await;
+        assert!(control.contains("is not a header value"), "{control}");
         let slow: Vec<_> = (0..8)
             .map(|_| {
                 let mut client = client.clone();

@@ -63,11 +63,13 @@ impl Affinity {
         }
     }
 
-    /// The call's session key, if it has one.
+    /// The call's session key, if it has one: the header's value, when it
+    /// is text (UTF-8, so a key beyond ASCII sticks too; bytes that are
+    /// not text are no key, and the strategy picks).
     pub fn key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
         headers
             .get(&self.header)
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .filter(|k| !k.is_empty())
     }
 
@@ -315,6 +317,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         a.sweep();
         assert_eq!(a.sessions(), 0);
+    }
+
+    #[test]
+    fn a_key_is_the_headers_text() {
+        let a = affinity(Duration::from_secs(60), 100);
+        let key = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            let value = http::HeaderValue::from_bytes(value).expect("a header value");
+            headers.insert("x-session-id", value);
+            a.key(&headers).map(str::to_owned)
+        };
+        assert_eq!(key(b"s-1").as_deref(), Some("s-1"));
+        assert_eq!(key("café".as_bytes()).as_deref(), Some("café"));
+        assert_eq!(key(b"\xff\xfe"), None, "not text");
+        assert_eq!(key(b""), None, "empty");
+        assert_eq!(a.key(&HeaderMap::new()), None);
     }
 
     #[test]
