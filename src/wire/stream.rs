@@ -47,11 +47,6 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
     /// peer, or the body failed).
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            // The peer may reset the stream (it answered early, gave up,
-            // or broke) while this waits for the body or for window.
-            if self.stream.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
-            }
             if let Some((data, end)) = self.held.take() {
                 while self.stream.capacity() == 0 {
                     match self.stream.poll_capacity(cx) {
@@ -63,7 +58,7 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
                                 return Poll::Ready(());
                             }
                             self.held = Some((data, end));
-                            return Poll::Pending;
+                            return self.wait(cx);
                         }
                         Poll::Ready(Some(Ok(0))) => {}
                         Poll::Ready(Some(Ok(_))) => break,
@@ -75,7 +70,10 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
                 }
                 continue;
             }
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
+                return self.wait(cx);
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let end = self.body.is_end_stream();
@@ -107,6 +105,18 @@ impl<B: Body<Data = Bytes> + Abandon + Unpin> Pump<B> {
                     return Poll::Ready(());
                 }
             }
+        }
+    }
+
+    /// Waiting, for the body or for window: the peer may reset the stream
+    /// meanwhile (it answered early, gave up, or broke), which ends the
+    /// pump. Asked only here: while the pump moves, a reset shows as a
+    /// failed send.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.stream.poll_reset(cx).is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
